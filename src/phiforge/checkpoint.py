@@ -1,0 +1,370 @@
+"""Hugging Face model folders <-> PhiForgeModel, through safetensors only (never pickle).
+
+Each family's on-disk keys map onto phiforge's fused parameters: a key names an internal parameter
+and, for split projections (phi's q/k/v, Llama's gate/up), the block of rows it fills. Loading checks
+every file's header against that map before a byte of weights is read, then streams tensor by tensor
+into an uninitialised model, so peak memory stays near one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from phiforge.config import DTYPES, ModelConfig
+from phiforge.model import PhiForgeModel, build_model
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Buffers some older checkpoints saved; they are recomputed from the config.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attn.masked_bias", "attn.bias")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config; the message names the file and the tensor."""
+
+
+# (HF key inside model.layers.N, internal key inside blocks.N, row block or None)
+_LAYER_KEYS: dict[str, list[tuple[str, str, str | None]]] = {
+    "phi": [
+        ("input_layernorm", "norm_1", None), ("self_attn.q_proj", "attn.qkv", "q"),
+        ("self_attn.k_proj", "attn.qkv", "k"), ("self_attn.v_proj", "attn.qkv", "v"),
+        ("self_attn.dense", "attn.proj", None), ("self_attn.q_layernorm", "attn.q_norm", None),
+        ("self_attn.k_layernorm", "attn.k_norm", None), ("mlp.fc1", "mlp.fc", None), ("mlp.fc2", "mlp.proj", None),
+    ],
+    "phi3": [
+        ("input_layernorm", "norm_1", None), ("self_attn.qkv_proj", "attn.qkv", None),
+        ("self_attn.o_proj", "attn.proj", None), ("post_attention_layernorm", "norm_2", None),
+        ("mlp.gate_up_proj", "mlp.fc", None), ("mlp.down_proj", "mlp.proj", None),
+    ],
+    "llama": [
+        ("input_layernorm", "norm_1", None), ("self_attn.q_proj", "attn.qkv", "q"),
+        ("self_attn.k_proj", "attn.qkv", "k"), ("self_attn.v_proj", "attn.qkv", "v"),
+        ("self_attn.o_proj", "attn.proj", None), ("post_attention_layernorm", "norm_2", None),
+        ("mlp.gate_proj", "mlp.fc", "gate"), ("mlp.up_proj", "mlp.fc", "up"), ("mlp.down_proj", "mlp.proj", None),
+    ],
+}
+_FINAL_NORM = {"phi": "model.final_layernorm", "phi3": "model.norm", "llama": "model.norm"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one on-disk tensor lands: a parameter, and optionally a block of its rows."""
+
+    param: str
+    rows: slice | None = None
+
+
+def _row_blocks(config: ModelConfig) -> dict[str, slice]:
+    q, kv, inter = config.q_size, config.kv_size, config.intermediate_size
+    return {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv),
+            "gate": slice(0, inter), "up": slice(inter, 2 * inter)}
+
+
+def hf_key_map(model: PhiForgeModel) -> dict[str, Target]:
+    """Every Hugging Face key this model's checkpoint holds, and where it goes. Tied heads have no key."""
+    config = model.config
+    params = dict(model.named_parameters())
+    blocks = _row_blocks(config)
+    pairs: list[tuple[str, str, str | None]] = [("model.embed_tokens", "embed", None),
+                                                 (_FINAL_NORM[config.model_type], "norm_f", None),
+                                                 ("lm_head", "lm_head", None)]
+    for n in range(config.num_layers):
+        pairs += [(f"model.layers.{n}.{hf}", f"blocks.{n}.{ours}", part)
+                  for hf, ours, part in _LAYER_KEYS[config.model_type]]
+    out = {}
+    for hf, ours, part in pairs:
+        for leaf in ("weight", "bias"):
+            if f"{ours}.{leaf}" in params:
+                out[f"{hf}.{leaf}"] = Target(f"{ours}.{leaf}", blocks[part] if part else None)
+    return out
+
+
+def expected_shape(model: PhiForgeModel, target: Target) -> tuple[int, ...]:
+    shape = tuple(model.get_parameter(target.param).shape)
+    if target.rows is None:
+        return shape
+    return (target.rows.stop - target.rows.start, *shape[1:])
+
+
+# ---- loading ------------------------------------------------------------------------------------
+class _Filler:
+    """Copies named on-disk tensors into an empty model, then proves nothing is missing."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> None:
+        self.model = build_model(config, device="meta", dtype=dtype)
+        self.keys = hf_key_map(self.model)
+        self.tied_head = config.tie_word_embeddings
+        self.filled: set[str] = set()
+
+    def check(self, key: str, shape: tuple[int, ...], where: str) -> bool:
+        """False for keys to skip; raises on unknown keys and wrong shapes."""
+        if key.endswith(IGNORED_SUFFIXES) or (self.tied_head and key == "lm_head.weight"):
+            return False
+        target = self.keys.get(key)
+        if target is None:
+            raise CheckpointError(f"{where}: unexpected tensor {key!r} for a {self.model.config.model_type} model "
+                                  f"with this config.json")
+        want = expected_shape(self.model, target)
+        if tuple(shape) != want:
+            raise CheckpointError(f"{where}: tensor {key!r} has shape {list(shape)}, expected {list(want)} "
+                                  f"from config.json")
+        return True
+
+    def allocate(self, device: str | torch.device) -> None:
+        self.model.to_empty(device=device)
+        if self.tied_head:  # to_empty re-creates parameters, which unties the head
+            self.model.lm_head.weight = self.model.embed.weight
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        target = self.keys[key]
+        dest = self.model.get_parameter(target.param)
+        with torch.no_grad():
+            (dest if target.rows is None else dest[target.rows]).copy_(tensor)
+        self.filled.add(key)
+
+    def finish(self, where: str) -> PhiForgeModel:
+        missing = sorted(set(self.keys) - self.filled)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+            raise CheckpointError(f"{where}: missing tensors {shown}")
+        return self.model.eval()
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torch.dtype:
+    if dtype is None:
+        return DTYPES[config.torch_dtype]
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} must be one of {list(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a model folder, from the shard index when there is one."""
+    index = folder / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({err})") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.exists():
+                raise CheckpointError(f"{index}: names shard {file.name}, which is not in {folder}")
+        return files
+    if (folder / SINGLE_NAME).exists():
+        return [folder / SINGLE_NAME]
+    pickles = sorted(p.name for p in folder.glob("*.bin"))
+    hint = f" (found {pickles}: phiforge never loads pickled weights; convert them to safetensors)" if pickles else ""
+    raise CheckpointError(f"{folder}: no {SINGLE_NAME} or {INDEX_NAME}{hint}")
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor's place in a .safetensors file, from its header."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in the file
+    end: int
+
+
+def read_safetensors_header(file: Path) -> dict[str, TensorEntry]:
+    """Parse and check a .safetensors header: every tensor must lie inside the file (catches truncation)."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if not 2 <= header_len <= size - 8:
+                raise CheckpointError(f"{file}: not a safetensors file (header length {header_len}, file {size} B)")
+            header = json.loads(f.read(header_len))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file}: unreadable safetensors header ({err})") from None
+    base = 8 + header_len
+    entries = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(meta.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{file}: tensor {key!r} has unsupported dtype {meta.get('dtype')!r}")
+        start, end = (base + offset for offset in meta["data_offsets"])
+        shape = tuple(meta["shape"])
+        if end > size:
+            raise CheckpointError(f"{file}: truncated: tensor {key!r} ends at byte {end}, file has {size}")
+        if end - start != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{file}: tensor {key!r} spans {end - start} B, shape {list(shape)} "
+                                  f"needs {math.prod(shape) * dtype.itemsize}")
+        entries[key] = TensorEntry(file, dtype, shape, start, end)
+    return entries
+
+
+def read_tensor(entry: TensorEntry, handle: Any) -> torch.Tensor:
+    """Read one tensor with a plain file read: no mmap keeps the file's pages resident."""
+    buffer = bytearray(entry.end - entry.start)
+    handle.seek(entry.start)
+    if handle.readinto(buffer) != len(buffer):
+        raise CheckpointError(f"{entry.file}: short read at byte {entry.start}")
+    if not buffer:
+        return torch.empty(entry.shape, dtype=entry.dtype)
+    return torch.frombuffer(buffer, dtype=entry.dtype).view(entry.shape)
+
+
+def _read_headers(files: list[Path]) -> dict[str, TensorEntry]:
+    found: dict[str, TensorEntry] = {}
+    for file in files:
+        for key, entry in read_safetensors_header(file).items():
+            if key in found:
+                raise CheckpointError(f"{file}: tensor {key!r} also appears in {found[key].file.name}")
+            found[key] = entry
+    return found
+
+
+def load_hf_folder(path: str | Path, *, dtype: torch.dtype | str | None = None,
+                   device: str | torch.device = "cpu") -> PhiForgeModel:
+    """Load a Hugging Face model folder (config.json + safetensors, sharded or not).
+
+    Every header is checked against the config before any weight is read; then tensors stream one at a
+    time into an uninitialised model, so peak memory is the model plus its largest tensor.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a model folder")
+    config = ModelConfig.from_file(folder / "config.json")
+    filler = _Filler(config, _resolve_dtype(dtype, config), device)
+    headers = _read_headers(safetensors_files(folder))
+    wanted = {key: e for key, e in headers.items() if filler.check(key, e.shape, str(e.file))}
+    missing = sorted(set(filler.keys) - set(wanted))
+    if missing:
+        raise CheckpointError(f"{folder}: missing tensors {', '.join(missing[:5])}"
+                              + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+    filler.allocate(device)
+    for file in sorted({e.file for e in wanted.values()}):
+        with open(file, "rb") as handle:
+            for key, entry in sorted(wanted.items(), key=lambda item: item[1].start):
+                if entry.file == file:
+                    filler.put(key, read_tensor(entry, handle))
+    return filler.finish(str(folder))
+
+
+def model_from_tensors(hf_config: dict[str, Any], tensors: Iterable[tuple[str, torch.Tensor]], *,
+                       dtype: torch.dtype | str | None = torch.float32,
+                       device: str | torch.device = "cpu", source: str = "tensors") -> PhiForgeModel:
+    """Build a model from (HF key, tensor) pairs, e.g. converted from a GGUF file."""
+    config = ModelConfig.from_hf_config(hf_config)
+    filler = _Filler(config, _resolve_dtype(dtype, config), device)
+    filler.allocate(device)
+    for key, tensor in tensors:
+        if filler.check(key, tuple(tensor.shape), source):
+            filler.put(key, tensor)
+    return filler.finish(source)
+
+
+# ---- saving -------------------------------------------------------------------------------------
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through ``write(tmp_path)``, fsync, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def hf_state_dict(model: PhiForgeModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face keys (views; split projections are sliced out)."""
+    out = {}
+    for key, target in hf_key_map(model).items():
+        tensor = model.get_parameter(target.param).detach()
+        tensor = tensor if target.rows is None else tensor[target.rows]
+        out[key] = tensor.to(dtype) if dtype is not None else tensor
+    return out
+
+
+def save_hf_folder(model: PhiForgeModel, path: str | Path, *, dtype: torch.dtype | str | None = None,
+                   max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """Save as a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads unchanged."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = _resolve_dtype(dtype, model.config) if dtype is not None else model.embed.weight.dtype
+    state = hf_state_dict(model)
+    shards = _plan_shards(state, max_shard_bytes, dtype)
+    weight_map = {}
+    for number, keys in enumerate(shards, start=1):
+        name = SINGLE_NAME if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {k: state[k].to(device="cpu", dtype=dtype).contiguous().clone() for k in keys}
+        _atomic_write(folder / name, lambda tmp, t=tensors: save_file(t, str(tmp), metadata={"format": "pt"}))
+        weight_map.update(dict.fromkeys(keys, name))
+    if len(shards) > 1:
+        total = sum(t.numel() for t in state.values()) * torch.finfo(dtype).bits // 8
+        write_json(folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    elif (folder / INDEX_NAME).exists():
+        (folder / INDEX_NAME).unlink()
+    dtype_name = next(name for name, value in DTYPES.items() if value == dtype)
+    write_json(folder / "config.json", {**model.config.to_hf_config(), "torch_dtype": dtype_name})
+    write_json(folder / "generation_config.json", generation_config(model.config))
+    return folder
+
+
+def generation_config(config: ModelConfig) -> dict[str, Any]:
+    out = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    if config.pad_token_id is not None:
+        out["pad_token_id"] = config.pad_token_id
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _plan_shards(state: dict[str, torch.Tensor], max_bytes: int, dtype: torch.dtype) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    per_elem = torch.finfo(dtype).bits // 8
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * per_elem
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+# ---- one entry point for every kind of model reference ----------------------------------------------
+def load_model(ref: str | Path, *, dtype: torch.dtype | str | None = None,
+               device: str | torch.device = "cpu") -> PhiForgeModel:
+    """A model from a Hugging Face folder, a .gguf file, or an embedded alias (e.g. smollm2-135m-instruct)."""
+    gguf_path = _gguf_path(ref)
+    if gguf_path is not None:
+        from phiforge.gguf_io import load_gguf
+
+        return load_gguf(gguf_path, dtype=dtype or torch.float32, device=device)[0]
+    return load_hf_folder(ref, dtype=dtype, device=device)
+
+
+def _gguf_path(ref: str | Path) -> Path | None:
+    if str(ref).endswith(".gguf"):
+        return Path(ref)
+    if Path(ref).exists():
+        return None
+    from phiforge.gguf_io import resolve_model_alias
+
+    return resolve_model_alias(str(ref))

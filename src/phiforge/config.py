@@ -1,0 +1,319 @@
+"""ModelConfig: one dataclass for every Phi family member, plus the table of named presets.
+
+The family (``model_type``) decides the state-dict layout on disk; the flags below decide the math.
+Values of the presets come from the published ``config.json`` files (see shared/research/arch.md §1).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FAMILIES = ("phi", "phi3", "llama")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ConfigError(ValueError):
+    """A model configuration that phiforge cannot run, with the field that is wrong."""
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    model_type: str  # "phi" | "phi3" | "llama": the Hugging Face family and its state-dict layout
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    partial_rotary_factor: float = 1.0
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    original_max_position_embeddings: int | None = None
+    rope_scaling: dict[str, Any] | None = None  # {"type": "longrope", "short_factor", "long_factor", ...}
+    sliding_window: int | None = None  # keys attended = sliding_window (HF eager/SDPA semantics)
+    norm: str = "rmsnorm"  # "rmsnorm" | "layernorm"
+    norm_eps: float = 1e-5
+    parallel_residual: bool = False  # phi-1/1.5/2: attention and MLP read the same LayerNorm output
+    gated_mlp: bool = True  # SwiGLU (gate, up) vs plain fc1 -> act -> fc2
+    hidden_act: str = "silu"
+    attn_bias: bool = False
+    mlp_bias: bool = False
+    lm_head_bias: bool = False
+    qk_layernorm: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    embd_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    initializer_range: float = 0.02
+    torch_dtype: str = "float32"
+    extra: dict[str, Any] = field(default_factory=dict)  # HF keys we carry through unchanged
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def longrope(self) -> bool:
+        return bool(self.rope_scaling) and self.rope_scaling.get("type") == "longrope"
+
+    @property
+    def rope_attention_factor(self) -> float:
+        """LongRoPE's cos/sin multiplier: sqrt(1 + ln(s)/ln(orig)) unless the config names one."""
+        if not self.longrope:
+            return 1.0
+        given = self.rope_scaling.get("attention_factor")
+        if given is not None:
+            return float(given)
+        orig = self.original_max_position_embeddings or self.max_position_embeddings
+        factor = self.rope_scaling.get("factor") or self.max_position_embeddings / orig
+        return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
+
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        return 2 * self.num_layers * self.kv_size * torch.finfo(dtype).bits // 8
+
+    def validate(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"model config {self.name!r}: {what}")
+
+        need(self.model_type in FAMILIES, f"model_type {self.model_type!r} is not one of {FAMILIES}")
+        need(self.num_heads % self.num_kv_heads == 0,
+             f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        need(self.rotary_dim % 2 == 0 and 0 < self.rotary_dim <= self.head_dim,
+             f"rotary dim {self.rotary_dim} (head_dim {self.head_dim} x {self.partial_rotary_factor}) must be even "
+             "and within the head")
+        need(self.norm in ("rmsnorm", "layernorm"), f"norm {self.norm!r} must be rmsnorm or layernorm")
+        need(self.torch_dtype in DTYPES, f"torch_dtype {self.torch_dtype!r} must be one of {list(DTYPES)}")
+        if self.rope_scaling:
+            kind = self.rope_scaling.get("type")
+            need(kind == "longrope", f"rope_scaling type {kind!r} is not supported (supported: longrope)")
+            for key in ("short_factor", "long_factor"):
+                factors = self.rope_scaling.get(key)
+                need(isinstance(factors, list) and len(factors) == self.rotary_dim // 2,
+                     f"rope_scaling.{key} must be a list of rotary_dim/2 = {self.rotary_dim // 2} numbers")
+        if self.model_type == "phi":
+            need(self.head_dim * self.num_heads == self.hidden_size,
+                 "phi models need head_dim * num_heads == hidden_size")
+
+    # ---- Hugging Face config.json ----------------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], name: str | None = None) -> ModelConfig:
+        """Build from a Hugging Face ``config.json`` dict (transformers 4.x or 5.x rope format)."""
+        model_type = hf.get("model_type")
+        if model_type not in FAMILIES:
+            raise ConfigError(f"config.json model_type {model_type!r} is not supported; phiforge runs {FAMILIES}")
+        try:
+            return _from_hf(hf, name or hf.get("_name_or_path") or model_type)
+        except KeyError as missing:
+            raise ConfigError(f"config.json ({model_type}) lacks the required key {missing}") from None
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The ``config.json`` that transformers loads into the matching *ForCausalLM class."""
+        return _to_hf(self)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            hf = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file (a model folder needs config.json)") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        return cls.from_hf_config(hf, name=path.parent.name)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _rope_fields(hf: dict[str, Any]) -> tuple[float, float, dict[str, Any] | None]:
+    """(rope_theta, partial_rotary_factor, longrope scaling) from either rope format."""
+    params = dict(hf.get("rope_parameters") or {})
+    legacy = hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    prf = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    scaling = {**legacy, **params}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in ("su", "yarn") and hf.get("model_type") == "phi3":
+        kind = "longrope"  # transformers renames the legacy Phi-3 names the same way
+    if kind in (None, "default"):
+        return theta, prf, None
+    out = {"type": kind}
+    for key in ("short_factor", "long_factor", "factor", "attention_factor"):
+        if scaling.get(key) is not None:
+            out[key] = scaling[key]
+    return theta, prf, out
+
+
+def _from_hf(hf: dict[str, Any], name: str) -> ModelConfig:
+    model_type = hf["model_type"]
+    heads = hf["num_attention_heads"]
+    theta, prf, scaling = _rope_fields(hf)
+    common = dict(
+        name=name, model_type=model_type, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rope_theta=float(theta), max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        rope_scaling=scaling, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"), initializer_range=hf.get("initializer_range", 0.02),
+        torch_dtype=_dtype_name(hf.get("torch_dtype") or hf.get("dtype")),
+    )
+    if model_type == "phi":
+        return ModelConfig(
+            **common, partial_rotary_factor=prf if prf is not None else 0.5, norm="layernorm",
+            norm_eps=hf.get("layer_norm_eps", 1e-5), parallel_residual=True, gated_mlp=False,
+            hidden_act=hf.get("hidden_act", "gelu_new"), attn_bias=True, mlp_bias=True, lm_head_bias=True,
+            qk_layernorm=bool(hf.get("qk_layernorm", False)), embd_pdrop=hf.get("embd_pdrop", 0.0),
+            resid_pdrop=hf.get("resid_pdrop", 0.0), attn_pdrop=hf.get("attention_dropout", 0.0))
+    if model_type == "phi3":
+        return ModelConfig(
+            **common, partial_rotary_factor=prf if prf is not None else 1.0, norm_eps=hf.get("rms_norm_eps", 1e-5),
+            hidden_act=hf.get("hidden_act", "silu"),
+            original_max_position_embeddings=hf.get("original_max_position_embeddings"),
+            sliding_window=hf.get("sliding_window"), embd_pdrop=hf.get("embd_pdrop", 0.0),
+            resid_pdrop=hf.get("resid_pdrop", 0.0), attn_pdrop=hf.get("attention_dropout", 0.0))
+    return ModelConfig(
+        **common, partial_rotary_factor=prf if prf is not None else 1.0, norm_eps=hf.get("rms_norm_eps", 1e-6),
+        hidden_act=hf.get("hidden_act", "silu"), attn_bias=bool(hf.get("attention_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)), attn_pdrop=hf.get("attention_dropout", 0.0))
+
+
+def _dtype_name(value: Any) -> str:
+    text = str(value or "float32").replace("torch.", "")
+    return text if text in DTYPES else "float32"
+
+
+def _to_hf(c: ModelConfig) -> dict[str, Any]:
+    arch = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "llama": "LlamaForCausalLM"}[c.model_type]
+    hf: dict[str, Any] = {
+        "architectures": [arch], "model_type": c.model_type, "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads, "hidden_act": c.hidden_act,
+        "max_position_embeddings": c.max_position_embeddings, "rope_theta": c.rope_theta,
+        "initializer_range": c.initializer_range, "tie_word_embeddings": c.tie_word_embeddings,
+        "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "torch_dtype": c.torch_dtype,
+        "attention_dropout": c.attn_pdrop, "use_cache": True,
+    }
+    if c.model_type == "phi":
+        hf.update(layer_norm_eps=c.norm_eps, partial_rotary_factor=c.partial_rotary_factor,
+                  qk_layernorm=c.qk_layernorm, resid_pdrop=c.resid_pdrop, embd_pdrop=c.embd_pdrop)
+    else:
+        hf.update(rms_norm_eps=c.norm_eps, pad_token_id=c.pad_token_id)
+    if c.model_type == "phi3":
+        hf.update(partial_rotary_factor=c.partial_rotary_factor, sliding_window=c.sliding_window,
+                  original_max_position_embeddings=c.original_max_position_embeddings or c.max_position_embeddings,
+                  resid_pdrop=c.resid_pdrop, embd_pdrop=c.embd_pdrop, rope_scaling=c.rope_scaling)
+    if c.model_type == "llama":
+        hf.update(head_dim=c.head_dim, attention_bias=c.attn_bias, mlp_bias=c.mlp_bias, rope_scaling=None)
+    hf.update(c.extra)
+    return copy.deepcopy(hf)  # callers (transformers among them) may mutate what they get
+
+
+# ---- presets ------------------------------------------------------------------------------------
+def _phi(name: str, **kw: Any) -> ModelConfig:
+    base = dict(model_type="phi", vocab_size=51200, num_kv_heads=kw["num_heads"], norm="layernorm",
+                parallel_residual=True, gated_mlp=False, hidden_act="gelu_new", attn_bias=True, mlp_bias=True,
+                lm_head_bias=True, max_position_embeddings=2048)
+    return ModelConfig(name=name, **{**base, **kw})
+
+
+def _phi3(name: str, **kw: Any) -> ModelConfig:
+    base = dict(model_type="phi3", vocab_size=32064, bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
+                original_max_position_embeddings=4096, torch_dtype="bfloat16")
+    return ModelConfig(name=name, **{**base, **kw})
+
+
+def _llama(name: str, **kw: Any) -> ModelConfig:
+    return ModelConfig(name=name, **{**dict(model_type="llama", norm_eps=1e-5), **kw})
+
+
+def _longrope(short: list[float], long: list[float]) -> dict[str, Any]:
+    return {"type": "longrope", "short_factor": short, "long_factor": long}
+
+
+def _presets() -> dict[str, ModelConfig]:
+    from phiforge.rope_factors import PHI3_MINI_128K, PHI4_MINI, PHI35_MINI
+
+    mini = dict(hidden_size=3072, intermediate_size=8192, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=96)
+    medium = dict(hidden_size=5120, intermediate_size=17920, num_layers=40, num_heads=40, num_kv_heads=10,
+                  head_dim=128)
+    long_ctx = dict(max_position_embeddings=131072, sliding_window=262144)
+    tiny = dict(hidden_size=64, intermediate_size=176, num_layers=2, head_dim=16, vocab_size=320, bos_token_id=1,
+                eos_token_id=2, pad_token_id=None)
+    presets = [
+        _phi("phi-1", hidden_size=2048, intermediate_size=8192, num_layers=24, num_heads=32, head_dim=64,
+             partial_rotary_factor=0.5),
+        _phi("phi-1.5", hidden_size=2048, intermediate_size=8192, num_layers=24, num_heads=32, head_dim=64,
+             partial_rotary_factor=0.5, torch_dtype="float16"),
+        _phi("phi-2", hidden_size=2560, intermediate_size=10240, num_layers=32, num_heads=32, head_dim=80,
+             partial_rotary_factor=0.4, resid_pdrop=0.1, bos_token_id=50256, eos_token_id=50256,
+             torch_dtype="float16"),
+        _phi3("phi-3-mini-4k", **mini, max_position_embeddings=4096, sliding_window=2047),
+        _phi3("phi-3-mini-128k", **mini, **long_ctx, rope_scaling=_longrope(*PHI3_MINI_128K)),
+        _phi3("phi-3-medium-4k", **medium, max_position_embeddings=4096, sliding_window=2047),
+        _phi3("phi-3.5-mini", **mini, **long_ctx, rope_scaling=_longrope(*PHI35_MINI)),
+        # phi-4: eos <|im_end|> and pad <|dummy_85|> as in the current tokenizer_config (first release: 100257)
+        _phi3("phi-4", **medium, vocab_size=100352, rope_theta=250000.0, max_position_embeddings=16384,
+              original_max_position_embeddings=16384, bos_token_id=100257, eos_token_id=100265,
+              pad_token_id=100349),
+        _phi3("phi-4-mini", hidden_size=3072, intermediate_size=8192, num_layers=32, num_heads=24, num_kv_heads=8,
+              head_dim=128, partial_rotary_factor=0.75, vocab_size=200064, tie_word_embeddings=True, **long_ctx,
+              rope_scaling=_longrope(*PHI4_MINI), bos_token_id=199999, eos_token_id=199999,
+              pad_token_id=199999),
+        _llama("smollm2-135m", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+               num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0, max_position_embeddings=8192,
+               tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2, torch_dtype="bfloat16",
+               initializer_range=0.041666666666666664),
+        # tiny-*: the same layouts at test size (random weights; parity tests build these in transformers too)
+        _phi("tiny-phi", **{**tiny, "num_heads": 4, "head_dim": 16}, partial_rotary_factor=0.5),
+        _phi3("tiny-phi3", **tiny, num_heads=4, num_kv_heads=4, max_position_embeddings=256,
+              original_max_position_embeddings=256, sliding_window=47),
+        _phi3("tiny-phi3-longrope", **tiny, num_heads=4, num_kv_heads=2, max_position_embeddings=512,
+              original_max_position_embeddings=64,
+              rope_scaling=_longrope([1.0 + 0.05 * i for i in range(8)], [1.5 + 0.9 * i for i in range(8)])),
+        _phi3("tiny-phi4-mini", **tiny, num_heads=4, num_kv_heads=2, partial_rotary_factor=0.75,
+              tie_word_embeddings=True, max_position_embeddings=512, original_max_position_embeddings=64,
+              rope_scaling=_longrope([1.0] * 6, [1.0 + 2.0 * i for i in range(6)])),
+        _llama("tiny-llama", **tiny, num_heads=4, num_kv_heads=2, tie_word_embeddings=True,
+               max_position_embeddings=512),
+    ]
+    return {p.name: p for p in presets}
+
+
+PRESETS: dict[str, ModelConfig] = _presets()
+
+
+def preset(name: str) -> ModelConfig:
+    """A copy of a named preset; unknown names list the known ones."""
+    try:
+        return dataclasses.replace(PRESETS[name])
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None

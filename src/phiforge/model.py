@@ -1,0 +1,275 @@
+"""One decoder-only transformer for the whole Phi family, switched by ModelConfig flags.
+
+  phi-1/1.5/2      parallel attention + MLP from one LayerNorm, biases, partial rotary, tanh-GELU
+  Phi-3/3.5/4      pre-norm RMSNorm, fused qkv, SwiGLU, GQA, LongRoPE, sliding window
+  Phi-4-mini       + partial rotary and tied embeddings
+  Llama (teachers) the Phi-3 block with separate projections on disk (fused here at load time)
+
+Projections are fused in memory (qkv, gate+up) whatever the on-disk layout: fewer, larger matmuls.
+checkpoint.py maps each family's Hugging Face keys onto these parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phiforge.config import ModelConfig
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+class RMSNorm(nn.Module):
+    """Phi-3/Llama RMSNorm: normalise in fp32, cast back, then scale (same op order as transformers)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    if config.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=config.norm_eps)
+    return RMSNorm(dim, config.norm_eps)
+
+
+class RotaryEmbedding:
+    """NeoX-style (rotate_half) RoPE over the first ``rotary_dim`` channels of each head.
+
+    LongRoPE keeps two frequency sets and picks by the highest position in the call, as transformers
+    does; the attention factor scales cos/sin (so both q and k) for short and long alike.
+    Not an nn.Module: it holds no weights, and plain tensors survive meta-device construction.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.dim = config.rotary_dim
+        self.original_max = config.original_max_position_embeddings or config.max_position_embeddings
+        exponent = torch.arange(0, self.dim, 2, dtype=torch.int64, device="cpu").float() / self.dim
+        base = config.rope_theta**exponent
+        if config.longrope:
+            short = torch.tensor(config.rope_scaling["short_factor"], dtype=torch.float32, device="cpu")
+            long = torch.tensor(config.rope_scaling["long_factor"], dtype=torch.float32, device="cpu")
+            self.inv_freq = {False: 1.0 / (short * base), True: 1.0 / (long * base)}
+        else:
+            self.inv_freq = {False: 1.0 / base, True: 1.0 / base}
+        self.scale = config.rope_attention_factor
+        self._on_device: dict[tuple[bool, torch.device], torch.Tensor] = {}
+
+    def uses_long_factors(self, max_position: int) -> bool:
+        return max_position + 1 > self.original_max
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [B or 1, T, rotary_dim] for integer positions [B or 1, T]."""
+        long = self.uses_long_factors(int(positions.max()))
+        key = (long, positions.device)
+        if key not in self._on_device:
+            self._on_device[key] = self.inv_freq[long].to(positions.device)
+        freqs = positions[..., None].float() * self._on_device[key]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] channels of x [B, H, T, hd]; cos/sin are [B, T, r]."""
+    r = cos.shape[-1]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rot = x[..., :r]
+    x1, x2 = rot[..., : r // 2], rot[..., r // 2 :]
+    rotated = rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return rotated if r == x.shape[-1] else torch.cat((rotated, x[..., r:]), dim=-1)
+
+
+@dataclass
+class LayerCache:
+    """Keys/values of one layer for a batch, preallocated to ``capacity`` positions."""
+
+    k: torch.Tensor  # [B, KV, capacity, hd]
+    v: torch.Tensor
+    length: int = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; {end} requested")
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.qkv = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.attn_bias)
+        self.proj = nn.Linear(config.q_size, config.hidden_size, bias=config.attn_bias)
+        if config.qk_layernorm:
+            self.q_norm = nn.LayerNorm(config.head_dim, eps=config.norm_eps)
+            self.k_norm = nn.LayerNorm(config.head_dim, eps=config.norm_eps)
+        # phi-2 overflows QK^T in fp16 (transformers#28163): score it in fp32 there
+        self.upcast_fp16 = config.model_type == "phi"
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        c = self.config
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split((c.q_size, c.kv_size, c.kv_size), dim=-1)
+        q = q.view(B, T, c.num_heads, c.head_dim).transpose(1, 2)
+        k = k.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = v.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        if c.qk_layernorm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        y = self._sdpa(q, k, v, mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, c.q_size))
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        dtype = q.dtype
+        if self.upcast_fp16 and dtype == torch.float16:
+            q, k, v = q.float(), k.float(), v.float()
+        gqa = self.config.num_kv_heads != self.config.num_heads
+        dropout = self.config.attn_pdrop if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
+                                           enable_gqa=gqa)
+        return y.to(dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        width = config.intermediate_size
+        self.gated = config.gated_mlp
+        self.fc = nn.Linear(config.hidden_size, 2 * width if self.gated else width, bias=config.mlp_bias)
+        self.proj = nn.Linear(width, config.hidden_size, bias=config.mlp_bias)
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.gated:  # first half is the gate, as in Phi-3's gate_up_proj
+            gate, up = h.chunk(2, dim=-1)
+            return self.proj(up * self.act(gate))
+        return self.proj(self.act(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.parallel = config.parallel_residual
+        self.norm_1 = make_norm(config, config.hidden_size)
+        self.attn = Attention(config)
+        self.norm_2 = None if self.parallel else make_norm(config, config.hidden_size)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        h = self.norm_1(x)
+        a = self.drop(self.attn(h, cos, sin, mask, cache))
+        if self.parallel:
+            return a + self.drop(self.mlp(h)) + x
+        x = x + a
+        return x + self.drop(self.mlp(self.norm_2(x)))
+
+
+class PhiForgeModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_drop = nn.Dropout(config.embd_pdrop)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm_f = make_norm(config, config.hidden_size)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rope = RotaryEmbedding(config)
+
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
+                cache: list[LayerCache] | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] (or final hidden states) for token ids [B, T].
+
+        ``input_pos`` [T] or [B, T] are absolute positions (default: after what ``cache`` holds).
+        """
+        T = input_ids.shape[1]
+        start = cache[0].length if cache else 0
+        if input_pos is None:
+            input_pos = torch.arange(start, start + T, device=input_ids.device)
+        positions = input_pos if input_pos.dim() == 2 else input_pos[None]
+        x = self.embed_drop(self.embed(input_ids))
+        cos, sin = self.rope(positions, x.dtype)
+        mask = self.attention_mask(positions, start + T)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, cache[i] if cache else None)
+        x = self.norm_f(x)
+        return x if return_hidden else self.lm_head(x)
+
+    def attention_mask(self, positions: torch.Tensor, num_keys: int) -> torch.Tensor | None:
+        """None for plain causal attention over fresh keys; else a boolean [B or 1, 1, T, keys] mask.
+
+        Key j is visible to the query at position p when j <= p and p - j < sliding_window,
+        the eager/SDPA semantics of transformers (2047 keys for Phi-3-mini-4k's window of 2047).
+        """
+        window = self.config.sliding_window
+        T = positions.shape[-1]
+        windowed = window is not None and int(positions.max()) + 1 > window
+        if num_keys == T and not windowed and bool((positions == torch.arange(T, device=positions.device)).all()):
+            return None
+        keys = torch.arange(num_keys, device=positions.device)
+        p = positions[..., :, None]
+        allowed = keys <= p
+        if windowed:
+            allowed &= p - keys < window
+        return allowed[:, None]
+
+    def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None) -> list[LayerCache]:
+        c = self.config
+        dtype = dtype or self.embed.weight.dtype
+        shape = (batch_size, c.num_kv_heads, capacity, c.head_dim)
+        device = self.embed.weight.device
+        return [LayerCache(torch.zeros(shape, dtype=dtype, device=device),
+                           torch.zeros(shape, dtype=dtype, device=device)) for _ in range(c.num_layers)]
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """GPT-style init: N(0, initializer_range) for matrices and embeddings, zero biases, unit norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                module.weight.fill_(1.0)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+
+    def num_parameters(self) -> int:
+        """Unique parameters (a tied head counts once), like transformers' num_parameters()."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(config: ModelConfig, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                seed: int | None = 0) -> PhiForgeModel:
+    """A model with freshly initialised weights (``device="meta"`` allocates nothing)."""
+    with torch.device(device):
+        model = PhiForgeModel(config).to(dtype)
+    if str(device) != "meta":
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        model.init_weights(generator)
+    return model
