@@ -103,8 +103,23 @@ def test_kv_cache_matches_full_forward() -> None:
         cache = model.new_cache(batch_size=2, capacity=64)
         with torch.no_grad():
             full = model(ids)
-            steps = [model(ids[:, :25], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(25, 40)]
+            steps = [model(ids[:, :25], cache=cache)]
+            steps += [model(ids[:, t : t + 1], torch.tensor([t]), cache=cache) for t in range(25, 40)]
         torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
+
+
+def test_cache_rows_at_different_positions_match_separate_runs() -> None:
+    """Continuous batching: rows decode at their own positions, and a row can be refilled alone."""
+    model = randomize_(build_model(preset("tiny-phi3-longrope"))).eval()  # original context 64
+    a, b = _tokens(70, batch=1, seed=1), _tokens(30, batch=1, seed=2)
+    cache = model.new_cache(batch_size=2, capacity=80)
+    with torch.no_grad():
+        model(a[:, :69], cache=cache, cache_rows=slice(0, 1))
+        model(b[:, :29], cache=cache, cache_rows=slice(1, 2))
+        step = torch.cat([a[:, 69:], b[:, 29:]])
+        both = model(step, torch.tensor([[69], [29]]), cache=cache)[:, -1]
+        alone_a, alone_b = model(a)[:, -1], model(b)[:, -1]
+    torch.testing.assert_close(both, torch.cat([alone_a, alone_b]), atol=1e-4, rtol=0)
 
 
 def test_fp16_phi_attention_scores_in_fp32() -> None:

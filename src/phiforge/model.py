@@ -67,18 +67,25 @@ class RotaryEmbedding:
         else:
             self.inv_freq = {False: 1.0 / base, True: 1.0 / base}
         self.scale = config.rope_attention_factor
-        self._on_device: dict[tuple[bool, torch.device], torch.Tensor] = {}
+        self._on_device: dict[torch.device, torch.Tensor] = {}
 
     def uses_long_factors(self, max_position: int) -> bool:
         return max_position + 1 > self.original_max
 
+    def _inv_freq(self, positions: torch.Tensor) -> torch.Tensor:
+        """Frequencies per row: a row whose highest position passes the original context goes long."""
+        device = positions.device
+        if device not in self._on_device:
+            self._on_device[device] = torch.stack([self.inv_freq[False], self.inv_freq[True]]).to(device)
+        both = self._on_device[device]
+        long_rows = positions.amax(dim=-1) + 1 > self.original_max  # [B]
+        if bool(long_rows.all()) or not bool(long_rows.any()):
+            return both[int(long_rows[0])]
+        return both[long_rows.long()][:, None, :]
+
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [B or 1, T, rotary_dim] for integer positions [B or 1, T]."""
-        long = self.uses_long_factors(int(positions.max()))
-        key = (long, positions.device)
-        if key not in self._on_device:
-            self._on_device[key] = self.inv_freq[long].to(positions.device)
-        freqs = positions[..., None].float() * self._on_device[key]
+        """cos, sin of shape [B, T, rotary_dim] for integer positions [B, T]."""
+        freqs = positions[..., None].float() * self._inv_freq(positions)
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
@@ -93,22 +100,50 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotated if r == x.shape[-1] else torch.cat((rotated, x[..., r:]), dim=-1)
 
 
+class KVCache:
+    """Preallocated keys/values of every layer; row b holds one sequence, written at its own positions.
+
+    Rows are independent, so a finished sequence's row can be refilled by the next prompt (continuous
+    batching) without touching the others; stale keys beyond a row's position are masked, never read.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, capacity: int, *, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.batch_size, self.capacity = batch_size, capacity
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: slice, positions: torch.Tensor,
+              span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, KV, T, hd] at ``positions`` [B, T] of ``rows``; return keys/values 0..span-1."""
+        if span > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; position {span - 1} requested")
+        k_cache, v_cache = self.k[layer][rows], self.v[layer][rows]
+        if k.shape[2] == 1 and positions.shape[0] > 1:  # decode: one new token per row, each at its own place
+            index = torch.arange(k.shape[0], device=k.device)
+            pos = positions[:, 0]
+            k_cache[index, :, pos] = k[:, :, 0]
+            v_cache[index, :, pos] = v[:, :, 0]
+        else:  # prefill: rows share one run of positions
+            start = int(positions[0, 0])
+            k_cache[:, :, start : start + k.shape[2]] = k
+            v_cache[:, :, start : start + k.shape[2]] = v
+        return k_cache[:, :, :span], v_cache[:, :, :span]
+
+
 @dataclass
-class LayerCache:
-    """Keys/values of one layer for a batch, preallocated to ``capacity`` positions."""
+class CacheView:
+    """What one layer needs to write into and read from the shared KVCache during a forward call."""
 
-    k: torch.Tensor  # [B, KV, capacity, hd]
-    v: torch.Tensor
-    length: int = 0
+    cache: KVCache
+    layer: int
+    rows: slice
+    positions: torch.Tensor
+    span: int
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.shape[2]
-        if end > self.k.shape[2]:
-            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; {end} requested")
-        self.k[:, :, self.length : end] = k
-        self.v[:, :, self.length : end] = v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.write(self.layer, k, v, self.rows, self.positions, self.span)
 
 
 class Attention(nn.Module):
@@ -124,7 +159,7 @@ class Attention(nn.Module):
         self.upcast_fp16 = config.model_type == "phi"
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: LayerCache | None = None) -> torch.Tensor:
+                cache: CacheView | None = None) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split((c.q_size, c.kv_size, c.kv_size), dim=-1)
@@ -135,7 +170,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.append(k, v)
+            k, v = cache.write(k, v)
         y = self._sdpa(q, k, v, mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, c.q_size))
 
@@ -178,7 +213,7 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: LayerCache | None = None) -> torch.Tensor:
+                cache: CacheView | None = None) -> torch.Tensor:
         h = self.norm_1(x)
         a = self.drop(self.attn(h, cos, sin, mask, cache))
         if self.parallel:
@@ -200,23 +235,27 @@ class PhiForgeModel(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.rope = RotaryEmbedding(config)
 
-    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
-                cache: list[LayerCache] | None = None, return_hidden: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None, *,
+                cache: KVCache | None = None, cache_rows: slice = slice(None), last_only: bool = False,
+                return_hidden: bool = False) -> torch.Tensor:
         """Logits [B, T, V] (or final hidden states) for token ids [B, T].
 
-        ``input_pos`` [T] or [B, T] are absolute positions (default: after what ``cache`` holds).
+        ``input_pos`` [T] or [B, T]: absolute positions (default 0..T-1); with a ``cache`` they say where
+        each row's new keys go, and ``cache_rows`` picks the rows of the cache these inputs belong to.
+        ``last_only`` computes logits for the last position only (prefill for generation).
         """
-        T = input_ids.shape[1]
-        start = cache[0].length if cache else 0
+        B, T = input_ids.shape
         if input_pos is None:
-            input_pos = torch.arange(start, start + T, device=input_ids.device)
-        positions = input_pos if input_pos.dim() == 2 else input_pos[None]
+            input_pos = torch.arange(T, device=input_ids.device)
+        positions = input_pos if input_pos.dim() == 2 else input_pos[None].expand(B, T)
+        span = int(positions.max()) + 1
         x = self.embed_drop(self.embed(input_ids))
         cos, sin = self.rope(positions, x.dtype)
-        mask = self.attention_mask(positions, start + T)
+        mask = self.attention_mask(positions, span if cache is not None else T)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, cache[i] if cache else None)
-        x = self.norm_f(x)
+            view = CacheView(cache, i, cache_rows, positions, span) if cache is not None else None
+            x = block(x, cos, sin, mask, view)
+        x = self.norm_f(x[:, -1:] if last_only else x)
         return x if return_hidden else self.lm_head(x)
 
     def attention_mask(self, positions: torch.Tensor, num_keys: int) -> torch.Tensor | None:
@@ -237,13 +276,9 @@ class PhiForgeModel(nn.Module):
             allowed &= p - keys < window
         return allowed[:, None]
 
-    def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None) -> list[LayerCache]:
-        c = self.config
-        dtype = dtype or self.embed.weight.dtype
-        shape = (batch_size, c.num_kv_heads, capacity, c.head_dim)
-        device = self.embed.weight.device
-        return [LayerCache(torch.zeros(shape, dtype=dtype, device=device),
-                           torch.zeros(shape, dtype=dtype, device=device)) for _ in range(c.num_layers)]
+    def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None) -> KVCache:
+        return KVCache(self.config, batch_size, capacity, dtype=dtype or self.embed.weight.dtype,
+                       device=self.embed.weight.device)
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:

@@ -1,0 +1,270 @@
+"""Generation: KV-cached decoding with continuous batching, per-request sampling, stop ids and strings.
+
+One loop serves a single chat turn and a thousand synthetic-data prompts alike. The cache has
+``max_batch_size`` rows; each request owns a row from its prefill until it stops, then the next
+waiting prompt takes the row. Decode steps run every live row at its own position in one forward
+call, so nothing is spent on padding. Sampling draws each request's noise from its own seeded
+generator, so a request's output does not depend on what it was batched with.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from phiforge.model import KVCache, PhiForgeModel
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens > 0, f"max_new_tokens must be > 0, got {self.max_new_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
+class Completion:
+    prompt_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = ""  # "stop" (stop id or string) | "length"
+    seconds: float = 0.0
+
+
+@dataclass
+class _Live:
+    """A request that owns a cache row."""
+
+    index: int
+    prompt: list[int]
+    params: SamplingParams
+    result: Completion
+    generator: torch.Generator | None
+    position: int = 0  # where the next token goes
+    started: float = 0.0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.result.token_ids
+
+
+class Engine:
+    """Generate with a loaded model; ``tokenizer`` is needed only for stop strings and text."""
+
+    def __init__(self, model: PhiForgeModel, tokenizer=None, *, max_batch_size: int = 32,  # noqa: ANN001
+                 max_seq_len: int | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings,
+                               model.config.max_position_embeddings)
+        self.device = model.embed.weight.device
+        # LongRoPE: the step that feeds position original_max re-prefills with the long factors
+        self.longrope_switch = model.rope.original_max + 1 if model.config.longrope else None
+
+    # ---- public API ---------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[list[int]], params: SamplingParams | Sequence[SamplingParams],
+                 on_token: Callable[[int, int], None] | None = None) -> list[Completion]:
+        """Complete every prompt (token ids); ``on_token(request_index, token_id)`` streams tokens."""
+        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling settings")
+        results: list[Completion] = [Completion(len(p)) for p in prompts]
+        for index, token in self._run(list(prompts), plist, results):
+            if on_token is not None:
+                on_token(index, token)
+        return results
+
+    def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
+        """Yield text pieces of one completion as they are decoded (needs a tokenizer)."""
+        result = Completion(len(prompt))
+        shown = ""
+        for _, _token in self._run([prompt], [params], [result]):
+            text = self.tokenizer.decode(result.token_ids)
+            if result.finish_reason:
+                text = result.text
+            if not text.endswith("\ufffd") and len(text) > len(shown):  # hold back half a UTF-8 character
+                yield text[len(shown):]
+                shown = text
+        if len(result.text) > len(shown):
+            yield result.text[len(shown):]
+        self.last = result
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def _run(self, prompts: list[list[int]], params: list[SamplingParams],
+             results: list[Completion]) -> Iterator[tuple[int, int]]:
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            self._check_fits(i, prompt, p)
+        capacity = max(len(pr) + p.max_new_tokens for pr, p in zip(prompts, params))
+        capacity = min(capacity, self.max_seq_len)
+        rows = min(self.max_batch_size, len(prompts))
+        cache = self.model.new_cache(rows, capacity)
+        waiting = deque(range(len(prompts)))
+        live: list[_Live | None] = [None] * rows
+        with torch.inference_mode():
+            while waiting or any(live):
+                for row in range(rows):
+                    if live[row] is None and waiting:
+                        i = waiting.popleft()
+                        live[row] = self._admit(i, prompts[i], params[i], results[i], cache, row)
+                        yield from self._accept(live, row, [self._last_token(live[row])])
+                if not any(live):
+                    continue
+                tokens = self._decode_step(live, cache)
+                for row, token in tokens.items():
+                    yield from self._accept(live, row, [token])
+
+    def _check_fits(self, index: int, prompt: list[int], p: SamplingParams) -> None:
+        if not prompt:
+            raise ValueError(f"prompt {index} is empty")
+        if len(prompt) + p.max_new_tokens > self.max_seq_len:
+            raise ValueError(f"prompt {index}: {len(prompt)} tokens + max_new_tokens {p.max_new_tokens} exceed "
+                             f"the context of {self.max_seq_len}")
+        if p.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+
+    def _admit(self, index: int, prompt: list[int], p: SamplingParams, result: Completion, cache: KVCache,
+               row: int) -> _Live:
+        generator = None
+        if p.temperature > 0:
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(p.seed if p.seed is not None else torch.seed())
+        state = _Live(index, prompt, p, result, generator, started=time.perf_counter())
+        state.pending_logits = self._prefill(state.tokens, cache, row)
+        state.position = len(prompt)
+        return state
+
+    def _prefill(self, tokens: list[int], cache: KVCache, row: int) -> torch.Tensor:
+        ids = torch.tensor([tokens], device=self.device)
+        return self.model(ids, cache=cache, cache_rows=slice(row, row + 1), last_only=True)[0, -1]
+
+    def _last_token(self, state: _Live) -> int:
+        logits = state.pending_logits
+        del state.pending_logits
+        return int(self._sample(logits[None], [state])[0])
+
+    def _decode_step(self, live: list[_Live | None], cache: KVCache) -> dict[int, int]:
+        """One token for every live row; rows crossing LongRoPE's switch point are re-prefilled alone."""
+        rows = [r for r, s in enumerate(live) if s is not None]
+        out: dict[int, int] = {}
+        if self.longrope_switch:
+            for r in [r for r in rows if live[r].position == self.longrope_switch]:
+                # keys cached so far were rotated with the short factors: recompute them all (HF does too)
+                logits = self._prefill(live[r].tokens, cache, r)
+                out[r] = int(self._sample(logits[None], [live[r]])[0])
+                rows.remove(r)
+        if rows:
+            span = slice(rows[0], rows[-1] + 1)  # one forward over the live range; idle rows inside it
+            members = list(range(span.start, span.stop))  # decode a dummy token at position 0
+            ids = torch.tensor([[live[r].tokens[-1] if live[r] else 0] for r in members], device=self.device)
+            # the last sampled token goes in at position - 1; idle rows write junk at 0, refilled on admission
+            pos = torch.tensor([[live[r].position - 1 if live[r] else 0] for r in members], device=self.device)
+            logits = self.model(ids, pos, cache=cache, cache_rows=span)[:, -1]
+            picked = [members.index(r) for r in rows]
+            tokens = self._sample(logits[picked], [live[r] for r in rows])
+            out.update({r: int(t) for r, t in zip(rows, tokens)})
+        return out
+
+    def _accept(self, live: list[_Live | None], row: int, tokens: list[int]) -> Iterator[tuple[int, int]]:
+        state = live[row]
+        for token in tokens:
+            state.result.token_ids.append(token)
+            state.position += 1
+            yield state.index, token
+            reason = self._finish_reason(state, token)
+            if reason:
+                self._finish(state, reason)
+                live[row] = None
+                return
+
+    def _finish_reason(self, state: _Live, token: int) -> str:
+        p = state.params
+        if token in p.stop_token_ids:
+            return "stop"
+        if p.stop_strings:
+            text = self.tokenizer.decode(state.result.token_ids)
+            if any(s in text for s in p.stop_strings):
+                return "stop"
+        if len(state.result.token_ids) >= p.max_new_tokens:
+            return "length"
+        return ""
+
+    def _finish(self, state: _Live, reason: str) -> None:
+        result = state.result
+        result.finish_reason = reason
+        result.seconds = time.perf_counter() - state.started
+        if self.tokenizer is None:
+            return
+        ids = result.token_ids
+        if reason == "stop" and ids and ids[-1] in state.params.stop_token_ids:
+            ids = ids[:-1]  # the stop token is reported in token_ids but not in the text
+        text = self.tokenizer.decode(ids)
+        cut = min((text.find(s) for s in state.params.stop_strings if s in text), default=-1)
+        result.text = text[:cut] if cut >= 0 else text
+
+    # ---- sampling ---------------------------------------------------------------------------------
+    def _sample(self, logits: torch.Tensor, states: list[_Live]) -> torch.Tensor:
+        """Next token per row of ``logits`` [N, V] under each request's own settings."""
+        logits = logits.float()
+        penalties = [s.params.repetition_penalty for s in states]
+        if any(p != 1.0 for p in penalties):
+            logits = _apply_repetition_penalty(logits, [s.tokens for s in states], penalties)
+        out = logits.argmax(dim=-1)
+        sampled = [i for i, s in enumerate(states) if s.params.temperature > 0]
+        for i in sampled:
+            out[i] = sample_token(logits[i], states[i].params, states[i].generator)
+        return out
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, histories: list[list[int]],
+                              penalties: list[float]) -> torch.Tensor:
+    """transformers' rule: seen tokens' logits are divided by p when positive, multiplied when negative."""
+    logits = logits.clone()
+    for i, (seen, p) in enumerate(zip(histories, penalties)):
+        if p == 1.0:
+            continue
+        idx = torch.tensor(sorted(set(seen)), device=logits.device)
+        chosen = logits[i, idx]
+        logits[i, idx] = torch.where(chosen > 0, chosen / p, chosen * p)
+    return logits
+
+
+def sample_token(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    """Temperature, then top-k, top-p and min-p filtering, then one draw from the request's generator."""
+    logits = logits / p.temperature
+    if p.top_k and p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        beyond = sorted_probs.cumsum(0) - sorted_probs > p.top_p  # keep the smallest set reaching top_p
+        probs = probs.scatter(0, order[beyond], 0.0)
+    if p.min_p > 0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p, using only this request's noise
+    noise = torch.empty(probs.shape, dtype=torch.float32).exponential_(generator=generator).to(probs.device)
+    return int((probs / noise).argmax())
