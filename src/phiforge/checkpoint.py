@@ -121,7 +121,7 @@ class _Filler:
 
     def allocate(self, device: str | torch.device) -> None:
         self.model.to_empty(device=device)
-        if self.tied_head:  # to_empty re-creates parameters, which unties the head
+        if self.tied_head and isinstance(self.model.lm_head, torch.nn.Linear):  # to_empty unties the head
             self.model.lm_head.weight = self.model.embed.weight
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
@@ -139,9 +139,9 @@ class _Filler:
         return self.model.eval()
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig | None) -> torch.dtype:
     if dtype is None:
-        return DTYPES[config.torch_dtype]
+        return DTYPES[config.torch_dtype] if config is not None else torch.float32
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} must be one of {list(DTYPES)}")
@@ -249,7 +249,11 @@ def load_hf_folder(path: str | Path, *, dtype: torch.dtype | str | None = None,
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a model folder")
     config = ModelConfig.from_file(folder / "config.json")
-    filler = _Filler(config, _resolve_dtype(dtype, config), device)
+    if "quantization_config" in json.loads((folder / "config.json").read_text()):
+        from phiforge.quantize import load_quantized
+
+        return load_quantized(folder, dtype=dtype, device=device)
+    filler = _Filler(config, resolve_dtype(dtype, config), device)
     headers = _read_headers(safetensors_files(folder))
     wanted = {key: e for key, e in headers.items() if filler.check(key, e.shape, str(e.file))}
     missing = sorted(set(filler.keys) - set(wanted))
@@ -270,7 +274,7 @@ def model_from_tensors(hf_config: dict[str, Any], tensors: Iterable[tuple[str, t
                        device: str | torch.device = "cpu", source: str = "tensors") -> PhiForgeModel:
     """Build a model from (HF key, tensor) pairs, e.g. converted from a GGUF file."""
     config = ModelConfig.from_hf_config(hf_config)
-    filler = _Filler(config, _resolve_dtype(dtype, config), device)
+    filler = _Filler(config, resolve_dtype(dtype, config), device)
     filler.allocate(device)
     for key, tensor in tensors:
         if filler.check(key, tuple(tensor.shape), source):
@@ -307,7 +311,7 @@ def save_hf_folder(model: PhiForgeModel, path: str | Path, *, dtype: torch.dtype
     """Save as a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads unchanged."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    dtype = _resolve_dtype(dtype, model.config) if dtype is not None else model.embed.weight.dtype
+    dtype = resolve_dtype(dtype, model.config) if dtype is not None else model.embed.weight.dtype
     state = hf_state_dict(model)
     shards = _plan_shards(state, max_shard_bytes, dtype)
     weight_map = {}
@@ -349,15 +353,35 @@ def _plan_shards(state: dict[str, torch.Tensor], max_bytes: int, dtype: torch.dt
 
 
 # ---- one entry point for every kind of model reference ----------------------------------------------
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_model(ref: str | Path, *, dtype: torch.dtype | str | None = None,
-               device: str | torch.device = "cpu") -> PhiForgeModel:
+               device: str | torch.device | None = None) -> PhiForgeModel:
     """A model from a Hugging Face folder, a .gguf file, or an embedded alias (e.g. smollm2-135m-instruct)."""
+    return load_pretrained(ref, dtype=dtype, device=device, with_tokenizer=False)[0]
+
+
+def load_pretrained(ref: str | Path, *, dtype: torch.dtype | str | None = None,
+                    device: str | torch.device | None = None, with_tokenizer: bool = True) -> tuple[PhiForgeModel, Any]:
+    """(model, tokenizer or None) from a folder, a .gguf file or an alias; the tokenizer when the source has one."""
+    device = device or default_device()
     gguf_path = _gguf_path(ref)
     if gguf_path is not None:
         from phiforge.gguf_io import load_gguf
 
-        return load_gguf(gguf_path, dtype=dtype or torch.float32, device=device)[0]
-    return load_hf_folder(ref, dtype=dtype, device=device)
+        if dtype is None:
+            dtype = torch.float32
+        model, tokenizer = load_gguf(gguf_path, dtype=resolve_dtype(dtype, None), device=device)
+        return model, tokenizer if with_tokenizer else None
+    model = load_hf_folder(ref, dtype=dtype, device=device)
+    tokenizer = None
+    if with_tokenizer and (Path(ref) / "tokenizer.json").exists():
+        from phiforge.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_folder(ref)
+    return model, tokenizer
 
 
 def _gguf_path(ref: str | Path) -> Path | None:
@@ -367,4 +391,7 @@ def _gguf_path(ref: str | Path) -> Path | None:
         return None
     from phiforge.gguf_io import resolve_model_alias
 
-    return resolve_model_alias(str(ref))
+    found = resolve_model_alias(str(ref))
+    if found is None:
+        raise CheckpointError(f"{ref}: no such model folder, .gguf file or embedded alias")
+    return found

@@ -18,6 +18,75 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace):  # noqa: ANN202
+    """Model and tokenizer from --model, optionally quantized on the fly with --quantize."""
+    from phiforge.checkpoint import load_pretrained
+    from phiforge.quantize import quantize_model
+
+    dtype = None if args.dtype == "auto" else args.dtype
+    model, tokenizer = load_pretrained(args.model, dtype=dtype, device=args.device)
+    if tokenizer is None:
+        raise ValueError(f"{args.model}: no tokenizer.json next to the weights")
+    if getattr(args, "quantize", None):
+        quantize_model(model, bits=int(args.quantize[3:]), group_size=args.group_size)
+    return model, tokenizer
+
+
+def _sampling(args: argparse.Namespace, **extra):  # noqa: ANN202
+    from phiforge.generate import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, **extra)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    from phiforge.generate import Engine
+    from phiforge.prompts import format_prompt, stop_strings
+
+    model, tokenizer = _load(args)
+    text = format_prompt(args.mode, args.prompt)
+    params = _sampling(args, stop_token_ids=tuple(tokenizer.stop_token_ids), stop_strings=stop_strings(args.mode))
+    engine = Engine(model, tokenizer)
+    ids = tokenizer.encode(text)
+    start = time.perf_counter()
+    if not args.quiet_prompt:
+        print(text, end="", flush=True)
+    for piece in engine.stream(ids, params):
+        print(piece, end="", flush=True)
+    seconds = time.perf_counter() - start
+    n = len(engine.last.token_ids)
+    print(f"\n[{len(ids)} prompt tokens, {n} new tokens in {seconds:.2f}s: {n / seconds:.1f} tokens/s, "
+          f"finish: {engine.last.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from phiforge.chat import ChatSession, run_chat
+    from phiforge.generate import Engine
+
+    model, tokenizer = _load(args)
+    run_chat(ChatSession(Engine(model, tokenizer), _sampling(args), system=args.system))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from phiforge.checkpoint import load_pretrained
+    from phiforge.quantize import quantize_model, save_quantized
+
+    model, tokenizer = load_pretrained(args.model, dtype=None if args.dtype == "auto" else args.dtype, device="cpu")
+    quantize_model(model, bits=args.bits, group_size=args.group_size, include_head=not args.keep_head)
+    save_quantized(model, args.output)
+    if tokenizer is not None:
+        tokenizer.save(args.output)
+    size = sum(p.stat().st_size for p in args.output.iterdir())
+    print(json.dumps({"output": str(args.output), "bits": args.bits, "group_size": args.group_size,
+                      "bytes": size, "modules": len(model.quantization["modules"])}, indent=2))
+    return 0
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from phiforge.tokenizer import train_tokenizer
 
@@ -54,6 +123,46 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--chat-format", choices=["phi3", "phi4"], default=None,
                    help="add that family's chat tokens and template")
+
+    def model_options(p: argparse.ArgumentParser, quantize: bool = True) -> None:
+        p.add_argument("--model", "-m", required=True, help="model folder, .gguf file or embedded alias")
+        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+        if quantize:
+            p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                           help="weight-only quantize at load time (faster decode)")
+            p.add_argument("--group-size", type=int, default=64, help="int4 group size")
+
+    def sampling_options(p: argparse.ArgumentParser, max_new: int) -> None:
+        p.add_argument("--max-new-tokens", type=int, default=max_new)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--top-k", type=int, default=0)
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--min-p", type=float, default=0.0)
+        p.add_argument("--repetition-penalty", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=None)
+
+    from phiforge.prompts import PROMPT_MODES
+
+    p = add("generate", cmd_generate, "complete a prompt in one of the phi-1.5 usage modes, streaming tokens")
+    model_options(p)
+    sampling_options(p, 128)
+    p.add_argument("--prompt", "-p", required=True)
+    p.add_argument("--mode", default="completion", choices=PROMPT_MODES,
+                   help="completion, cot (step by step), qa (Answer:), chat (Alice/Bob), code (signature)")
+    p.add_argument("--quiet-prompt", action="store_true", help="print only the completion")
+
+    p = add("chat", cmd_chat, "interactive chat with the model's chat template; /reset, /exit; tokens/s shown")
+    model_options(p)
+    sampling_options(p, 512)
+    p.add_argument("--system", default=None, help="system message")
+
+    p = add("quantize", cmd_quantize, "weight-only int8/int4 quantization, saved as safetensors (packed + scales)")
+    model_options(p, quantize=False)
+    p.add_argument("--bits", type=int, choices=[8, 4], default=4)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--keep-head", action="store_true", help="leave lm_head unquantized")
+    p.add_argument("--output", "-o", type=Path, required=True)
 
     add("demo", cmd_demo, "run the most complete job phiforge can do on this machine, with the embedded teacher")
     return parser
