@@ -28,7 +28,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
     if tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer.json next to the weights")
     if getattr(args, "quantize", None):
-        quantize_model(model, bits=int(args.quantize[3:]), group_size=args.group_size)
+        quantize_model(model, bits=int(args.quantize[3:]), group_size=args.group_size, keep_stored=False)
     return model, tokenizer
 
 

@@ -36,9 +36,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one fused op instead of six
+        return self.weight * normed.to(x.dtype)
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
@@ -162,13 +161,12 @@ class Attention(nn.Module):
                 cache: CacheView | None = None) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split((c.q_size, c.kv_size, c.kv_size), dim=-1)
-        q = q.view(B, T, c.num_heads, c.head_dim).transpose(1, 2)
-        k = k.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        v = v.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        heads = self.qkv(x).view(B, T, c.num_heads + 2 * c.num_kv_heads, c.head_dim).transpose(1, 2)
+        qk, v = heads.split((c.num_heads + c.num_kv_heads, c.num_kv_heads), dim=1)
         if c.qk_layernorm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = qk.split((c.num_heads, c.num_kv_heads), dim=1)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
+        q, k = apply_rotary(qk, cos, sin).split((c.num_heads, c.num_kv_heads), dim=1)  # q and k in one pass
         if cache is not None:
             k, v = cache.write(k, v)
         y = self._sdpa(q, k, v, mask)

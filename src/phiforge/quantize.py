@@ -47,16 +47,19 @@ class QuantizedLinear(nn.Module):
 
     # ---- building from float weights / from stored tensors -----------------------------------------------
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int) -> QuantizedLinear:
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, keep_stored: bool = True) -> QuantizedLinear:
         w = linear.weight.detach().float()
         bias = linear.bias.detach().clone() if linear.bias is not None else None
         module = cls(w.shape[1], w.shape[0], bits, group_size, bias)
         stored = quantize_int8(w) if bits == 8 else quantize_int4(w, group_size)
-        module.load_stored(stored, dtype=linear.weight.dtype)
+        module.load_stored(stored, dtype=linear.weight.dtype, keep_stored=keep_stored)
         return module
 
-    def load_stored(self, stored: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-        """Install portable tensors (qweight, scales[, zeros]) and make the kernel's layout."""
+    def load_stored(self, stored: dict[str, torch.Tensor], dtype: torch.dtype, keep_stored: bool = True) -> None:
+        """Install portable tensors (qweight, scales[, zeros]) and make the kernel's layout.
+
+        ``keep_stored=False`` drops the portable int4 copy once packed (half the memory; no re-saving).
+        """
         self.stored_keys = sorted(stored)
         self.dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
         device = stored["qweight"].device
@@ -68,6 +71,10 @@ class QuantizedLinear(nn.Module):
             self.kernel = "int8pack"
         else:
             self._pack_int4(stored, device)
+            if not keep_stored and self.kernel == "int4pack":
+                for key in self.stored_keys:
+                    delattr(self, f"_{key}")
+                self.stored_keys = []
 
     def _pack_int4(self, stored: dict[str, torch.Tensor], device: torch.device) -> None:
         codes = unpack_nibbles(stored["qweight"]).to(torch.int32)
@@ -89,6 +96,8 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("w_dense", self.dequantized().to(self.dtype), persistent=False)
 
     def stored(self) -> dict[str, torch.Tensor]:
+        if not self.stored_keys:
+            raise ValueError("this layer kept only its kernel layout (loaded for inference); quantize again to save")
         return {key: getattr(self, f"_{key}") for key in self.stored_keys}
 
     def dequantized(self) -> torch.Tensor:
@@ -156,13 +165,17 @@ def quantizable(model: PhiForgeModel, include_head: bool = True) -> list[str]:
     return names + (["lm_head"] if include_head else [])
 
 
-def quantize_model(model: PhiForgeModel, bits: int, group_size: int = 128, include_head: bool = True) -> PhiForgeModel:
-    """Replace the model's Linear layers in place; a tied head gets its own quantized copy."""
+def quantize_model(model: PhiForgeModel, bits: int, group_size: int = 64, include_head: bool = True,
+                   keep_stored: bool = True) -> PhiForgeModel:
+    """Replace the model's Linear layers in place; a tied head gets its own quantized copy.
+
+    ``keep_stored=False`` is for inference only: int4 layers keep just the kernel layout (half the memory).
+    """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     modules = quantizable(model, include_head)
     for name in modules:
-        _replace(model, name, QuantizedLinear.from_linear(model.get_submodule(name), bits, group_size))
+        _replace(model, name, QuantizedLinear.from_linear(model.get_submodule(name), bits, group_size, keep_stored))
     model.quantization = {"bits": bits, "group_size": group_size, "modules": modules}
     return model
 
@@ -189,7 +202,7 @@ def save_quantized(model: PhiForgeModel, path: str | Path) -> Path:
 
 
 def load_quantized(path: str | Path, *, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | str | None = torch.bfloat16) -> PhiForgeModel:
+                   dtype: torch.dtype | str | None = torch.bfloat16, keep_stored: bool = False) -> PhiForgeModel:
     """Load a folder written by save_quantized; a layer with missing codes or scales is named."""
     folder = Path(path)
     hf = json.loads((folder / "config.json").read_text())
@@ -220,7 +233,7 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu",
             if missing:
                 raise CheckpointError(f"{folder / SINGLE_NAME}: quantized layer {name} lacks {', '.join(missing)}")
             stored = {k: read_tensor(packed[f"{name}.{k}"], handle).to(device) for k in needed}
-            filler.model.get_submodule(name).load_stored(stored, dtype)
+            filler.model.get_submodule(name).load_stored(stored, dtype, keep_stored)
     model = filler.finish(str(folder))
     model.quantization = {k: info[k] for k in ("bits", "group_size", "modules")}
     return model

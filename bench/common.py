@@ -1,0 +1,64 @@
+"""Shared by the benchmarks: random-weight models that phiforge and transformers read in common."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import transformers
+
+from phiforge.checkpoint import hf_state_dict
+from phiforge.config import ModelConfig
+from phiforge.model import PhiForgeModel, build_model
+
+
+def random_phiforge(config: ModelConfig, dtype: torch.dtype, seed: int = 0) -> PhiForgeModel:
+    """N(0, 0.02) weights, made without a second float32 copy (a 3.8B model stays near 7.6 GB in bf16)."""
+    model = build_model(config, device="meta", dtype=dtype).to_empty(device="cpu")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=generator)
+    return model.eval()
+
+
+def transformers_view(model: PhiForgeModel) -> torch.nn.Module:
+    """The same weights inside the matching transformers class: its parameters are views of ours."""
+    hf = model.config.to_hf_config()
+    hf_config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+    hf_config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        reference = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=model.embed.weight.dtype)
+    reference.load_state_dict(hf_state_dict(model), strict=False, assign=True)
+    reference.tie_weights()
+    rotary = reference.model.rotary_emb  # its buffers were made on meta: rebuild them on the CPU
+    reference.model.rotary_emb = type(rotary)(config=hf_config)
+    return reference.eval()
+
+
+def best_seconds(fn: Callable[[], object], repeats: int = 2, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def read_bandwidth(gigabytes: float = 1.0) -> float:
+    """Bytes/s of a streaming read (sum over a large bf16 tensor): the decode speed limit's denominator."""
+    x = torch.ones(int(gigabytes * 1e9 / 2), dtype=torch.bfloat16)
+    seconds = best_seconds(lambda: x.sum(dtype=torch.float32), repeats=3)
+    return x.numel() * 2 / seconds
+
+
+def machine() -> dict:
+    import platform
+
+    return {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__}
