@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("--parts", default="single,smollm,batched")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batched-tokens", type=int, default=128)
-    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--synth-prompts", type=int, default=512)
     parser.add_argument("--synth-batch", type=int, default=128)
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Peak resident memory of a Phi-3-mini-shaped (3.8B) int4 model generating 128 tokens. Prints JSON.
 
-    python bench/memory.py [--shape phi-3-mini-4k] [--bits 4] [--group-size 64] [--new-tokens 128]
+    python bench/memory.py [--shape phi-3-mini-4k] [--bits 4] [--group-size 32] [--new-tokens 128]
 
 The phi-3 report runs 4-bit Phi-3-mini in 1.8 GB on a phone. The model is built layer by layer
 (random bf16 weights quantized as they are made), so the float model never exists in memory; the
@@ -50,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="phi-3-mini-4k")
     parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
-    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     args = parser.parse_args()
     baseline = peak_rss_bytes()

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
+import transformers
+
+from phiforge.gguf_io import load_gguf, resolve_model_alias
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# shared/ sits beside the checkout (locally and in CI): the benchmark files and research notes
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TEACHER = "smollm2-135m-instruct"
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -22,3 +32,29 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             else:
                 p.copy_(0.15 * noise)
     return module
+
+
+@pytest.fixture(scope="session")
+def teacher_path() -> Path:
+    """The embedded teacher's GGUF; `make test` installs it, so its absence is a failure, not a skip."""
+    path = resolve_model_alias(TEACHER)
+    assert path is not None and path.is_file()
+    return path
+
+
+@pytest.fixture(scope="session")
+def teacher(teacher_path: Path) -> tuple[Any, Any]:
+    """phiforge's (model, tokenizer) of the teacher in fp32, loaded once per test session."""
+    return load_gguf(teacher_path, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def ref_model(teacher_path: Path) -> Any:
+    """transformers' own GGUF load of the teacher (about 30 s: once per session)."""
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        teacher_path.parent, gguf_file=teacher_path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def ref_tokenizer(teacher_path: Path) -> Any:
+    return transformers.AutoTokenizer.from_pretrained(teacher_path.parent, gguf_file=teacher_path.name)

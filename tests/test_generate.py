@@ -113,3 +113,16 @@ def test_prompt_longer_than_context(models) -> None:
         Engine(ours).generate([[1] * 2040], SamplingParams(max_new_tokens=10))
 
 
+
+
+def test_teacher_greedy_equals_transformers_generate(teacher, ref_model) -> None:
+    """The embedded SmolLM2 teacher: 64 greedy tokens, fp32, token for token."""
+    model, tokenizer = teacher
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Explain photosynthesis in two sentences."}],
+                                         add_generation_prompt=True)
+    prompt = tokenizer.encode(text, add_special_tokens=False)
+    ours = Engine(model, tokenizer).generate([prompt], SamplingParams(max_new_tokens=64))[0]
+    want = ref_model.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+    assert ours.token_ids == want
+    assert tokenizer.decode(ours.token_ids).lower().startswith("photosynthesis")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import randomize_
+from conftest import SHARED, randomize_
 from gguf import GGMLQuantizationType as Q
 
 from phiforge import gguf_io
@@ -144,27 +144,8 @@ def test_dequantize_rejects_unknown_type_and_wrong_size() -> None:
 
 
 @pytest.fixture(scope="module")
-def teacher_path() -> Path:
-    try:
-        return gguf_io.resolve_model_alias(TEACHER)
-    except GGUFError as err:
-        pytest.skip(str(err))
-
-
-@pytest.fixture(scope="module")
-def ref_tokenizer(teacher_path: Path) -> Any:
-    return transformers.AutoTokenizer.from_pretrained(teacher_path.parent, gguf_file=teacher_path.name)
-
-
-@pytest.fixture(scope="module")
 def teacher_tokenizer(teacher_path: Path) -> Any:
     return read_gguf_tokenizer(teacher_path)
-
-
-@pytest.fixture(scope="module")
-def ref_model(teacher_path: Path) -> Any:
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        teacher_path.parent, gguf_file=teacher_path.name, dtype=torch.float32).eval()
 
 
 def test_resolve_alias_finds_the_file_without_importing_the_package(teacher_path: Path) -> None:
@@ -195,7 +176,7 @@ CHAT = [{"role": "system", "content": "You answer in one sentence."}, {"role": "
 
 
 def test_teacher_tokenizer_ids_match_transformers(teacher_tokenizer: Any, ref_tokenizer: Any) -> None:
-    seeds = [Path(p).read_text(encoding="utf-8") for p in sorted(glob.glob("/work/shared/seeds/*.txt"))]
+    seeds = [Path(p).read_text(encoding="utf-8") for p in sorted(glob.glob(str(SHARED / "seeds" / "*.txt")))]
     assert seeds, "the Chinese seed documents are missing"
     for text in SAMPLES + seeds:
         ids = teacher_tokenizer.encode(text)
@@ -257,8 +238,8 @@ def spm_vocab() -> dict[str, Any]:
     """A small SentencePiece BPE model (byte fallback), stored as llama.cpp's converter stores one."""
     import sentencepiece
 
-    lines = Path("/work/shared/research/arch.md").read_text(encoding="utf-8").splitlines()
-    lines += Path(sorted(glob.glob("/work/shared/seeds/*.txt"))[0]).read_text(encoding="utf-8").splitlines()
+    lines = (SHARED / "research" / "arch.md").read_text(encoding="utf-8").splitlines()
+    lines += Path(sorted(glob.glob(str(SHARED / "seeds" / "*.txt")))[0]).read_text(encoding="utf-8").splitlines()
     proto = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter([line for line in lines if line.strip()]), model_writer=proto, vocab_size=1000,

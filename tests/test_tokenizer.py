@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import tokenizers
+from conftest import SHARED
 from tokenizers import processors
 from transformers import AutoTokenizer
 
@@ -21,7 +22,6 @@ from phiforge.tokenizer import (
     train_tokenizer,
 )
 
-SHARED = Path("/work/shared")
 TRICKY = "tab\there,  two  spaces,\n\n\tindented   \u00a0nbsp 😀🚀 中文分词测试 ｈｉ e\u0301 \r\n end  "
 CHAT = [
     {"role": "system", "content": "You solve math problems."},

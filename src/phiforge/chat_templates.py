@@ -1,7 +1,7 @@
 """Chat templates of the Phi models and a renderer that matches transformers.
 
 The templates are the Jinja strings from each model's ``tokenizer_config.json``
-(see /work/shared/research/arch.md §5). ``render_chat_template`` renders them in
+(see shared/research/arch.md §5). ``render_chat_template`` renders them in
 the same sandboxed Jinja environment, with the same variables, as
 ``transformers`` ``apply_chat_template(..., tokenize=False)``, so a prompt built
 here is byte-identical to the one the reference stack builds.

@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
         if quantize:
             p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                            help="weight-only quantize at load time (faster decode)")
-            p.add_argument("--group-size", type=int, default=64, help="int4 group size")
+            p.add_argument("--group-size", type=int, default=32, help="int4 group size")
 
     def sampling_options(p: argparse.ArgumentParser, max_new: int) -> None:
         p.add_argument("--max-new-tokens", type=int, default=max_new)
@@ -160,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     p = add("quantize", cmd_quantize, "weight-only int8/int4 quantization, saved as safetensors (packed + scales)")
     model_options(p, quantize=False)
     p.add_argument("--bits", type=int, choices=[8, 4], default=4)
-    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--group-size", type=int, default=32, help="int4 weights per scale/zero")
     p.add_argument("--keep-head", action="store_true", help="leave lm_head unquantized")
     p.add_argument("--output", "-o", type=Path, required=True)
 

@@ -99,19 +99,31 @@ class Engine:
         return results
 
     def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
-        """Yield text pieces of one completion as they are decoded (needs a tokenizer)."""
+        """Yield text pieces of one completion as they are decoded (needs a tokenizer).
+
+        Stop tokens never show, and text that could be the start of a stop string is held back
+        until it is known not to be one, so the pieces always join to the final ``text``.
+        """
         result = Completion(len(prompt))
         shown = ""
-        for _, _token in self._run([prompt], [params], [result]):
-            text = self.tokenizer.decode(result.token_ids)
-            if result.finish_reason:
-                text = result.text
-            if not text.endswith("\ufffd") and len(text) > len(shown):  # hold back half a UTF-8 character
+        for _ in self._run([prompt], [params], [result]):
+            text = result.text if result.finish_reason else self._visible(result.token_ids, params)
+            if len(text) > len(shown) and text.startswith(shown):
                 yield text[len(shown):]
                 shown = text
-        if len(result.text) > len(shown):
+        if len(result.text) > len(shown):  # the tail held back until the end
             yield result.text[len(shown):]
         self.last = result
+
+    def _visible(self, ids: list[int], params: SamplingParams) -> str:
+        text = self.tokenizer.decode([t for t in ids if t not in params.stop_token_ids])
+        text = text.rstrip("\ufffd")  # half a UTF-8 character: wait for the rest
+        for stop in params.stop_strings:
+            for k in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:k]):
+                    text = text[:-k]
+                    break
+        return text
 
     # ---- the loop -----------------------------------------------------------------------------------
     def _run(self, prompts: list[list[int]], params: list[SamplingParams],

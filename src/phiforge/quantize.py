@@ -61,7 +61,7 @@ class QuantizedLinear(nn.Module):
         ``keep_stored=False`` drops the portable int4 copy once packed (half the memory; no re-saving).
         """
         self.stored_keys = sorted(stored)
-        self.dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+        self.dtype = torch.bfloat16  # the packed kernels' fast path, whatever the model computes in
         device = stored["qweight"].device
         for key, value in stored.items():
             self.register_buffer(f"_{key}", value, persistent=False)
@@ -165,7 +165,7 @@ def quantizable(model: PhiForgeModel, include_head: bool = True) -> list[str]:
     return names + (["lm_head"] if include_head else [])
 
 
-def quantize_model(model: PhiForgeModel, bits: int, group_size: int = 64, include_head: bool = True,
+def quantize_model(model: PhiForgeModel, bits: int, group_size: int = 32, include_head: bool = True,
                    keep_stored: bool = True) -> PhiForgeModel:
     """Replace the model's Linear layers in place; a tied head gets its own quantized copy.
 

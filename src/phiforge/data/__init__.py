@@ -1,0 +1,1 @@
+"""Data stages: documents -> token shards (packing) -> weighted, resumable sequence streams (mixture)."""

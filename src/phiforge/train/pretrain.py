@@ -1,0 +1,448 @@
+"""Pretraining: a seeded, resumable loop over a token mixture, in one process or many (torchrun).
+
+    python -m phiforge.train.pretrain RECIPE.toml [section.key=value ...]
+    torchrun --nproc_per_node 2 -m phiforge.train.pretrain RECIPE.toml distributed.strategy=fsdp
+
+Everything that can be wrong with the inputs (config keys, sources, shards, resume folder, batch
+arithmetic) is checked in ``Pretrainer.__init__`` before a model is built or a FLOP is spent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phiforge.config import ModelConfig, preset
+from phiforge.data.mixture import build_mixture, build_validation, describe_sources
+from phiforge.model import build_model
+from phiforge.train import checkpointing as ckpt
+from phiforge.train.config import OptimSection, TrainConfig, TrainConfigError
+from phiforge.train.distributed import (
+    DistEnv,
+    all_reduce_sum,
+    apply_activation_checkpointing,
+    broadcast_object,
+    compile_blocks,
+    init_distributed,
+    is_sharded,
+    shutdown,
+    unwrap,
+    wrap_model,
+)
+from phiforge.train.metrics import MetricsLogger, flops_per_token, measure_peak_flops
+from phiforge.train.schedule import lr_multiplier
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's global batch splits into ranks and micro-batches."""
+
+    global_sequences: int
+    per_rank: int
+    micro_batch_size: int
+    accum_steps: int
+    seq_len: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_sequences * self.seq_len
+
+
+def plan_batches(config: TrainConfig, world_size: int) -> BatchPlan:
+    total = config.global_sequences
+    if total % world_size:
+        raise TrainConfigError(f"global batch of {total} sequences does not split over {world_size} ranks")
+    per_rank = total // world_size
+    micro = min(config.batch.micro_batch_size, per_rank)
+    if per_rank % micro:
+        raise TrainConfigError(f"{per_rank} sequences per rank is not a multiple of batch.micro_batch_size {micro}")
+    return BatchPlan(total, per_rank, micro, per_rank // micro, config.data.seq_len)
+
+
+def resolve_model_config(config: TrainConfig) -> ModelConfig:
+    """The preset (sized to the tokenizer) or the init_from model, with model.<field> overrides applied."""
+    m = config.model
+    if m.init_from:
+        base = _init_from_config(Path(m.init_from))
+        new = base.replace(**m.overrides)
+        changed = ckpt.config_differences(dataclasses.asdict(base), new, ckpt.RESHAPE_FREE_FIELDS)
+        if changed:
+            raise TrainConfigError(f"model.init_from {m.init_from}: overrides may only change fields that keep "
+                                   f"every tensor shape ({', '.join(sorted(ckpt.RESHAPE_FREE_FIELDS))}); "
+                                   f"got {'; '.join(changed)}")
+    else:
+        changes: dict[str, Any] = {}
+        if m.vocab_from_tokenizer and config.data.tokenizer:
+            from phiforge.tokenizer import Tokenizer
+
+            tok = Tokenizer.from_folder(config.data.tokenizer)
+            vocab = max(tok.vocab_size, len(tok))
+            changes = {"vocab_size": -(-vocab // m.pad_vocab_multiple) * m.pad_vocab_multiple,
+                       "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+        new = preset(m.preset).replace(**{**changes, **m.overrides})
+    if config.data.seq_len > new.max_position_embeddings:
+        raise TrainConfigError(f"data.seq_len {config.data.seq_len} exceeds the model's max_position_embeddings "
+                               f"{new.max_position_embeddings}; raise model.max_position_embeddings")
+    return new
+
+
+def _init_from_config(path: Path) -> ModelConfig:
+    if (path / ckpt.STATE).is_file():
+        return ModelConfig(**ckpt.read_state(path)["model_config"])
+    if (path / "config.json").is_file():
+        return ModelConfig.from_file(path / "config.json")
+    raise TrainConfigError(f"model.init_from {path}: neither a training checkpoint ({ckpt.STATE}) nor a "
+                           "Hugging Face model folder (config.json)")
+
+
+def build_optimizer(model: nn.Module, o: OptimSection, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; with decay_exclusions, norms, biases and embeddings (1-D tensors and embed.*) get no decay."""
+    named = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
+    if o.decay_exclusions:
+        decay = [p for n, p in named if p.ndim >= 2 and not n.startswith("embed.")]
+        keep = [p for n, p in named if not (p.ndim >= 2 and not n.startswith("embed."))]
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": keep, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+    else:
+        groups = [{"params": [p for _, p in named], "weight_decay": o.weight_decay}]
+    fused = o.fused and device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused or None)
+
+
+class Pretrainer:
+    """One training run. The constructor validates everything; ``run()`` builds the model and trains."""
+
+    def __init__(self, config: TrainConfig, env: DistEnv) -> None:
+        config.validate()
+        self.config, self.env = config, env
+        self.out_dir = Path(config.run.out_dir)
+        self.resume_from = ckpt.resolve_resume(config.checkpoint.resume, self.out_dir)
+        self.model_config = resolve_model_config(config)
+        self.resume_state = ckpt.check_resumable(self.resume_from, self.model_config) if self.resume_from else None
+        d = config.data
+        self.mixture = build_mixture(d.sources, d.seq_len, config.run.seed, val_fraction=d.val_fraction,
+                                     vocab_size=self.model_config.vocab_size)
+        self.validation = build_validation(self.mixture, d.val_sources, config.log.eval_sequences,
+                                           self.model_config.vocab_size)
+        self.plan = plan_batches(config, env.world_size)
+        r = config.run
+        self.total_steps = r.max_steps or math.ceil(r.max_tokens / self.plan.tokens_per_step)
+        self.autocast_dtype = AUTOCAST[r.precision]
+
+    # ---- setup -----------------------------------------------------------------------------------------
+    def _say(self, message: str) -> None:
+        if self.env.is_main:
+            from tqdm.auto import tqdm
+
+            tqdm.write(message, file=sys.stderr)
+
+    def _build(self) -> None:
+        r, env = self.config.run, self.env
+        if r.threads:
+            torch.set_num_threads(r.threads)
+        torch.manual_seed(r.seed)
+        model = build_model(self.model_config, device=env.device, dtype=torch.float32, seed=r.seed)
+        if self.config.model.init_from:
+            self._load_init_weights(model)
+        if r.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if r.compile:
+            compile_blocks(model)
+        self.model = wrap_model(model, env, self.config.distributed.strategy,
+                                self.config.distributed.reshard_after_forward)
+        self.optimizer = build_optimizer(self.model, self.config.optim, env.device)
+        fp16 = r.precision == "fp16"
+        self.scaler = torch.amp.GradScaler(env.device.type) if fp16 else None
+        # distinct per-rank streams (dropout); model init above used the shared seed
+        torch.manual_seed(r.seed + env.rank)
+        np.random.seed(r.seed + env.rank)
+        random.seed(r.seed + env.rank)
+
+    def _load_init_weights(self, model: nn.Module) -> None:
+        path = Path(self.config.model.init_from)
+        if (path / ckpt.STATE).is_file():
+            ckpt.load_weights(path, model)
+        else:
+            from phiforge.checkpoint import load_hf_folder
+
+            source = load_hf_folder(path, dtype=torch.float32, device="cpu")
+            model.load_state_dict(source.state_dict(), strict=True)
+        self._say(f"initialised weights from {path}")
+
+    def _restore(self) -> tuple[int, int]:
+        if self.resume_from is None:
+            return 0, 0
+        state = ckpt.load_checkpoint(self.resume_from, self.model, self.optimizer, self.env)
+        self.mixture.load_state_dict(state["data"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self._say(f"resumed from {self.resume_from} at step {state['step']}")
+        return state["step"], state["tokens"]
+
+    # ---- one optimizer step ------------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
+
+    def _no_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        # DDP all-reduces only on the last micro-batch; FSDP reduce-scatters each one (sharded grads)
+        if last or not hasattr(self.model, "no_sync"):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def _loss(self, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        with self._autocast():
+            logits = self.model(ids[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction=reduction)
+
+    def train_step(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward over this rank's micro-batches, clip, step. Returns (mean loss, grad norm)."""
+        plan = self.plan
+        ids = torch.from_numpy(batch).to(self.env.device, non_blocking=True)
+        total = torch.zeros((), device=self.env.device)
+        for m in range(plan.accum_steps):
+            chunk = ids[m * plan.micro_batch_size : (m + 1) * plan.micro_batch_size]
+            with self._no_sync(last=m == plan.accum_steps - 1):
+                loss = self._loss(chunk)
+                scaled = loss / plan.accum_steps
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            total += loss.detach()
+        norm = self._clip_gradients()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / plan.accum_steps, norm
+
+    def _clip_gradients(self) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+            self._agree_on_overflow()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if hasattr(norm, "full_tensor"):  # FSDP: a partial norm per rank -> the global one
+            norm = norm.full_tensor()
+        if self.config.optim.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.config.optim.grad_clip, norm, foreach=True)
+        return norm
+
+    def _agree_on_overflow(self) -> None:
+        """FSDP ranks see different gradient shards: one rank's inf must skip the step on all of them."""
+        if not (self.env.distributed and is_sharded(self.model)):
+            return
+        state = self.scaler._per_optimizer_states[id(self.optimizer)]  # GradScaler keeps found_inf here
+        for found in state["found_inf_per_device"].values():
+            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
+
+    # ---- evaluation --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean next-token loss per validation source, and over all of them ("all")."""
+        self.model.eval()
+        env, micro = self.env, self.plan.micro_batch_size
+        sums: dict[str, torch.Tensor] = {}
+        for name, windows in self.validation.windows.items():
+            seqs = self.validation.sequences(name, env.rank, env.world_size)
+            chunks = math.ceil(math.ceil(len(windows) / env.world_size) / micro)
+            totals = torch.zeros(2, dtype=torch.float64, device=env.device)
+            for i in range(chunks):  # equal forward count on every rank: FSDP gathers collectively
+                part = seqs[i * micro : (i + 1) * micro] if seqs is not None else seqs
+                weight = 1.0 if part is not None and len(part) else 0.0
+                if not weight:
+                    part = np.zeros((1, self.plan.seq_len + 1), dtype=np.int64)
+                ids = torch.from_numpy(part).to(env.device)
+                totals[0] += weight * self._loss(ids, reduction="sum").double()
+                totals[1] += weight * (ids.shape[0] * self.plan.seq_len)
+            sums[name] = all_reduce_sum(totals, env)
+        self.model.train()
+        out = {name: (t[0] / t[1]).item() for name, t in sums.items()}
+        if sums:
+            grand = sum(sums.values())
+            out["all"] = (grand[0] / grand[1]).item()
+        return out
+
+    # ---- the run -----------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        self._build()
+        start_step, tokens = self._restore()
+        env, cfg = self.env, self.config
+        flops_token = flops_per_token(self.model_config, self.plan.seq_len)
+        peak = cfg.log.peak_flops or broadcast_object(
+            measure_peak_flops(env.device, self.autocast_dtype or torch.float32) if env.is_main else None, env)
+        logger = MetricsLogger(self.out_dir, env.is_main, cfg.log.tensorboard,
+                               resume_step=start_step if self.resume_from else None)
+        if env.is_main and not self.resume_from:
+            self._write_run_info(peak)
+        try:
+            return self._loop(start_step, tokens, logger, flops_token, peak)
+        finally:
+            logger.close()
+
+    def _write_run_info(self, peak: float) -> None:
+        from phiforge.checkpoint import write_json
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.out_dir / "run.json", {
+            "train_config": self.config.to_dict(), "model_config": dataclasses.asdict(self.model_config),
+            "parameters": unwrap(self.model).num_parameters() if not is_sharded(self.model) else None,
+            "world_size": self.env.world_size, "batch": dataclasses.asdict(self.plan),
+            "total_steps": self.total_steps, "peak_flops_per_device": peak,
+            "sources": describe_sources(self.mixture)})
+
+    def _loop(self, start: int, tokens: int, logger: MetricsLogger, flops_token: float, peak: float) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        env, cfg, plan = self.env, self.config, self.plan
+        bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (env.is_main and cfg.log.progress))
+        summary: dict[str, Any] = {"start_step": start, "losses": []}
+        evals = {}
+        if self.validation and start == 0:
+            evals[0] = self.evaluate()
+            logger.log({"step": 0, "val_loss": evals[0]})
+        interval_loss, interval_steps, interval_time, train_time = torch.zeros((), device=env.device), 0, 0.0, 0.0
+        last_ckpt = self.resume_from
+        for step in range(start, self.total_steps):
+            tick = time.perf_counter()
+            lr = cfg.optim.lr * lr_multiplier(step, self.total_steps, cfg.schedule)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, norm = self.train_step(self.mixture.next_batch(plan.global_sequences, env.rank, env.world_size))
+            interval_loss += loss
+            interval_steps += 1
+            tokens += plan.tokens_per_step
+            done = step + 1
+            if done % cfg.log.every == 0 or done == self.total_steps:
+                mean_loss = all_reduce_sum(interval_loss.clone(), env).item() / (env.world_size * interval_steps)
+                interval_time += time.perf_counter() - tick
+                rate = interval_steps * plan.tokens_per_step / interval_time
+                record = {"step": done, "loss": mean_loss, "lr": lr, "grad_norm": norm.item(), "tokens": tokens,
+                          "tokens_per_s": rate, "mfu": flops_token * rate / (peak * env.world_size),
+                          "sources": self.mixture.accounting()}
+                if self.scaler is not None:
+                    record["loss_scale"] = self.scaler.get_scale()
+                logger.log(record)
+                summary["losses"].append(mean_loss)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{rate:,.0f}", mfu=f"{record['mfu']:.1%}")
+                train_time += interval_time
+                interval_loss.zero_()
+                interval_steps, interval_time = 0, 0.0
+            else:
+                interval_time += time.perf_counter() - tick
+            bar.update(1)
+            if self.validation and cfg.log.eval_every and done % cfg.log.eval_every == 0 and done < self.total_steps:
+                evals[done] = self.evaluate()
+                logger.log({"step": done, "val_loss": evals[done]})
+            if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < self.total_steps:
+                last_ckpt = self._save(done, tokens)
+        bar.close()
+        if self.validation and self.total_steps not in evals:
+            evals[self.total_steps] = self.evaluate()
+            logger.log({"step": self.total_steps, "val_loss": evals[self.total_steps]})
+        if start < self.total_steps or last_ckpt is None:
+            last_ckpt = self._save(self.total_steps, tokens)
+        export = None
+        if cfg.checkpoint.export:
+            export = ckpt.export_hf(self.model, env, self.out_dir / "final", tokenizer=cfg.data.tokenizer,
+                                    dtype=cfg.checkpoint.export_dtype or None)
+        summary.update(self._summary(tokens, evals, train_time, flops_token, peak, last_ckpt, export))
+        if env.is_main:
+            from phiforge.checkpoint import write_json
+
+            write_json(self.out_dir / "summary.json", summary)
+        return summary
+
+    def _save(self, step: int, tokens: int) -> Path:
+        state = {"tokens": tokens, "total_steps": self.total_steps,
+                 "model_config": dataclasses.asdict(self.model_config), "train_config": self.config.to_dict(),
+                 "data": self.mixture.state_dict(), "data_accounting": self.mixture.accounting(),
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        path = ckpt.save_checkpoint(self.out_dir, step, self.model, self.optimizer, self.env, state,
+                                    self.config.checkpoint.keep_last)
+        self._say(f"checkpoint {path}")
+        return path
+
+    def _summary(self, tokens: int, evals: dict[int, dict[str, float]], train_time: float, flops_token: float,
+                 peak: float, last_ckpt: Path | None, export: Path | None) -> dict[str, Any]:
+        new_tokens = (self.total_steps - self.summary_start) * self.plan.tokens_per_step if train_time else 0
+        rate = new_tokens / train_time if train_time else 0.0
+        return {"out_dir": str(self.out_dir), "steps": self.total_steps, "tokens": tokens,
+                "tokens_per_s": rate, "mfu": flops_token * rate / (peak * self.env.world_size),
+                "peak_flops_per_device": peak, "val_loss": {str(k): v for k, v in evals.items()},
+                "sources": self.mixture.accounting(), "world_size": self.env.world_size,
+                "strategy": self.config.distributed.strategy if self.env.distributed else "single",
+                "checkpoint": str(last_ckpt) if last_ckpt else None, "export": str(export) if export else None}
+
+    @property
+    def summary_start(self) -> int:
+        return self.resume_state["step"] if self.resume_state else 0
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) pretraining as configured; returns the run summary (also in out_dir/summary.json)."""
+    config.validate()
+    env = init_distributed(config.run.device)
+    try:
+        return Pretrainer(config, env).run()
+    finally:
+        shutdown(env)
+
+
+def extend_context(config: TrainConfig, checkpoint: str, seq_len: int, rope_theta: float,
+                   lr_scale: float = 0.1) -> TrainConfig:
+    """A config that continues ``checkpoint``'s weights at a longer context and a new RoPE base.
+
+    A fresh run (new optimizer, schedule from step 0) at ``lr_scale`` times the lr, as phi-4's
+    mid-training (4K -> 16K, base 250K, 10x lower lr); the data sources stay those of ``config``.
+    """
+    new = copy.deepcopy(config)
+    new.model.init_from = checkpoint
+    new.model.overrides = {**new.model.overrides, "rope_theta": float(rope_theta),
+                           "max_position_embeddings": seq_len}
+    new.data.seq_len = seq_len
+    if new.batch.global_tokens:  # keep the tokens per step: fewer, longer sequences
+        new.batch.global_tokens -= new.batch.global_tokens % seq_len
+    new.optim.lr = config.optim.lr * lr_scale
+    new.checkpoint.resume = ""
+    new.validate()
+    return new
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for ``python -m`` and torchrun: RECIPE [section.key=value ...]; prints the summary JSON."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if args else 2
+    try:
+        summary = train(TrainConfig.from_toml(args[0], args[1:]))
+    except ValueError as err:  # config, data and checkpoint errors name the key or file
+        print(f"phiforge train: error: {err}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
