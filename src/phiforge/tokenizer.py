@@ -38,7 +38,7 @@ CHAT_FORMATS: dict[str, tuple[tuple[str, ...], str]] = {
 # End-of-turn tokens: when a chat template writes one, generation must stop on it.
 _TURN_END_TOKENS = ("<|end|>", "<|im_end|>")
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
-_CORPUS_SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
+_CORPUS_SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz", ".md")
 
 
 class TokenizerError(ValueError):
