@@ -50,6 +50,19 @@ def best_seconds(fn: Callable[[], object], repeats: int = 2, warmup: int = 1) ->
     return best
 
 
+def best_seconds_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 3) -> dict[str, float]:
+    """Best time of each candidate, runs alternating so a busy neighbour slows them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def read_bandwidth(gigabytes: float = 1.0) -> float:
     """Bytes/s of a streaming read (sum over a large bf16 tensor): the decode speed limit's denominator."""
     x = torch.ones(int(gigabytes * 1e9 / 2), dtype=torch.bfloat16)

@@ -12,7 +12,7 @@ import argparse
 import json
 
 import torch
-from common import best_seconds, machine, random_phiforge, transformers_view
+from common import best_seconds_interleaved, machine, random_phiforge, transformers_view
 
 from phiforge.config import DTYPES, preset
 
@@ -24,8 +24,8 @@ def bench_shape(name: str, tokens: int, dtype: torch.dtype, repeats: int) -> dic
     with torch.inference_mode():
         ours_logits, ref_logits = ours(ids).float(), reference(ids).logits.float()
         agree = (ours_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
-        ours_tps = tokens / best_seconds(lambda: ours(ids), repeats)
-        ref_tps = tokens / best_seconds(lambda: reference(ids).logits, repeats)
+        best = best_seconds_interleaved({"ours": lambda: ours(ids), "ref": lambda: reference(ids).logits}, repeats)
+        ours_tps, ref_tps = tokens / best["ours"], tokens / best["ref"]
     return {"shape": name, "parameters": ours.num_parameters(), "tokens": tokens, "dtype": str(dtype),
             "phiforge_tokens_per_s": round(ours_tps, 1), "transformers_tokens_per_s": round(ref_tps, 1),
             "ratio": round(ours_tps / ref_tps, 3), "argmax_agreement": round(agree, 4),

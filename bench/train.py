@@ -1,13 +1,16 @@
 """Training throughput: phiforge's loop vs a plain transformers loop, in one run. Prints JSON.
 
     python bench/train.py [--hidden-size 512 --layers 8 --heads 8 --vocab 8192] [--seq-len 512]
-                          [--batch 8 --micro-batch 4] [--precision bf16] [--steps 4 --rounds 3] [--compile]
+                          [--batch 8 --micro-batch 4] [--precision bf16] [--rounds 8] [--no-compile] [--threads N]
 
 Both start from the same weights and read the same batches (phiforge's mixture sampler over one random
 token shard), with AdamW, grad clipping 1.0, the same precision and the same global batch. transformers
 runs the loop people write by hand: ``model(input_ids)``, cross-entropy, backward, clip, ``AdamW.step``.
-phiforge runs ``Pretrainer.train_step``. Rounds alternate between the two, and each side reports its best
-round, so load from other processes on a shared machine hurts neither side more than the other.
+phiforge runs ``Pretrainer.train_step``, eager and with ``run.compile = true`` (each block and the loss
+through torch.compile; compilation happens in the warm-up steps, which are not timed). Timed steps
+alternate between the contenders, one step each in turn, and each reports its fastest step (and the
+median), so load from other processes on a shared machine hurts none of them more than the others.
+"speedup" is transformers' fastest step time over phiforge's fastest (eager or compiled).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ def bench_model_config(args: argparse.Namespace) -> ModelConfig:
         vocab_size=args.vocab, max_position_embeddings=max(2048, args.seq_len))
 
 
-def phiforge_trainer(args: argparse.Namespace, model_config: ModelConfig, folder: Path) -> Pretrainer:
+def phiforge_trainer(args: argparse.Namespace, model_config: ModelConfig, folder: Path,
+                     use_compile: bool) -> Pretrainer:
     overrides = {k: v for k, v in vars(model_config).items() if k in (
         "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
         "max_position_embeddings")}
@@ -51,7 +55,7 @@ def phiforge_trainer(args: argparse.Namespace, model_config: ModelConfig, folder
         "batch": {"global_sequences": args.batch, "micro_batch_size": args.micro_batch},
         "optim": {"lr": 2e-4, "grad_clip": 1.0},
         "run": {"out_dir": str(folder / "run"), "max_steps": 10**6, "precision": args.precision,
-                "compile": args.compile},
+                "compile": use_compile},
         "log": {"progress": False, "tensorboard": False},
     }
     trainer = Pretrainer(TrainConfig.from_dict(raw), init_distributed("cpu"))
@@ -94,15 +98,6 @@ class PlainLoop:
         return total / accum
 
 
-def timed(fn, batches: list[np.ndarray]) -> tuple[float, list[float]]:
-    times, losses = [], []
-    for batch in batches:
-        start = time.perf_counter()
-        losses.append(float(fn(batch)))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), losses
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny-phi", help="layout to scale up (tiny-phi, tiny-phi3, tiny-llama)")
@@ -114,31 +109,48 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="global batch in sequences")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--precision", choices=list(AUTOCAST), default="bf16")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="torch.compile phiforge's blocks")
+    parser.add_argument("--steps", type=int, default=4, help="distinct batches to cycle through")
+    parser.add_argument("--rounds", type=int, default=8, help="timed steps per contender (the fastest counts)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the run.compile=true contender")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default); one "
+                        "thread is steadier on a machine shared with other jobs")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model_config = bench_model_config(args)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         tokens = np.random.default_rng(0).integers(0, args.vocab, size=args.seq_len * args.batch * 64 + 1)
         write_token_folder(folder / "tokens", {"random": tokens}, eos_token_id=0, vocab_size=args.vocab)
-        ours = phiforge_trainer(args, model_config, folder)
-        model = ours.model
+        eager = phiforge_trainer(args, model_config, folder, use_compile=False)
+        model = eager.model
+        contenders = {"phiforge": lambda b: eager.train_step(b)[0]}
+        if not args.no_compile:
+            compiled = phiforge_trainer(args, model_config, folder, use_compile=True)
+            contenders["phiforge_compiled"] = lambda b: compiled.train_step(b)[0]
         reference = PlainLoop(transformers_model(model_config, hf_state_dict(model)), args.micro_batch,
                               AUTOCAST[args.precision])
-        batches = [ours.mixture.next_batch(args.batch) for _ in range(args.steps + 1)]
-        first = {"phiforge": float(ours.train_step(batches[0])[0]), "transformers": reference.step(batches[0])}
-        best = {"phiforge": float("inf"), "transformers": float("inf")}
-        for _ in range(args.rounds):
-            best["phiforge"] = min(best["phiforge"], timed(lambda b: ours.train_step(b)[0], batches[1:])[0])
-            best["transformers"] = min(best["transformers"], timed(reference.step, batches[1:])[0])
+        contenders["transformers"] = reference.step
+        batches = [eager.mixture.next_batch(args.batch) for _ in range(args.steps + 2)]
+        # two warm-up steps each (the compiled one compiles here); the first is also a correctness check
+        first = {name: float(step(batches[0])) for name, step in contenders.items()}
+        for step in contenders.values():
+            step(batches[1])
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        for round_ in range(args.rounds):  # one step per contender in turn: contention hits all alike
+            batch = batches[2 + round_ % args.steps]
+            for name, step in contenders.items():
+                start = time.perf_counter()
+                step(batch)
+                times[name].append(time.perf_counter() - start)
+        best = {name: min(t) for name, t in times.items()}
 
     tokens_per_step = args.batch * args.seq_len
     flops = flops_per_token(model_config, args.seq_len)
     peak = measure_peak_flops(torch.device("cpu"), AUTOCAST[args.precision] or torch.float32)
-    result = {name: {"step_s": round(t, 4), "tokens_per_s": round(tokens_per_step / t, 1),
+    result = {name: {"step_s": round(t, 4), "median_step_s": round(statistics.median(times[name]), 4),
+                     "tokens_per_s": round(tokens_per_step / t, 1),
                      "mfu": round(flops * tokens_per_step / t / peak, 4), "first_step_loss": round(first[name], 5)}
               for name, t in best.items()}
     print(json.dumps({
@@ -146,9 +158,10 @@ def main() -> None:
         "model": {"layout": args.preset, "hidden_size": args.hidden_size, "layers": args.layers,
                   "heads": args.heads, "vocab": args.vocab, "parameters": model.num_parameters()},
         "seq_len": args.seq_len, "global_batch": args.batch, "micro_batch": args.micro_batch,
-        "precision": args.precision, "compile": args.compile, "peak_flops": round(peak),
+        "precision": args.precision, "peak_flops": round(peak),
         "flops_per_token": flops, **result,
-        "speedup": round(best["transformers"] / best["phiforge"], 3),
+        "speedup": round(best["transformers"] / min(t for n, t in best.items() if n != "transformers"), 3),
+        "speedup_eager": round(best["transformers"] / best["phiforge"], 3),
     }, indent=2))
 
 

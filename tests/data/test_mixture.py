@@ -65,6 +65,15 @@ def test_same_seed_same_batches_and_epochs_reshuffle(folders: dict[str, Path]) -
     assert first != second
 
 
+def test_large_sources_shuffle_in_blocks_and_still_visit_every_window_once(folders: dict[str, Path]) -> None:
+    mix = build_mixture(sources(folders, synthetic=1.0), SEQ, seed=0)
+    mix.block_windows = 7  # 500 windows: 71 blocks of 7 and one of 3
+    starts = np.concatenate([mix.next_batch(50) for _ in range(20)])[:, 0].tolist()
+    first, second = starts[:500], starts[500:]
+    assert sorted(first) == sorted(second) == [SEQ * k for k in range(500)]
+    assert first != second and first != sorted(first)
+
+
 def test_accounting_counts_tokens_and_epochs(folders: dict[str, Path]) -> None:
     mix = build_mixture(sources(folders, synthetic=0.8, code=0.2), SEQ, seed=0)
     for _ in range(25):

@@ -46,7 +46,8 @@ def overrides(corpus: Corpus, out_dir: Path, *extra: str) -> list[str]:
 def real_run(corpus: Corpus, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("real-run")
     config = TrainConfig.from_toml("tiny", overrides(corpus, out, f"run.max_steps={REAL_RUN_STEPS}",
-                                                     "log.eval_every=100", "checkpoint.every=100"))
+                                                     "log.eval_every=100", "checkpoint.every=100",
+                                                     "log.peak_flops=0"))  # 0: measure the peak for MFU
     return train(config)
 
 
@@ -107,9 +108,23 @@ def test_context_extension_continues_at_longer_length_with_new_rope_base(real_ru
     assert summary["val_loss"]["0"]["all"] < 4.5
 
 
+def test_init_from_the_exported_hugging_face_folder(real_run: dict, corpus: Corpus, tmp_path: Path) -> None:
+    config = TrainConfig.from_toml("tiny", overrides(corpus, tmp_path, "run.max_steps=1", "checkpoint.export=false",
+                                                     f"model.init_from={real_run['export']}"))
+    summary = train(config)
+    want = real_run["val_loss"][str(REAL_RUN_STEPS)]["gsm8k-test"]
+    assert summary["val_loss"]["0"]["gsm8k-test"] == pytest.approx(want, abs=1e-4)
+    bad = TrainConfig.from_toml("tiny", overrides(corpus, tmp_path / "bad", "run.max_steps=1", "model.num_layers=3",
+                                                  f"model.init_from={real_run['export']}"))
+    with pytest.raises(TrainConfigError, match=r"overrides may only change fields that keep every tensor shape.*"
+                                                r"num_layers: checkpoint 2, this run 3"):
+        train(bad)
+
+
 # ---- resume ------------------------------------------------------------------------------------------------
 def _train_subprocess(corpus: Corpus, out: Path, *extra: str) -> subprocess.Popen:
-    args = overrides(corpus, out, "run.max_steps=48", "checkpoint.every=8", "checkpoint.keep_last=3",
+    # one thread each: bitwise equality needs the same thread count in every run, and two runs share 2 cores
+    args = overrides(corpus, out, "run.max_steps=48", "run.threads=1", "checkpoint.every=8", "checkpoint.keep_last=3",
                      "checkpoint.resume=auto", "log.every=4", "log.eval_every=0", "log.eval_sequences=8",
                      "log.tensorboard=false", "batch.global_sequences=8", "batch.micro_batch_size=4", *extra)
     return subprocess.Popen([PYTHON, "-m", "phiforge.train.pretrain", "tiny", *args], env=subprocess_env(),
@@ -124,7 +139,6 @@ def _final_tensors(out: Path) -> dict[str, torch.Tensor]:
 
 def test_sigkill_then_resume_is_bitwise_identical(corpus: Corpus, tmp_path: Path) -> None:
     reference, killed = tmp_path / "uninterrupted", tmp_path / "killed"
-    run = _train_subprocess(corpus, reference)
     victim = _train_subprocess(corpus, killed)
     deadline = time.monotonic() + 240
     while not list_checkpoints(killed) and victim.poll() is None and time.monotonic() < deadline:
@@ -135,6 +149,7 @@ def test_sigkill_then_resume_is_bitwise_identical(corpus: Corpus, tmp_path: Path
     kill_step = list_checkpoints(killed)[-1][0]
     assert kill_step < 48
     resumed = _train_subprocess(corpus, killed)
+    run = _train_subprocess(corpus, reference)
     for proc in (run, resumed):
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
@@ -223,6 +238,7 @@ def test_overrides_set_nested_values_and_list_entries_by_name() -> None:
     ("optimizer.lr=1", "unknown key 'optimizer' in [config]; valid keys: model, data, batch, optim"),
     ("model.hidden=8", "unknown key 'model.hidden' in [model]"),
     ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
+    ("model.hidden_size=wide", "model.hidden_size: expected int, got 'wide'"),
     ("run.precision=fp8", "run.precision = 'fp8'; expected one of 'fp32', 'bf16', 'fp16'"),
     ("data.sources.code.weight=1", "data.sources.code: no entry named 'code'; entries are ['text']"),
     ("lr", "override 'lr' must look like section.key=value"),
@@ -269,6 +285,13 @@ def test_resume_from_a_different_model_config_fails_before_compute(real_run: dic
                                                    r"this run 32"):
         train(config)
     _assert_no_compute(tmp_path)
+
+
+def test_fresh_run_refuses_an_out_dir_with_checkpoints(real_run: dict, corpus: Corpus) -> None:
+    config = TrainConfig.from_toml("tiny", overrides(corpus, Path(real_run["out_dir"]), "run.max_steps=5"))
+    with pytest.raises(TrainConfigError, match=r"already holds checkpoints \(latest step-00000300\); set "
+                                               r"checkpoint.resume=auto"):
+        train(config)
 
 
 def test_batch_that_does_not_split_fails_before_compute(corpus: Corpus, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ the next-token target) that start every ``seq_len`` tokens. Sampling has two par
   sequence, and the state is just the per-source counts.
 * which window: source ``s`` walks a permutation of its windows seeded by (seed, source name, epoch),
   starting a fresh permutation when it runs out; the epoch count is how many times it was repeated.
+  Sources of more than ``BLOCK_WINDOWS`` windows shuffle blocks, then windows inside each block.
 
 A global batch is the next ``B`` samples; rank ``r`` of ``W`` reads the contiguous slice ``r*B/W ...``.
 The state (samples taken, per source) goes into checkpoints, so a resumed run reads the same batches.
@@ -24,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from phiforge.data.packing import PackingError, TokenShard, load_shards
+
+BLOCK_WINDOWS = 1 << 20  # shuffle unit of very large sources (4B tokens at seq_len 4096)
 
 
 class MixtureError(ValueError):
@@ -116,7 +119,8 @@ class MixtureSampler:
         self.weights = [w / total for w in weights]
         self.samples = 0  # global samples drawn so far
         self.taken = [0] * len(sources)  # per source
-        self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
+        self._perm_cache: dict[tuple[int, ...], Any] = {}
+        self.block_windows = BLOCK_WINDOWS
 
     @property
     def seq_len(self) -> int:
@@ -127,20 +131,41 @@ class MixtureSampler:
         lag = [w * i - t for w, t in zip(self.weights, self.taken)]
         return max(range(len(lag)), key=lambda s: (lag[s], -s))
 
-    def _permutation(self, s: int, epoch: int) -> np.ndarray:
-        key = (s, epoch)
+    def _rng(self, s: int, *keys: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, zlib.crc32(self.sources[s].name.encode()), *keys])
+
+    def _cached(self, key: tuple[int, ...], make: Any) -> Any:
+        """Keep only the newest entry per (source, kind): memory stays one epoch's order and one block."""
         if key not in self._perm_cache:
-            self._perm_cache = {k: v for k, v in self._perm_cache.items() if k[0] != s}  # one epoch per source
-            name_seed = zlib.crc32(self.sources[s].name.encode())
-            rng = np.random.default_rng([self.seed, name_seed, epoch])
-            n = self.sources[s].num_train
-            self._perm_cache[key] = rng.permutation(np.arange(n, dtype=np.uint32 if n < 2**32 else np.int64))
+            self._perm_cache = {k: v for k, v in self._perm_cache.items() if (k[0], len(k)) != (key[0], len(key))}
+            self._perm_cache[key] = make()
         return self._perm_cache[key]
+
+    def _window_at(self, s: int, position: int) -> int:
+        """The window that source ``s`` serves at ``position`` of its stream.
+
+        Epoch ``position // n`` is a permutation of the n train windows. Up to ``block_windows`` it is one
+        permutation; beyond, a permutation of blocks of that many windows and a permutation inside each
+        block, so a source of billions of windows never needs an array of that size.
+        """
+        n, block = self.sources[s].num_train, self.block_windows
+        epoch, i = divmod(position, n)
+        if n <= block:
+            return int(self._cached((s, epoch), lambda: self._rng(s, epoch).permutation(n))[i])
+        blocks = -(-n // block)
+        sizes = np.full(blocks, block, dtype=np.int64)
+        sizes[-1] = n - (blocks - 1) * block
+        order, ends = self._cached((s, epoch), lambda: _order_and_ends(self._rng(s, epoch), sizes))
+        b = int(np.searchsorted(ends, i, side="right"))
+        block_id = int(order[b])
+        offset = i - int(ends[b] - sizes[block_id])
+        inside = self._cached((s, epoch, block_id),
+                              lambda: self._rng(s, epoch, block_id).permutation(int(sizes[block_id])))
+        return block_id * block + int(inside[offset])
 
     def _draw(self) -> tuple[int, int]:
         s = self._pick_source()
-        n = self.sources[s].num_train
-        k = int(self._permutation(s, self.taken[s] // n)[self.taken[s] % n])
+        k = self._window_at(s, self.taken[s])
         self.taken[s] += 1
         self.samples += 1
         return s, k
@@ -185,6 +210,11 @@ def build_mixture(sources: list[SourceConfig], seq_len: int, seed: int, *, val_f
     opened = [open_source(c, seq_len, val_fraction) for c in sources]
     check_compatible(opened, vocab_size)
     return MixtureSampler(opened, [c.weight for c in sources], seed)
+
+
+def _order_and_ends(rng: np.random.Generator, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = rng.permutation(len(sizes))
+    return order, np.cumsum(sizes[order])
 
 
 @dataclass

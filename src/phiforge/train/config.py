@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -255,7 +256,7 @@ def _build(cls: type, table: Any, prefix: str) -> Any:
         if key in known:
             values[key] = _convert(hints[key], value, f"{prefix}{key}")
         elif cls is ModelSection and key in _MODEL_FIELDS:
-            extra[key] = value
+            extra[key] = _convert(typing.get_type_hints(ModelConfig)[key], value, f"{prefix}{key}")
         else:
             valid = ", ".join(known)
             if cls is ModelSection:
@@ -283,9 +284,22 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             raise TrainConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
         return tuple(_convert(a, v, f"{key}.{i}") for i, (a, v) in enumerate(zip(args, value)))
     if origin is dict:
+        if not isinstance(value, dict):
+            raise TrainConfigError(f"{key}: expected a table, got {value!r}")
         return value
+    if origin in (typing.Union, types.UnionType):  # e.g. int | None: the first arm that accepts the value
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arm, value, key)
+            except TrainConfigError:
+                continue
+        raise TrainConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
           float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str)}
     if not ok.get(hint, True):
-        raise TrainConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+        raise TrainConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
     return float(value) if hint is float else value
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint)

@@ -28,17 +28,21 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.5) -> float:
-    """Achieved FLOP/s of a square matmul in ``dtype`` on ``device``: the denominator of MFU here."""
+    """FLOP/s of the fastest of repeated square matmuls in ``dtype``: the denominator of MFU here.
+
+    The fastest run, not the mean: on a shared machine other processes only ever slow a run down.
+    """
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     torch.mm(a, b)  # warm-up (kernel selection, page faults)
     _sync(device)
-    runs, start = 0, time.perf_counter()
+    best, start = float("inf"), time.perf_counter()
     while time.perf_counter() - start < seconds:
+        tick = time.perf_counter()
         torch.mm(a, b)
-        runs += 1
         _sync(device)
-    return 2.0 * size**3 * runs / (time.perf_counter() - start)
+        best = min(best, time.perf_counter() - tick)
+    return 2.0 * size**3 / best
 
 
 def _sync(device: torch.device) -> None:
@@ -49,22 +53,25 @@ def _sync(device: torch.device) -> None:
 class MetricsLogger:
     """Appends one JSON object per record to metrics.jsonl and mirrors numbers to TensorBoard (rank 0 only)."""
 
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None = None) -> None:
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, resume_step: int = 0) -> None:
+        """``resume_step``: records after it (written before a crash) are dropped; 0 starts a new file."""
         self.enabled = enabled
         self.path = out_dir / "metrics.jsonl"
         self.writer = None
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None:
+        if resume_step:
             self._truncate_after(resume_step)
+        else:
+            self.path.unlink(missing_ok=True)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step)
+                self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step or None)
         self._file = open(self.path, "a")
 
     def _truncate_after(self, step: int) -> None:

@@ -112,6 +112,11 @@ def _init_from_config(path: Path) -> ModelConfig:
                            "Hugging Face model folder (config.json)")
 
 
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy in fp32 whatever the logits' dtype (bf16/fp16 logits lose too much in log-softmax)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+
+
 def build_optimizer(model: nn.Module, o: OptimSection, device: torch.device) -> torch.optim.AdamW:
     """AdamW; with decay_exclusions, norms, biases and embeddings (1-D tensors and embed.*) get no decay."""
     named = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
@@ -134,8 +139,13 @@ class Pretrainer:
         self.config, self.env = config, env
         self.out_dir = Path(config.run.out_dir)
         self.resume_from = ckpt.resolve_resume(config.checkpoint.resume, self.out_dir)
+        existing = ckpt.latest_checkpoint(self.out_dir)
+        if self.resume_from is None and existing is not None:
+            raise TrainConfigError(f"run.out_dir {self.out_dir} already holds checkpoints (latest {existing.name}); "
+                                   "set checkpoint.resume=auto to continue that run, or choose a new run.out_dir")
         self.model_config = resolve_model_config(config)
-        self.resume_state = ckpt.check_resumable(self.resume_from, self.model_config) if self.resume_from else None
+        if self.resume_from is not None:
+            ckpt.check_resumable(self.resume_from, self.model_config)
         d = config.data
         self.mixture = build_mixture(d.sources, d.seq_len, config.run.seed, val_fraction=d.val_fraction,
                                      vocab_size=self.model_config.vocab_size)
@@ -163,8 +173,12 @@ class Pretrainer:
             self._load_init_weights(model)
         if r.activation_checkpointing:
             apply_activation_checkpointing(model)
+        self._cross_entropy = next_token_loss
         if r.compile:
             compile_blocks(model)
+            # fuses the fp32 upcast, log-softmax and their backward over [tokens, vocab]: a large share of a
+            # small model's step. Training shapes are fixed, so it compiles once.
+            self._cross_entropy = torch.compile(next_token_loss, dynamic=False)
         self.model = wrap_model(model, env, self.config.distributed.strategy,
                                 self.config.distributed.reshard_after_forward)
         self.optimizer = build_optimizer(self.model, self.config.optim, env.device)
@@ -211,7 +225,9 @@ class Pretrainer:
     def _loss(self, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         with self._autocast():
             logits = self.model(ids[:, :-1])
-        return F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction=reduction)
+        if reduction == "mean":
+            return self._cross_entropy(logits, ids[:, 1:])
+        return next_token_loss(logits, ids[:, 1:], reduction)
 
     def train_step(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over this rank's micro-batches, clip, step. Returns (mean loss, grad norm)."""
@@ -263,14 +279,15 @@ class Pretrainer:
         sums: dict[str, torch.Tensor] = {}
         for name, windows in self.validation.windows.items():
             seqs = self.validation.sequences(name, env.rank, env.world_size)
+            if seqs is None:
+                seqs = np.zeros((0, self.plan.seq_len + 1), dtype=np.int64)
             chunks = math.ceil(math.ceil(len(windows) / env.world_size) / micro)
             totals = torch.zeros(2, dtype=torch.float64, device=env.device)
-            for i in range(chunks):  # equal forward count on every rank: FSDP gathers collectively
-                part = seqs[i * micro : (i + 1) * micro] if seqs is not None else seqs
-                weight = 1.0 if part is not None and len(part) else 0.0
-                if not weight:
-                    part = np.zeros((1, self.plan.seq_len + 1), dtype=np.int64)
-                ids = torch.from_numpy(part).to(env.device)
+            for i in range(chunks):  # the same forward count on every rank: FSDP gathers collectively
+                part = seqs[i * micro : (i + 1) * micro]
+                weight = 1.0 if len(part) else 0.0  # a rank with fewer sequences runs a dummy, weighted 0
+                ids = torch.from_numpy(part if len(part) else np.zeros_like(seqs[:1], shape=(1, seqs.shape[1])))
+                ids = ids.to(env.device)
                 totals[0] += weight * self._loss(ids, reduction="sum").double()
                 totals[1] += weight * (ids.shape[0] * self.plan.seq_len)
             sums[name] = all_reduce_sum(totals, env)
@@ -284,21 +301,24 @@ class Pretrainer:
     # ---- the run -----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         self._build()
-        start_step, tokens = self._restore()
-        env, cfg = self.env, self.config
-        flops_token = flops_per_token(self.model_config, self.plan.seq_len)
-        peak = cfg.log.peak_flops or broadcast_object(
+        start, tokens = self._restore()
+        cfg, env = self.config, self.env
+        self.flops_per_token = flops_per_token(self.model_config, self.plan.seq_len)
+        self.peak = cfg.log.peak_flops or broadcast_object(
             measure_peak_flops(env.device, self.autocast_dtype or torch.float32) if env.is_main else None, env)
-        logger = MetricsLogger(self.out_dir, env.is_main, cfg.log.tensorboard,
-                               resume_step=start_step if self.resume_from else None)
+        self.logger = MetricsLogger(self.out_dir, env.is_main, cfg.log.tensorboard, resume_step=start)
+        self.evals: dict[int, dict[str, float]] = {}
+        self.losses: list[float] = []
+        self.last_checkpoint = self.resume_from
         if env.is_main and not self.resume_from:
-            self._write_run_info(peak)
+            self._write_run_info()
         try:
-            return self._loop(start_step, tokens, logger, flops_token, peak)
+            tokens, train_time = self._loop(start, tokens)
+            return self._finish(start, tokens, train_time)
         finally:
-            logger.close()
+            self.logger.close()
 
-    def _write_run_info(self, peak: float) -> None:
+    def _write_run_info(self) -> None:
         from phiforge.checkpoint import write_json
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -306,71 +326,61 @@ class Pretrainer:
             "train_config": self.config.to_dict(), "model_config": dataclasses.asdict(self.model_config),
             "parameters": unwrap(self.model).num_parameters() if not is_sharded(self.model) else None,
             "world_size": self.env.world_size, "batch": dataclasses.asdict(self.plan),
-            "total_steps": self.total_steps, "peak_flops_per_device": peak,
+            "total_steps": self.total_steps, "peak_flops_per_device": self.peak,
             "sources": describe_sources(self.mixture)})
 
-    def _loop(self, start: int, tokens: int, logger: MetricsLogger, flops_token: float, peak: float) -> dict[str, Any]:
+    def _loop(self, start: int, tokens: int) -> tuple[int, float]:
+        """Steps start..total; returns the tokens seen and the seconds spent training (not evaluating/saving)."""
         from tqdm.auto import tqdm
 
         env, cfg, plan = self.env, self.config, self.plan
         bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (env.is_main and cfg.log.progress))
-        summary: dict[str, Any] = {"start_step": start, "losses": []}
-        evals = {}
         if self.validation and start == 0:
-            evals[0] = self.evaluate()
-            logger.log({"step": 0, "val_loss": evals[0]})
-        interval_loss, interval_steps, interval_time, train_time = torch.zeros((), device=env.device), 0, 0.0, 0.0
-        last_ckpt = self.resume_from
+            self._evaluate_and_log(0)
+        interval = _Interval(torch.zeros((), device=env.device))
+        train_time = 0.0
         for step in range(start, self.total_steps):
             tick = time.perf_counter()
             lr = cfg.optim.lr * lr_multiplier(step, self.total_steps, cfg.schedule)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss, norm = self.train_step(self.mixture.next_batch(plan.global_sequences, env.rank, env.world_size))
-            interval_loss += loss
-            interval_steps += 1
+            interval.loss += loss
+            interval.steps += 1
             tokens += plan.tokens_per_step
             done = step + 1
             if done % cfg.log.every == 0 or done == self.total_steps:
-                mean_loss = all_reduce_sum(interval_loss.clone(), env).item() / (env.world_size * interval_steps)
-                interval_time += time.perf_counter() - tick
-                rate = interval_steps * plan.tokens_per_step / interval_time
-                record = {"step": done, "loss": mean_loss, "lr": lr, "grad_norm": norm.item(), "tokens": tokens,
-                          "tokens_per_s": rate, "mfu": flops_token * rate / (peak * env.world_size),
-                          "sources": self.mixture.accounting()}
-                if self.scaler is not None:
-                    record["loss_scale"] = self.scaler.get_scale()
-                logger.log(record)
-                summary["losses"].append(mean_loss)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{rate:,.0f}", mfu=f"{record['mfu']:.1%}")
-                train_time += interval_time
-                interval_loss.zero_()
-                interval_steps, interval_time = 0, 0.0
+                mean_loss = all_reduce_sum(interval.loss.clone(), env).item() / (env.world_size * interval.steps)
+                interval.seconds += time.perf_counter() - tick  # after .item(): includes queued GPU work
+                self._log_train(done, tokens, lr, mean_loss, norm.item(), interval, bar)
+                train_time += interval.seconds
+                interval = _Interval(torch.zeros((), device=env.device))
             else:
-                interval_time += time.perf_counter() - tick
+                interval.seconds += time.perf_counter() - tick
             bar.update(1)
-            if self.validation and cfg.log.eval_every and done % cfg.log.eval_every == 0 and done < self.total_steps:
-                evals[done] = self.evaluate()
-                logger.log({"step": done, "val_loss": evals[done]})
-            if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < self.total_steps:
-                last_ckpt = self._save(done, tokens)
+            if self.validation and _due(cfg.log.eval_every, done, self.total_steps):
+                self._evaluate_and_log(done)
+            if _due(cfg.checkpoint.every, done, self.total_steps):
+                self.last_checkpoint = self._save(done, tokens)
         bar.close()
-        if self.validation and self.total_steps not in evals:
-            evals[self.total_steps] = self.evaluate()
-            logger.log({"step": self.total_steps, "val_loss": evals[self.total_steps]})
-        if start < self.total_steps or last_ckpt is None:
-            last_ckpt = self._save(self.total_steps, tokens)
-        export = None
-        if cfg.checkpoint.export:
-            export = ckpt.export_hf(self.model, env, self.out_dir / "final", tokenizer=cfg.data.tokenizer,
-                                    dtype=cfg.checkpoint.export_dtype or None)
-        summary.update(self._summary(tokens, evals, train_time, flops_token, peak, last_ckpt, export))
-        if env.is_main:
-            from phiforge.checkpoint import write_json
+        return tokens, train_time
 
-            write_json(self.out_dir / "summary.json", summary)
-        return summary
+    def _log_train(self, step: int, tokens: int, lr: float, loss: float, grad_norm: float, interval: _Interval,
+                   bar: Any) -> None:
+        rate = interval.steps * self.plan.tokens_per_step / interval.seconds
+        mfu = self.flops_per_token * rate / (self.peak * self.env.world_size)
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                  "tokens_per_s": rate, "mfu": mfu, "sources": self.mixture.accounting()}
+        if self.scaler is not None:
+            record["loss_scale"] = self.scaler.get_scale()
+        self.logger.log(record)
+        self.losses.append(loss)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", mfu=f"{mfu:.1%}")
+
+    def _evaluate_and_log(self, step: int) -> None:
+        self.evals[step] = self.evaluate()
+        self.logger.log({"step": step, "val_loss": self.evals[step]})
 
     def _save(self, step: int, tokens: int) -> Path:
         state = {"tokens": tokens, "total_steps": self.total_steps,
@@ -382,20 +392,45 @@ class Pretrainer:
         self._say(f"checkpoint {path}")
         return path
 
-    def _summary(self, tokens: int, evals: dict[int, dict[str, float]], train_time: float, flops_token: float,
-                 peak: float, last_ckpt: Path | None, export: Path | None) -> dict[str, Any]:
-        new_tokens = (self.total_steps - self.summary_start) * self.plan.tokens_per_step if train_time else 0
-        rate = new_tokens / train_time if train_time else 0.0
-        return {"out_dir": str(self.out_dir), "steps": self.total_steps, "tokens": tokens,
-                "tokens_per_s": rate, "mfu": flops_token * rate / (peak * self.env.world_size),
-                "peak_flops_per_device": peak, "val_loss": {str(k): v for k, v in evals.items()},
-                "sources": self.mixture.accounting(), "world_size": self.env.world_size,
-                "strategy": self.config.distributed.strategy if self.env.distributed else "single",
-                "checkpoint": str(last_ckpt) if last_ckpt else None, "export": str(export) if export else None}
+    def _finish(self, start: int, tokens: int, train_time: float) -> dict[str, Any]:
+        """Final validation, checkpoint and Hugging Face export; the summary (also out_dir/summary.json)."""
+        cfg, total = self.config, self.total_steps
+        if self.validation and total not in self.evals and start < total:  # a finished run resumed: done
+            self._evaluate_and_log(total)
+        if start < total or self.last_checkpoint is None:
+            self.last_checkpoint = self._save(total, tokens)
+        export = None
+        if cfg.checkpoint.export:
+            export = ckpt.export_hf(self.model, self.env, self.out_dir / "final", tokenizer=cfg.data.tokenizer,
+                                    dtype=cfg.checkpoint.export_dtype or None)
+        rate = (total - start) * self.plan.tokens_per_step / train_time if train_time else 0.0
+        summary = {
+            "out_dir": str(self.out_dir), "start_step": start, "steps": total, "tokens": tokens,
+            "losses": self.losses, "val_loss": {str(k): v for k, v in self.evals.items()},
+            "tokens_per_s": rate, "mfu": self.flops_per_token * rate / (self.peak * self.env.world_size),
+            "peak_flops_per_device": self.peak, "sources": self.mixture.accounting(),
+            "world_size": self.env.world_size,
+            "strategy": cfg.distributed.strategy if self.env.distributed else "single",
+            "checkpoint": str(self.last_checkpoint), "export": str(export) if export else None}
+        if self.env.is_main:
+            from phiforge.checkpoint import write_json
 
-    @property
-    def summary_start(self) -> int:
-        return self.resume_state["step"] if self.resume_state else 0
+            write_json(self.out_dir / "summary.json", summary)
+        return summary
+
+
+@dataclass
+class _Interval:
+    """Loss and training seconds since the last metrics record (evaluation and saving excluded)."""
+
+    loss: torch.Tensor
+    steps: int = 0
+    seconds: float = 0.0
+
+
+def _due(every: int, step: int, total: int) -> bool:
+    """Periodic work at every ``every`` steps, except the last step, which the end of the run handles."""
+    return bool(every) and step % every == 0 and step < total
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
