@@ -86,3 +86,13 @@ def test_chat_keeps_history_and_resets(folder: Path) -> None:
     assert session.messages[0]["content"] == "fresh start"
     rendered = session.prompt_text()
     assert rendered.startswith("<|user|>\nfresh start<|end|>\n") and rendered.endswith("<|assistant|>\n")
+
+
+def test_tokenize_and_train_commands(capsys, folder: Path, tmp_path: Path) -> None:
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": t}) for t in CORPUS) + "\n", encoding="utf-8")
+    assert main(["tokenize", str(docs), "-o", str(tmp_path / "tokens"), "-t", str(folder)]) == 0
+    assert (tmp_path / "tokens" / "index.json").exists()
+    capsys.readouterr()
+    assert main(["train", "tiny", "optim.nope=1"]) == 2
+    assert "unknown key 'optim.nope'" in capsys.readouterr().err

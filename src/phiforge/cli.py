@@ -95,6 +95,21 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from phiforge.data.packing import TokenizeConfig, tokenize_corpus
+
+    stats = tokenize_corpus(TokenizeConfig(inputs=args.inputs, output=args.output, tokenizer=args.tokenizer,
+                                           text_field=args.text_field, workers=args.workers, dtype=args.dtype))
+    print(json.dumps(stats, indent=2, default=str))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from phiforge.train.pretrain import main as train_main
+
+    return train_main([args.recipe, *args.overrides])
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from phiforge.demo import run_demo
 
@@ -163,6 +178,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=32, help="int4 weights per scale/zero")
     p.add_argument("--keep-head", action="store_true", help="leave lm_head unquantized")
     p.add_argument("--output", "-o", type=Path, required=True)
+
+    p = add("tokenize", cmd_tokenize, "tokenize JSONL/Parquet documents into packed, memmap-able token shards")
+    p.add_argument("inputs", nargs="+", help="files, folders or globs of .jsonl, .jsonl.gz, .parquet")
+    p.add_argument("--output", "-o", required=True)
+    p.add_argument("--tokenizer", "-t", required=True, help="folder with tokenizer.json")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
+
+    p = add("train", cmd_train, "pretrain from a TOML recipe (built-in: tiny, phi-1.5, phi-4, phi-4-midtrain); "
+            "multi-process: torchrun --nproc_per_node N -m phiforge.train.pretrain RECIPE ...")
+    p.add_argument("recipe", help="recipe name or TOML file")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-4 run.max_steps=200")
 
     add("demo", cmd_demo, "run the most complete job phiforge can do on this machine, with the embedded teacher")
     return parser
