@@ -1,0 +1,172 @@
+"""Reading benchmark files: the original formats in shared/benchmarks and Hugging Face layouts.
+
+Every error names the task, the file and the record (1-based line for JSONL), as the design asks.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+BENCHMARKS_ENV = "PHIFORGE_BENCHMARKS"
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
+
+
+class TaskDataError(ValueError):
+    """Missing or malformed benchmark data; the message names task, file and record."""
+
+
+def default_data_dir() -> Path | None:
+    """$PHIFORGE_BENCHMARKS, else a shared/benchmarks folder beside or inside the working directory."""
+    env = os.environ.get(BENCHMARKS_ENV)
+    if env:
+        return Path(env)
+    for candidate in (Path.cwd().parent / "shared" / "benchmarks", Path.cwd() / "shared" / "benchmarks"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def resolve_root(task: str, explicit: str | os.PathLike[str] | None, data_dir: str | os.PathLike[str] | None,
+                 subdir: str | None) -> Path:
+    """Where a task's data lives: the path given for it, else data_dir/subdir for the sets shipped there."""
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.exists():
+            raise TaskDataError(f"task {task}: data path {path} does not exist")
+        return path
+    base = Path(data_dir) if data_dir is not None else default_data_dir()
+    if subdir is not None and base is not None and (base / subdir).exists():
+        return base / subdir
+    where = f"{base / subdir} does not exist" if subdir is not None and base is not None else "no data folder known"
+    raise TaskDataError(f"task {task}: no data ({where}); give a path with --data {task}=PATH "
+                        f"(a .jsonl/.json/.parquet file or a folder in the Hugging Face layout)")
+
+
+def find_file(task: str, root: Path, patterns: Sequence[str]) -> Path:
+    """``root`` itself if it is a file, else the first file under it matching one of ``patterns`` (globs)."""
+    if root.is_file():
+        return root
+    for pattern in patterns:
+        found = sorted(p for p in root.glob(pattern) if p.is_file())
+        if found:
+            return found[0]
+    raise TaskDataError(f"task {task}: no data file in {root} (looked for {', '.join(patterns)})")
+
+
+def split_patterns(*splits: str) -> list[str]:
+    """Globs for a split in the usual Hugging Face layouts: test.jsonl, data/test-00000-of-00001.parquet …"""
+    out = []
+    for split in splits:
+        for suffix in DATA_SUFFIXES:
+            out += [f"{split}{suffix}", f"*/{split}{suffix}", f"{split}-*{suffix}", f"*/{split}-*{suffix}"]
+    return out
+
+
+def read_records(task: str, path: Path) -> list[dict[str, Any]]:
+    """Records of a .jsonl(.gz), .json (a list, or {"data": [...]}), .parquet or headed .csv file."""
+    if not path.is_file():
+        raise TaskDataError(f"task {task}: data file {path} does not exist")
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return _read_jsonl(task, path)
+    if name.endswith(".json"):
+        return _read_json(task, path)
+    if name.endswith(".parquet"):
+        return _read_parquet(task, path)
+    if name.endswith(".csv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    raise TaskDataError(f"task {task}: {path}: unsupported format (expected one of {', '.join(DATA_SUFFIXES)})")
+
+
+def _read_jsonl(task: str, path: Path) -> list[dict[str, Any]]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    records = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TaskDataError(f"task {task}: {path} line {line_no}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise TaskDataError(f"task {task}: {path} line {line_no}: expected a JSON object")
+            record["__line__"] = line_no
+            records.append(record)
+    return records
+
+
+def _read_json(task: str, path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise TaskDataError(f"task {task}: {path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise TaskDataError(f"task {task}: {path}: expected a list of objects")
+    return data
+
+
+def _read_parquet(task: str, path: Path) -> list[dict[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise TaskDataError(f"task {task}: {path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    return pq.read_table(path).to_pylist()
+
+
+def where(path: Path, index: int, record: dict[str, Any]) -> str:
+    """'file line N' for JSONL records, else 'file record N' (1-based)."""
+    line = record.get("__line__")
+    return f"{path} line {line}" if line is not None else f"{path} record {index + 1}"
+
+
+def require(task: str, path: Path, records: Iterable[dict[str, Any]], fields: Sequence[str]) -> None:
+    """Every record has every field, or a TaskDataError naming the first record that does not."""
+    for i, record in enumerate(records):
+        missing = [f for f in fields if f not in record]
+        if missing:
+            raise TaskDataError(f"task {task}: {where(path, i, record)}: missing field "
+                                f"{', '.join(repr(m) for m in missing)} (each record needs {', '.join(fields)})")
+
+
+def read_labels(task: str, path: Path, count: int) -> list[int]:
+    """A .lst label file (one integer per line), checked against the number of records."""
+    labels = []
+    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                labels.append(int(line))
+            except ValueError:
+                raise TaskDataError(f"task {task}: {path} line {line_no}: expected an integer label, "
+                                    f"got {line!r}") from None
+    if len(labels) != count:
+        raise TaskDataError(f"task {task}: {path} has {len(labels)} labels for {count} records")
+    return labels
+
+
+def load_split_files(task: str, root: Path, eval_splits: Sequence[str], fields: Sequence[str],
+                     shot_split: str | None = "train") -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, str]:
+    """Hugging Face layout: the eval split's file (or ``root`` itself), plus the shot split's file if present."""
+    file = find_file(task, root, split_patterns(*eval_splits))
+    docs = read_records(task, file)
+    require(task, file, docs, fields)
+    shots, source = None, str(file)
+    if root.is_dir() and shot_split is not None:
+        try:
+            shot_file = find_file(task, root, split_patterns(shot_split))
+        except TaskDataError:
+            shot_file = None
+        if shot_file is not None and shot_file != file:
+            shots = read_records(task, shot_file)
+            require(task, shot_file, shots, fields)
+            source += f" + {shot_file}"
+    return docs, shots, source
