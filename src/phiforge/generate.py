@@ -141,8 +141,8 @@ class Engine:
                 for row in range(rows):
                     if live[row] is None and waiting:
                         i = waiting.popleft()
-                        live[row] = self._admit(i, prompts[i], params[i], results[i], cache, row)
-                        yield from self._accept(live, row, [self._last_token(live[row])])
+                        live[row], first = self._admit(i, prompts[i], params[i], results[i], cache, row)
+                        yield from self._accept(live, row, [first])
                 if not any(live):
                     continue
                 tokens = self._decode_step(live, cache)
@@ -159,24 +159,20 @@ class Engine:
             raise ValueError("stop strings need a tokenizer")
 
     def _admit(self, index: int, prompt: list[int], p: SamplingParams, result: Completion, cache: KVCache,
-               row: int) -> _Live:
+               row: int) -> tuple[_Live, int]:
+        """Prefill the prompt into ``row`` and sample its first token."""
         generator = None
         if p.temperature > 0:
             generator = torch.Generator(device="cpu")
             generator.manual_seed(p.seed if p.seed is not None else torch.seed())
         state = _Live(index, prompt, p, result, generator, started=time.perf_counter())
-        state.pending_logits = self._prefill(state.tokens, cache, row)
+        logits = self._prefill(state.tokens, cache, row)
         state.position = len(prompt)
-        return state
+        return state, int(self._sample(logits[None], [state])[0])
 
     def _prefill(self, tokens: list[int], cache: KVCache, row: int) -> torch.Tensor:
         ids = torch.tensor([tokens], device=self.device)
         return self.model(ids, cache=cache, cache_rows=slice(row, row + 1), last_only=True)[0, -1]
-
-    def _last_token(self, state: _Live) -> int:
-        logits = state.pending_logits
-        del state.pending_logits
-        return int(self._sample(logits[None], [state])[0])
 
     def _decode_step(self, live: list[_Live | None], cache: KVCache) -> dict[int, int]:
         """One token for every live row; rows crossing LongRoPE's switch point are re-prefilled alone."""
