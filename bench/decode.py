@@ -72,8 +72,9 @@ def part_single(args: argparse.Namespace, bandwidth: float) -> dict:
             128 / best_seconds(lambda: reference(ids, logits_to_keep=1).logits), 1)
     reference = None  # free it before quantizing
     for label, bits in (("bf16", None), ("int8", 8), ("int4", 4)):
-        if bits:
-            quantize_model(model, bits, group_size=args.group_size)
+        if bits:  # quantize the same (seeded) float weights afresh, not the previous quantization
+            model = quantize_model(random_phiforge(preset("phi-1.5"), torch.bfloat16), bits,
+                                   group_size=args.group_size, keep_stored=False)
         engine = Engine(model, max_batch_size=1)
         rate = decode_rate(engine, prompt, args.new_tokens)
         limit = bandwidth / bytes_per_token(model)

@@ -105,9 +105,17 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from phiforge.train.pretrain import main as train_main
+    from phiforge.train.pretrain import config_from_args, train
 
-    return train_main([args.recipe, *args.overrides])
+    summary = train(config_from_args(args))
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from phiforge.eval.harness import run_cli
+
+    return run_cli(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -187,10 +195,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
 
+    from phiforge.train.pretrain import add_cli_arguments as train_arguments
+
     p = add("train", cmd_train, "pretrain from a TOML recipe (built-in: tiny, phi-1.5, phi-4, phi-4-midtrain); "
             "multi-process: torchrun --nproc_per_node N -m phiforge.train.pretrain RECIPE ...")
-    p.add_argument("recipe", help="recipe name or TOML file")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-4 run.max_steps=200")
+    train_arguments(p)
+
+    from phiforge.eval.harness import add_cli_arguments as eval_arguments
+
+    p = add("eval", cmd_eval, "evaluate on the phi reports' benchmarks with lm-evaluation-harness prompts "
+            "and metrics ('--tasks list' names them)")
+    eval_arguments(p)
 
     add("demo", cmd_demo, "run the most complete job phiforge can do on this machine, with the embedded teacher")
     return parser

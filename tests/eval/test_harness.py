@@ -10,7 +10,8 @@ import pytest
 from conftest import SHARED
 from tiny_model import save_tiny_llama
 
-from phiforge.eval.harness import EvalConfig, evaluate, format_table, main
+from phiforge.cli import main
+from phiforge.eval.harness import EvalConfig, evaluate, format_table
 from phiforge.eval.tasks import TaskDataError, UnknownTaskError
 
 HF = Path(__file__).parent / "data" / "hf"
@@ -72,7 +73,7 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory, teacher_path: Path) ->
 
 def test_cli_writes_lm_eval_shaped_results(tiny_folder: Path, tmp_path: Path, capsys: Any) -> None:
     out = tmp_path / "results.json"
-    code = main(["--model", str(tiny_folder), "--tasks", "piqa,boolq,mmlu_anatomy,gsm8k", "--limit", "3",
+    code = main(["eval", "--model", str(tiny_folder), "--tasks", "piqa,boolq,mmlu_anatomy,gsm8k", "--limit", "3",
                  "--data", f"boolq={HF / 'boolq'}", "--data-dir", BENCH, "--output", str(out), "--log-samples",
                  "--no-progress", "--num-fewshot", "1"])
     assert code == 0

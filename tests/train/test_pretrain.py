@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ from phiforge.model import build_model
 from phiforge.train import TrainConfig, TrainConfigError, extend_context, train
 from phiforge.train.checkpointing import TrainCheckpointError, list_checkpoints
 from phiforge.train.config import ScheduleSection, recipe_names
-from phiforge.train.pretrain import build_optimizer
+from phiforge.train.pretrain import add_cli_arguments, build_optimizer, config_from_args
 from phiforge.train.schedule import lr_multiplier
 
 # Measured on this machine (2 cores): 300 steps of 16 x 128 tokens take the GSM8K-test loss from 6.94
@@ -99,6 +100,12 @@ def test_context_extension_continues_at_longer_length_with_new_rope_base(real_ru
                                                    "batch.global_sequences=4", "batch.micro_batch_size=4"))
     config = extend_context(base, real_run["checkpoint"], seq_len=512, rope_theta=50000.0, lr_scale=0.1)
     assert config.optim.lr == pytest.approx(base.optim.lr * 0.1)
+    parser = argparse.ArgumentParser()
+    add_cli_arguments(parser)  # what `phiforge train ... --extend-context` builds is the same config
+    cli = parser.parse_args(["tiny", *overrides(corpus, tmp_path, "run.max_steps=6", "log.every=1",
+                                                "batch.global_sequences=4", "batch.micro_batch_size=4"),
+                             "--extend-context", real_run["checkpoint"], "--seq-len", "512", "--rope-theta", "5e4"])
+    assert config_from_args(cli) == config
     summary = train(config)
     exported = json.loads((Path(summary["export"]) / "config.json").read_text())
     assert exported["rope_theta"] == 50000.0 and exported["max_position_embeddings"] == 512
@@ -125,9 +132,9 @@ def test_init_from_the_exported_hugging_face_folder(real_run: dict, corpus: Corp
 def _train_subprocess(corpus: Corpus, out: Path, *extra: str) -> subprocess.Popen:
     # one thread each: bitwise equality needs the same thread count in every run, and two runs share 2 cores
     args = overrides(corpus, out, "run.max_steps=48", "run.threads=1", "checkpoint.every=8", "checkpoint.keep_last=3",
-                     "checkpoint.resume=auto", "log.every=4", "log.eval_every=0", "log.eval_sequences=8",
+                     "log.every=4", "log.eval_every=0", "log.eval_sequences=8",
                      "log.tensorboard=false", "batch.global_sequences=8", "batch.micro_batch_size=4", *extra)
-    return subprocess.Popen([PYTHON, "-m", "phiforge.train.pretrain", "tiny", *args], env=subprocess_env(),
+    return subprocess.Popen([PYTHON, "-m", "phiforge", "train", "tiny", *args, "--resume"], env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -300,3 +307,17 @@ def test_batch_that_does_not_split_fails_before_compute(corpus: Corpus, tmp_path
     with pytest.raises(TrainConfigError, match="12 sequences per rank is not a multiple of batch.micro_batch_size 8"):
         train(config)
     _assert_no_compute(tmp_path)
+
+
+def test_cli_extension_flags_need_each_other(real_run: dict, corpus: Corpus, tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_cli_arguments(parser)
+    base = ["tiny", *overrides(corpus, tmp_path)]
+    with pytest.raises(ValueError, match="--extend-context needs --seq-len and --rope-theta"):
+        config_from_args(parser.parse_args([*base, "--extend-context", real_run["checkpoint"], "--seq-len", "512"]))
+    with pytest.raises(ValueError, match="no such checkpoint folder"):
+        config_from_args(parser.parse_args([*base, "--extend-context", str(tmp_path / "nope"), "--seq-len", "512",
+                                            "--rope-theta", "1e4"]))
+    with pytest.raises(ValueError, match="belong to --extend-context"):
+        config_from_args(parser.parse_args([*base, "--seq-len", "512"]))
+    assert config_from_args(parser.parse_args([*base, "--resume"])).checkpoint.resume == "auto"

@@ -320,19 +320,3 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.output:
         print(f"\nresults written to {args.output}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m phiforge.eval.harness`` until cli.py wires ``phiforge eval``."""
-    parser = argparse.ArgumentParser(prog="phiforge eval", description=__doc__)
-    add_cli_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_cli(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"phiforge eval: error: {err}")
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -4,7 +4,8 @@ Importing this module registers the model. lm-eval (0.4.13) has no plugin entry 
 own ``lm_eval`` command does not import it; run lm-eval through this module instead, with the same
 arguments::
 
-    python -m phiforge.eval.lm_eval_adapter --model phiforge --model_args pretrained=PATH --tasks piqa
+    phiforge-lm-eval --model phiforge --model_args pretrained=PATH --tasks piqa
+    python -m phiforge.eval.lm_eval_adapter ...   (the same)
 
 or, from Python, ``import phiforge.eval.lm_eval_adapter`` before ``lm_eval.simple_evaluate(model="phiforge")``.
 Requests are answered by phiforge's scorer and Engine with HFLM's token handling (scoring.py).

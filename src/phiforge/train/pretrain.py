@@ -1,6 +1,7 @@
 """Pretraining: a seeded, resumable loop over a token mixture, in one process or many (torchrun).
 
-    python -m phiforge.train.pretrain RECIPE.toml [section.key=value ...]
+    phiforge train RECIPE.toml [section.key=value ...] [--resume]
+    phiforge train RECIPE.toml --extend-context CHECKPOINT --seq-len 16384 --rope-theta 250000
     torchrun --nproc_per_node 2 -m phiforge.train.pretrain RECIPE.toml distributed.strategy=fsdp
 
 Everything that can be wrong with the inputs (config keys, sources, shards, resume folder, batch
@@ -9,6 +10,7 @@ arithmetic) is checked in ``Pretrainer.__init__`` before a model is built or a F
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import dataclasses
@@ -463,14 +465,41 @@ def extend_context(config: TrainConfig, checkpoint: str, seq_len: int, rope_thet
     return new
 
 
+def add_cli_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe name (tiny, phi-1.5, phi-4, phi-4-midtrain) or TOML file")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-4 run.max_steps=200")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in checkpoint.out_dir (fresh if none)")
+    p.add_argument("--extend-context", metavar="CHECKPOINT", default=None,
+                   help="continue CHECKPOINT's weights at --seq-len with a new --rope-theta and lower lr")
+    p.add_argument("--seq-len", type=int, default=None, help="with --extend-context: the new sequence length")
+    p.add_argument("--rope-theta", type=float, default=None, help="with --extend-context: the new RoPE base")
+    p.add_argument("--lr-scale", type=float, default=0.1, help="with --extend-context: lr multiplier (phi-4: 0.1)")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = list(args.overrides) + (["checkpoint.resume=auto"] if args.resume else [])
+    config = TrainConfig.from_toml(args.recipe, overrides)
+    if args.extend_context is None:
+        if args.seq_len is not None or args.rope_theta is not None:
+            raise ValueError("--seq-len/--rope-theta belong to --extend-context CHECKPOINT "
+                             "(for a plain run use data.seq_len=... model.overrides.rope_theta=...)")
+        return config
+    if args.seq_len is None or args.rope_theta is None:
+        raise ValueError("--extend-context needs --seq-len and --rope-theta")
+    if not Path(args.extend_context).is_dir():
+        raise ValueError(f"--extend-context {args.extend_context}: no such checkpoint folder")
+    return extend_context(config, args.extend_context, args.seq_len, args.rope_theta, args.lr_scale)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point for ``python -m`` and torchrun: RECIPE [section.key=value ...]; prints the summary JSON."""
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if args else 2
+    """Entry point for ``phiforge train``, ``python -m`` and torchrun; prints the summary JSON on rank 0."""
+    parser = argparse.ArgumentParser(prog="phiforge train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_cli_arguments(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        summary = train(TrainConfig.from_toml(args[0], args[1:]))
+        summary = train(config_from_args(args))
     except ValueError as err:  # config, data and checkpoint errors name the key or file
         print(f"phiforge train: error: {err}", file=sys.stderr)
         return 2
