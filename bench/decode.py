@@ -146,8 +146,10 @@ def part_synth(args: argparse.Namespace) -> dict:
     prompts = teacher_prompts(tokenizer, args.synth_prompts)
     reference = transformers_view(model)
     hf_rate = hf_batched(reference, prompts[:64], 256, batch=32)  # a subset: the rate is what we compare
-    ours = ours_batched(Engine(model, max_batch_size=args.synth_batch), prompts, 256)
-    return {"prompts": len(prompts), "new_tokens": 256, "phiforge_batch": args.synth_batch,
+    engine = Engine(model, max_batch_size=args.synth_batch)
+    ours = ours_batched(engine, prompts, 256)
+    return {"prompts": len(prompts), "new_tokens": 256,
+            "phiforge_batch": engine.batch_size(len(prompts), max(map(len, prompts)) + 256),
             "phiforge_tokens_per_s": round(ours, 1), "transformers_batch32_tokens_per_s": round(hf_rate, 1),
             "ratio": round(ours / hf_rate, 2)}
 
@@ -159,7 +161,7 @@ def main() -> None:
     parser.add_argument("--batched-tokens", type=int, default=128)
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--synth-prompts", type=int, default=512)
-    parser.add_argument("--synth-batch", type=int, default=128)
+    parser.add_argument("--synth-batch", type=int, default=None, help="default: the engine picks")
     args = parser.parse_args()
     parts = args.parts.split(",")
     bandwidth = read_bandwidth()

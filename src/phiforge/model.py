@@ -112,6 +112,7 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.batch_size, self.capacity = batch_size, capacity
+        self._slots: tuple[torch.Tensor, torch.Tensor] | None = None  # (positions, slots) of the current step
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: slice, positions: torch.Tensor,
               span: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,15 +121,25 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.capacity} positions; position {span - 1} requested")
         k_cache, v_cache = self.k[layer][rows], self.v[layer][rows]
         if k.shape[2] == 1 and positions.shape[0] > 1:  # decode: one new token per row, each at its own place
-            index = torch.arange(k.shape[0], device=k.device)
-            pos = positions[:, 0]
-            k_cache[index, :, pos] = k[:, :, 0]
-            v_cache[index, :, pos] = v[:, :, 0]
+            slots = self.decode_slots(positions, k.shape[1])
+            head_dim = k.shape[-1]
+            k_cache.view(-1, head_dim).index_copy_(0, slots, k.reshape(-1, head_dim))
+            v_cache.view(-1, head_dim).index_copy_(0, slots, v.reshape(-1, head_dim))
         else:  # prefill: rows share one run of positions
             start = int(positions[0, 0])
             k_cache[:, :, start : start + k.shape[2]] = k
             v_cache[:, :, start : start + k.shape[2]] = v
         return k_cache[:, :, :span], v_cache[:, :, :span]
+
+    def decode_slots(self, positions: torch.Tensor, kv_heads: int) -> torch.Tensor:
+        """Flat row indices of (row b, head h, position p_b) in a [B*KV*capacity, head_dim] view of the cache.
+
+        Every layer of one decode step uses the same slots, so they are computed once per step."""
+        if self._slots is None or self._slots[0] is not positions:
+            B = positions.shape[0]
+            heads = torch.arange(B * kv_heads, device=positions.device).view(B, kv_heads)
+            self._slots = (positions, (heads * self.capacity + positions[:, :1]).view(-1))
+        return self._slots[1]
 
 
 @dataclass
