@@ -118,6 +118,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from phiforge.pipeline import Runner, load_recipe
+
+    plan = load_recipe(args.recipe, args.overrides)
+    state = Runner(plan, from_stage=args.from_stage, only=args.only, progress=not args.no_progress).run()
+    print(json.dumps({"run": str(plan.root), "report": str(plan.root / "report.html"), **state}, indent=2))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from phiforge.report import build_report
+
+    print(build_report(args.run_dir, args.output))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from phiforge.demo import run_demo
 
@@ -206,6 +222,18 @@ def _parser() -> argparse.ArgumentParser:
     p = add("eval", cmd_eval, "evaluate on the phi reports' benchmarks with lm-evaluation-harness prompts "
             "and metrics ('--tasks list' names them)")
     eval_arguments(p)
+
+    p = add("run", cmd_run, "run a recipe's stages (synth, curate, tokenizer, tokenize, pretrain, sft, eval, "
+            "report); reruns skip unchanged stages and resume interrupted ones")
+    p.add_argument("recipe", help="built-in run recipe (tiny-textbooks) or TOML file")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. synth.run.num_documents=64")
+    p.add_argument("--from", dest="from_stage", default=None, help="redo this stage and every later one")
+    p.add_argument("--only", default=None, help="run just this stage (its inputs must exist)")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = add("report", cmd_report, "write RUN_DIR/report.html: data, training curves, evaluation, samples")
+    p.add_argument("run_dir")
+    p.add_argument("--output", "-o", default=None)
 
     add("demo", cmd_demo, "run the most complete job phiforge can do on this machine, with the embedded teacher")
     return parser

@@ -1,0 +1,181 @@
+"""``phiforge run RECIPE``: the phi recipe's stages in order, each writing its own artifact folder.
+
+    synth -> curate -> tokenizer -> tokenize -> pretrain -> (sft) -> eval -> report
+
+A stage's fingerprint hashes its recipe section and its inputs' fingerprints. A rerun skips a stage whose
+fingerprint matches a finished run of it, resumes one that was interrupted with the same fingerprint
+(each stage resumes itself: synth by record ids, pretrain from its newest checkpoint), and redoes one
+whose section or inputs changed. Everything a stage needs is checked before any stage starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from phiforge.checkpoint import write_json
+from phiforge.train.config import apply_override, tomllib
+
+RECIPES_DIR = Path(__file__).parent / "recipes" / "runs"
+ORDER = ("synth", "curate", "tokenizer", "tokenize", "pretrain", "sft", "eval", "report")
+# the stages each stage reads from (their folders must exist, from this run or an earlier one)
+INPUTS = {"synth": (), "curate": ("synth",), "tokenizer": ("curate",), "tokenize": ("curate", "tokenizer"),
+          "pretrain": ("tokenizer", "tokenize"), "sft": ("pretrain",), "eval": ("tokenize", "pretrain"),
+          "report": ()}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: named file, section or stage, and what was expected."""
+
+
+@dataclass
+class RunContext:
+    """What a stage sees: the run folder, its recipe, and the folders of the stages before it."""
+
+    root: Path
+    recipe: dict[str, Any]
+    progress: bool = True
+    log: Callable[[str], None] = print
+
+    def folder(self, stage: str) -> Path:
+        return self.root / stage
+
+    def model_folder(self) -> Path:
+        """The newest trained model: sft's export when that stage ran, else pretraining's."""
+        for stage in ("sft", "pretrain"):
+            export = self.folder(stage) / "final"
+            if (export / "config.json").is_file():
+                return export
+        raise RecipeError(f"{self.root}: no exported model in sft/final or pretrain/final")
+
+
+@dataclass
+class Plan:
+    root: Path
+    recipe: dict[str, Any]
+    text: str
+    stages: list[str] = field(default_factory=list)
+
+
+def resolve_recipe(name: str | Path) -> Path:
+    path = Path(name)
+    if path.is_file():
+        return path
+    builtin = RECIPES_DIR / f"{name}.toml"
+    if builtin.is_file():
+        return builtin
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+    raise RecipeError(f"{name}: no such recipe file, and not a built-in run recipe ({', '.join(names)})")
+
+
+def load_recipe(name: str | Path, overrides: list[str] | None = None) -> Plan:
+    """Parse and check a run recipe: [run] name/out_dir/stages plus one section per stage."""
+    path = resolve_recipe(name)
+    text = path.read_text(encoding="utf-8")
+    try:
+        recipe = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise RecipeError(f"{path}: not valid TOML ({err})") from None
+    for item in overrides or []:
+        apply_override(recipe, item)
+    run = recipe.get("run", {})
+    stages = list(run.get("stages", ORDER))
+    unknown = [s for s in stages if s not in ORDER]
+    if unknown:
+        raise RecipeError(f"{path}: [run] stages has unknown stage(s) {unknown}; stages are {list(ORDER)}")
+    stray = [k for k in recipe if k not in ("run", *ORDER)]
+    if stray:
+        raise RecipeError(f"{path}: unknown section(s) {stray}; sections are run and {list(ORDER)}")
+    stages = [s for s in ORDER if s in stages]  # always in pipeline order
+    root = Path(run.get("out_dir") or f"runs/{run.get('name', path.stem)}")
+    return Plan(root, recipe, text, stages)
+
+
+def fingerprint(section: dict[str, Any], inputs: list[str]) -> str:
+    blob = json.dumps({"section": section, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class Runner:
+    """Runs a Plan's stages with skip/resume bookkeeping in ROOT/run.json."""
+
+    def __init__(self, plan: Plan, *, from_stage: str | None = None, only: str | None = None,
+                 progress: bool = True, log: Callable[[str], None] = print) -> None:
+        self.plan, self.log = plan, log
+        for flag, stage in (("--from", from_stage), ("--only", only)):
+            if stage is not None and stage not in plan.stages:
+                raise RecipeError(f"{flag} {stage}: not a stage of this recipe ({plan.stages})")
+        self.forced = set(plan.stages[plan.stages.index(from_stage):]) if from_stage else set()
+        self.selected = [only] if only else plan.stages
+        self.ctx = RunContext(plan.root, plan.recipe, progress, log)
+        self.state_path = plan.root / "run.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"stages": {}}
+        from phiforge.stages import STAGES, prepare_section
+
+        unavailable = [s for s in self.selected if s not in STAGES]
+        if unavailable:
+            raise RecipeError(f"stage(s) {unavailable} cannot run in this version; available: {sorted(STAGES)}")
+        self.sections = {s: prepare_section(s, plan.recipe.get(s, {})) for s in self.selected}
+        self._check_inputs()
+
+    def _check_inputs(self) -> None:
+        """Every input a selected stage reads must come from this run or be finished already."""
+        available = set(self.plan.stages) if len(self.selected) > 1 else set()
+        available |= {s for s, info in self.state["stages"].items() if info.get("status") == "done"}
+        for stage in self.selected:
+            missing = [i for i in INPUTS[stage] if i not in available and not self._optional(stage, i)]
+            if missing:
+                raise RecipeError(f"stage {stage} reads {missing}, which neither run in this recipe "
+                                  f"nor finished before in {self.plan.root}")
+
+    def _optional(self, stage: str, needed: str) -> bool:
+        # eval reads tokenize only for held-out perplexity; [run] documents replaces the curated corpus
+        if needed == "curate" and self.plan.recipe.get("run", {}).get("documents"):
+            return True
+        return (stage, needed) in {("eval", "tokenize")}
+
+    def _fingerprint(self, stage: str) -> str:
+        inputs = [self.state["stages"].get(i, {}).get("fingerprint", "") for i in INPUTS[stage]]
+        documents = self.plan.recipe.get("run", {}).get("documents")
+        if documents and "curate" in INPUTS[stage]:  # a user's corpus stands in for curate: its files count
+            files = [Path(documents)] if Path(documents).is_file() else sorted(Path(documents).glob("*.jsonl"))
+            inputs += [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+        return fingerprint(self.plan.recipe.get(stage, {}), inputs)
+
+    def run(self) -> dict[str, Any]:
+        from phiforge.stages import STAGES
+
+        self.plan.root.mkdir(parents=True, exist_ok=True)
+        (self.plan.root / "recipe.toml").write_text(self.plan.text, encoding="utf-8")
+        for stage in self.selected:
+            print_ = self.log
+            key = self._fingerprint(stage)
+            info = self.state["stages"].get(stage, {})
+            if stage not in self.forced and info.get("fingerprint") == key and info.get("status") == "done" \
+                    and stage != "report":
+                print_(f"== {stage}: unchanged, skipped ({key[:12]})")
+                continue
+            folder = self.ctx.folder(stage)
+            resume = info.get("fingerprint") == key and info.get("status") == "running" and stage not in self.forced
+            if folder.exists() and not resume:
+                shutil.rmtree(folder)  # changed section or inputs: stale artifacts must not leak in
+            folder.mkdir(parents=True, exist_ok=True)
+            print_(f"== {stage}: {'resuming' if resume else 'running'}")
+            self._record(stage, {"status": "running", "fingerprint": key})
+            start = time.perf_counter()
+            stats = STAGES[stage][0](copy.deepcopy(self.sections[stage]), self.ctx)
+            write_json(folder / "stats.json", stats) if stats is not None else None
+            self._record(stage, {"status": "done", "fingerprint": key,
+                                 "seconds": round(time.perf_counter() - start, 1)})
+        return self.state
+
+    def _record(self, stage: str, info: dict[str, Any]) -> None:
+        self.state["stages"][stage] = {**self.state["stages"].get(stage, {}), **info}
+        write_json(self.state_path, self.state)

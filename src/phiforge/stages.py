@@ -1,0 +1,204 @@
+"""The stages ``phiforge run`` chains. Each takes its recipe section and the RunContext, writes its artifact
+folder (ctx.folder(name)) and returns statistics (saved as stats.json beside the artifacts).
+
+The stages only call the public functions of synth, curate, tokenizer, packing, pretrain, eval and report;
+what a section may contain is documented in recipes/runs/tiny-textbooks.toml.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from phiforge.pipeline import RecipeError, RunContext
+
+
+def _documents(ctx: RunContext) -> list[Path]:
+    """The corpus to train on: [run] documents (a .jsonl file or folder of them) when given, else the
+    curate stage's kept shards."""
+    given = ctx.recipe.get("run", {}).get("documents")
+    folder = Path(given) if given else ctx.folder("curate") / "kept"
+    files = [folder] if folder.is_file() else sorted(folder.glob("*.jsonl"))
+    if not files:
+        raise RecipeError(f"{folder}: no .jsonl documents" + ("" if given else " (did curate run?)"))
+    return files
+
+
+# ---- tokenizer, tokenize -------------------------------------------------------------------------------
+def stage_tokenizer(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    from phiforge.tokenizer import train_tokenizer
+
+    return train_tokenizer(_documents(ctx), ctx.folder("tokenizer"), s["vocab_size"], s["chat_format"] or None,
+                           min_frequency=s["min_frequency"])
+
+
+def held_out(doc_id: str, fraction: float) -> bool:
+    """A stable train/held-out split by record id (the same document lands on the same side in every rerun)."""
+    digest = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big")
+    return digest / 2**64 < fraction
+
+
+def stage_tokenize(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    from phiforge.data.packing import TokenizeConfig, tokenize_corpus
+
+    folder = ctx.folder("tokenize")
+    split = folder / "split"
+    split.mkdir(exist_ok=True)
+    counts = {"train": 0, "heldout": 0}
+    with open(split / "train.jsonl", "w", encoding="utf-8") as train, \
+            open(split / "heldout.jsonl", "w", encoding="utf-8") as heldout:
+        for path in _documents(ctx):
+            for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                side = "heldout" if held_out(str(record.get("id", f"{path.name}:{line_no}")),
+                                             s["heldout_fraction"]) else "train"
+                (heldout if side == "heldout" else train).write(json.dumps({"text": record["text"]}) + "\n")
+                counts[side] += 1
+    if not counts["train"] or not counts["heldout"]:
+        raise RecipeError(f"[tokenize] heldout_fraction {s['heldout_fraction']} left {counts} documents; "
+                          "both sides need at least one")
+    stats = {"documents": counts}
+    for side in counts:
+        out = tokenize_corpus(TokenizeConfig(inputs=[str(split / f"{side}.jsonl")], output=str(folder / side),
+                                             tokenizer=str(ctx.folder("tokenizer")), workers=s["workers"],
+                                             progress=ctx.progress))
+        stats[f"{side}_tokens"] = out["num_tokens"]
+    return stats
+
+
+# ---- pretrain --------------------------------------------------------------------------------------------
+def stage_pretrain(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    from phiforge.train import TrainConfig, train
+
+    tokens = ctx.folder("tokenize")
+    overrides = [f"data.tokenizer={ctx.folder('tokenizer')}", f"data.sources.text.path={tokens / 'train'}",
+                 f'data.val_sources=[{{name = "heldout", path = "{tokens / "heldout"}"}}]', "data.val_fraction=0.0",
+                 f"run.out_dir={ctx.folder('pretrain')}", "checkpoint.resume=auto",
+                 f"log.progress={'true' if ctx.progress else 'false'}", *s["overrides"]]
+    summary = train(TrainConfig.from_toml(s["recipe"], overrides))
+    return {k: v for k, v in summary.items() if k != "losses"}
+
+
+# ---- eval ------------------------------------------------------------------------------------------------
+def _token_array(folder: Path) -> np.ndarray:
+    from phiforge.data.packing import load_shards
+
+    return np.concatenate([np.asarray(s.tokens(), dtype=np.int64) for s in load_shards(folder)])
+
+
+def unigram_loss(train: np.ndarray, heldout: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) of held-out tokens under add-one-smoothed train unigram frequencies:
+    the baseline a language model must beat to have learned anything beyond token frequencies."""
+    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[heldout].mean())
+
+
+def heldout_loss(model_folder: Path, heldout: np.ndarray, window: int) -> float:
+    from phiforge.checkpoint import load_pretrained
+    from phiforge.eval.perplexity import perplexity
+
+    model, _ = load_pretrained(str(model_folder), dtype="float32", device="cpu")
+    result = perplexity(model, heldout.tolist(), window=window)
+    return result.nll / result.tokens
+
+
+def usage_mode_samples(model_folder: Path, prompts: dict[str, str], max_new_tokens: int) -> dict[str, Any]:
+    """Greedy completions in each phi-1.5 usage mode (the report shows them beside the prompts)."""
+    from phiforge.checkpoint import load_pretrained
+    from phiforge.generate import Engine, SamplingParams
+    from phiforge.prompts import format_prompt, stop_strings
+
+    model, tokenizer = load_pretrained(str(model_folder), dtype="float32", device="cpu")
+    engine = Engine(model, tokenizer)
+    out = {}
+    for mode, prompt in prompts.items():
+        text = format_prompt(mode, prompt)
+        params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=tuple(tokenizer.stop_token_ids),
+                                stop_strings=stop_strings(mode), repetition_penalty=1.2)
+        result = engine.generate([tokenizer.encode(text)], params)[0]
+        out[mode] = {"prompt": text, "completion": result.text}
+    return out
+
+
+DEFAULT_SAMPLE_PROMPTS = {
+    "completion": "The water cycle begins when",
+    "qa": "What do plants need to make their own food?",
+    "cot": "Alice has 3 apples and buys 4 more. How many apples does she have?",
+    "chat": "Why do we see lightning before we hear thunder?",
+    "code": 'def add(a, b):\n    """Return the sum of a and b."""\n',
+}
+
+
+def stage_eval(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    from phiforge.checkpoint import write_json
+    from phiforge.eval.harness import EvalConfig, evaluate
+
+    folder, model_folder = ctx.folder("eval"), ctx.model_folder()
+    extra: dict[str, Any] = {}
+    tokens = ctx.folder("tokenize")
+    if (tokens / "heldout").is_dir():
+        train, heldout = _token_array(tokens / "train"), _token_array(tokens / "heldout")
+        vocab = json.loads((model_folder / "config.json").read_text())["vocab_size"]
+        extra["heldout_loss"] = heldout_loss(model_folder, heldout, s["window"])
+        extra["unigram_loss"] = unigram_loss(train, heldout, vocab)
+        extra["heldout_perplexity"] = math.exp(extra["heldout_loss"])
+        extra["heldout_tokens"] = int(len(heldout))
+    results: dict[str, Any] = {"results": {}, "versions": {}, "n-shot": {}}
+    if s["tasks"]:
+        results = evaluate(EvalConfig(model=str(model_folder), tasks=list(s["tasks"]), limit=s["limit"] or None,
+                                      num_fewshot=None if s["num_fewshot"] < 0 else s["num_fewshot"],
+                                      progress=ctx.progress, published=("phi-1.5",)))
+    results["extra"] = extra
+    write_json(folder / "results.json", results)
+    write_json(folder / "samples.json", usage_mode_samples(model_folder, s["prompts"], s["sample_tokens"]))
+    return {"extra": extra, **{task: {k: v for k, v in metrics.items() if k != "alias"}
+                               for task, metrics in results["results"].items()}}
+
+
+# ---- report ----------------------------------------------------------------------------------------------
+def stage_report(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    from phiforge.report import build_report
+
+    path = build_report(ctx.root)
+    return {"report": str(path), "bytes": path.stat().st_size}
+
+
+def check_pretrain(section: dict[str, Any]) -> None:
+    from phiforge.train import TrainConfig
+
+    TrainConfig.from_toml(section["recipe"], list(section["overrides"]))  # unknown keys, bad values: now
+
+
+# name -> (run, the section's keys with their defaults, an optional deeper check run before any stage starts)
+STAGES: dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any], Callable[[dict[str, Any]], None] | None]] = {
+    "tokenizer": (stage_tokenizer, {"vocab_size": 4096, "chat_format": "", "min_frequency": 2}, None),
+    "tokenize": (stage_tokenize, {"heldout_fraction": 0.05, "workers": 1}, None),
+    "pretrain": (stage_pretrain, {"recipe": "tiny", "overrides": []}, check_pretrain),
+    "eval": (stage_eval, {"tasks": ["piqa"], "limit": 200, "num_fewshot": -1, "window": 128, "sample_tokens": 48,
+                          "prompts": DEFAULT_SAMPLE_PROMPTS}, None),
+    "report": (stage_report, {}, None),
+}
+
+
+def prepare_section(stage: str, section: dict[str, Any]) -> dict[str, Any]:
+    """The section over the stage's defaults; unknown keys and invalid values fail here, before any work."""
+    _, defaults, check = STAGES[stage]
+    unknown = sorted(set(section) - set(defaults))
+    if unknown:
+        raise RecipeError(f"[{stage}] unknown key(s) {unknown}; valid keys are {sorted(defaults)}")
+    merged = {**defaults, **section}
+    if check is not None:
+        try:
+            check(merged)
+        except ValueError as err:
+            raise RecipeError(f"[{stage}] {err}") from None
+    return merged
