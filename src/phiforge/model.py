@@ -3,6 +3,8 @@
   phi-1/1.5/2      parallel attention + MLP from one LayerNorm, biases, partial rotary, tanh-GELU
   Phi-3/3.5/4      pre-norm RMSNorm, fused qkv, SwiGLU, GQA, LongRoPE, sliding window
   Phi-4-mini       + partial rotary and tied embeddings
+  Phi-3-small      LayerNorm + biases, grouped qkv rows, muP scalings, GeGELU, block-sparse attention on
+                   alternate layers (arch.md §4)
   Llama (teachers) the Phi-3 block with separate projections on disk (fused here at load time)
 
 Projections are fused in memory (qkv, gate+up) whatever the on-disk layout: fewer, larger matmuls.
@@ -38,6 +40,34 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one fused op instead of six
         return self.weight * normed.to(x.dtype)
+
+
+def gegelu(h: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """Phi-3-small's GeGELU: interleaved (gelu, linear) columns, clamped (infinities kept), quick-gelu gate, +1."""
+    a_gelu, a_lin = h[..., ::2], h[..., 1::2]
+    if limit is not None:
+        a_gelu = torch.where(torch.isinf(a_gelu), a_gelu, a_gelu.clamp(max=limit))
+        a_lin = torch.where(torch.isinf(a_lin), a_lin, a_lin.clamp(-limit, limit))
+    return a_gelu * torch.sigmoid(1.702 * a_gelu) * (a_lin + 1)
+
+
+def blocksparse_mask(config: ModelConfig, positions: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """Boolean [B, H, T, keys] mask of Phi-3-small's sparse layers for queries at ``positions`` [B, T].
+
+    Blocks are absolute positions // block_size. Query block qb sees key block kb <= qb when it is one of
+    the last ``local_blocks`` blocks, or when it is a vertical stripe of head h: (kb + h*step + 1) % stride
+    == 0 (the phase moves by ``step`` per head); token-level causality applies on top.
+    """
+    c = config
+    size, stride = c.blocksparse_block_size, c.blocksparse_vert_stride
+    step = 0 if c.blocksparse_homo_head else max(1, stride // c.num_heads)
+    keys = torch.arange(num_keys, device=positions.device)
+    kb, qb = keys // size, positions[..., None] // size  # [keys], [B, T, 1]
+    heads = torch.arange(c.num_heads, device=positions.device)[:, None]
+    vertical = (kb + heads * step + 1) % stride == 0  # [H, keys]
+    causal = keys <= positions[..., None]  # [B, T, keys]
+    local = qb - kb < c.blocksparse_local_blocks
+    return causal[:, None] & (local[:, None] | vertical[None, :, None])
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
@@ -161,7 +191,11 @@ class Attention(nn.Module):
                 cache: CacheView | None = None) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
-        heads = self.qkv(x).view(B, T, c.num_heads + 2 * c.num_kv_heads, c.head_dim).transpose(1, 2)
+        heads = self.qkv(x).view(B, T, c.num_heads + 2 * c.num_kv_heads, c.head_dim)
+        if c.qkv_grouped:  # rows per kv group [q_0..q_{n-1}, k, v] -> [all q, all k, all v]
+            grouped = heads.view(B, T, c.num_kv_heads, c.num_heads // c.num_kv_heads + 2, c.head_dim)
+            heads = torch.cat((grouped[..., :-2, :].flatten(2, 3), grouped[..., -2, :], grouped[..., -1, :]), dim=2)
+        heads = heads.transpose(1, 2)
         qk, v = heads.split((c.num_heads + c.num_kv_heads, c.num_kv_heads), dim=1)
         if c.qk_layernorm:
             q, k = qk.split((c.num_heads, c.num_kv_heads), dim=1)
@@ -179,7 +213,7 @@ class Attention(nn.Module):
         gqa = self.config.num_kv_heads != self.config.num_heads
         dropout = self.config.attn_pdrop if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
-                                           enable_gqa=gqa)
+                                           enable_gqa=gqa, scale=self.config.attn_scale)
         return y.to(dtype)
 
 
@@ -190,10 +224,14 @@ class MLP(nn.Module):
         self.gated = config.gated_mlp
         self.fc = nn.Linear(config.hidden_size, 2 * width if self.gated else width, bias=config.mlp_bias)
         self.proj = nn.Linear(width, config.hidden_size, bias=config.mlp_bias)
-        self.act = ACTIVATIONS[config.hidden_act]
+        limit = config.gegelu_limit
+        self.act = ACTIVATIONS.get(config.hidden_act)
+        self.gegelu = (lambda h: gegelu(h, limit)) if config.hidden_act == "gegelu" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
+        if self.gegelu is not None:
+            return self.proj(self.gegelu(h))
         if self.gated:  # first half is the gate, as in Phi-3's gate_up_proj
             gate, up = h.chunk(2, dim=-1)
             return self.proj(up * self.act(gate))
@@ -247,14 +285,29 @@ class PhiForgeModel(nn.Module):
             input_pos = torch.arange(T, device=input_ids.device)
         positions = input_pos if input_pos.dim() == 2 else input_pos[None].expand(B, T)
         span = int(positions.max()) + 1
+        c = self.config
         x = self.embed_drop(self.embed(input_ids))
+        if c.embedding_multiplier != 1.0:
+            x = x * c.embedding_multiplier
         cos, sin = self.rope(positions, x.dtype)
-        mask = self.attention_mask(positions, span if cache is not None else T)
+        num_keys = span if cache is not None else T
+        mask = self.attention_mask(positions, num_keys)
+        sparse = blocksparse_mask(c, positions, num_keys) if c.blocksparse_block_size else None
         for i, block in enumerate(self.blocks):
             view = CacheView(cache, i, cache_rows, positions, span) if cache is not None else None
-            x = block(x, cos, sin, mask, view)
+            x = block(x, cos, sin, sparse if c.is_sparse_layer(i) else mask, view)
         x = self.norm_f(x[:, -1:] if last_only else x)
-        return x if return_hidden else self.lm_head(x)
+        return x if return_hidden else self.logits(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head: muP's width divisor and reserved ids masked (Phi-3-small); plain lm_head otherwise."""
+        c = self.config
+        out = self.lm_head(hidden)
+        if c.logits_divisor != 1.0:
+            out = out / c.logits_divisor
+        if c.masked_token_ids:
+            out[..., c.masked_token_ids] = torch.finfo(out.dtype).min
+        return out
 
     def attention_mask(self, positions: torch.Tensor, num_keys: int) -> torch.Tensor | None:
         """None for plain causal attention over fresh keys; else a boolean [B or 1, 1, T, keys] mask.
