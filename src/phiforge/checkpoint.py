@@ -387,6 +387,10 @@ def load_pretrained(ref: str | Path, *, dtype: torch.dtype | str | None = None,
         from phiforge.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_folder(ref)
+    elif with_tokenizer and (Path(ref) / "cl100k_base.tiktoken").exists():  # Phi-3-small
+        from phiforge.tiktoken_tokenizer import TiktokenTokenizer
+
+        tokenizer = TiktokenTokenizer.from_folder(ref)
     return model, tokenizer
 
 

@@ -129,25 +129,106 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotated if r == x.shape[-1] else torch.cat((rotated, x[..., r:]), dim=-1)
 
 
+class SparseLayerCache:
+    """Keys/values of one block-sparse layer, keeping only what its heads can still attend to.
+
+    The query heads of kv head g put their vertical stripes on a fixed set of block residues R_g
+    (mod vert_stride); an old block of another residue is never read again. So this keeps
+      - a ring of the last ``local_blocks`` blocks, every residue (the local band), and
+      - per kv head, only the blocks of its residues, packed: slot (kb // stride) * |R| + rank(kb % stride).
+    Reads rebuild the layer's keys 0..span-1 in a scratch tensor; keys not kept read as stale values that
+    the block-sparse mask hides. Both stores end in one spare slot that absorbs the writes they skip.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, capacity: int, *, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        c = config
+        self.block, self.local, self.stride = c.blocksparse_block_size, c.blocksparse_local_blocks, c.blocksparse_vert_stride
+        step = 0 if c.blocksparse_homo_head else max(1, self.stride // c.num_heads)
+        group = c.num_heads // c.num_kv_heads
+        residues = [sorted({-(h * step + 1) % self.stride for h in range(g * group, (g + 1) * group)})
+                    for g in range(c.num_kv_heads)]
+        self.per_round = max(len(r) for r in residues)  # kept blocks per `stride` blocks, per kv head
+        rank = torch.full((c.num_kv_heads, self.stride), -1, dtype=torch.long)
+        for g, kept in enumerate(residues):
+            rank[g, kept] = torch.arange(len(kept))
+        self.rank = rank.to(device)
+        rounds = -(-capacity // (self.block * self.stride))
+        self.vertical_slots = rounds * self.per_round * self.block
+        self.ring_slots = self.local * self.block
+        shape = (batch_size, c.num_kv_heads)
+        self.kv = [torch.zeros(*shape, self.vertical_slots + 1, c.head_dim, dtype=dtype, device=device)
+                   for _ in "kv"]
+        self.ring = [torch.zeros(*shape, self.ring_slots + 1, c.head_dim, dtype=dtype, device=device)
+                     for _ in "kv"]
+
+    def _slots(self, positions: torch.Tensor, newest_block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vertical and ring slots [B, KV, N] of absolute positions [B, N]; the spare slot where not kept."""
+        kb, offset = positions // self.block, positions % self.block
+        rank = self.rank[:, kb % self.stride].permute(1, 0, 2)  # [B, KV, N]
+        vertical = ((kb // self.stride)[:, None] * self.per_round + rank) * self.block + offset[:, None]
+        vertical = torch.where(rank >= 0, vertical, self.vertical_slots)
+        in_band = (newest_block[:, None] - kb < self.local)[:, None]  # the newest `local` blocks of the row
+        ring = torch.where(in_band, ((kb % self.local) * self.block + offset)[:, None], self.ring_slots)
+        return vertical, ring.expand_as(vertical)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, rows: slice, positions: torch.Tensor,
+              span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        B, hd = k.shape[0], k.shape[-1]
+        first_block = positions[:, 0] // self.block
+        # read before writing: a long prefill may evict ring blocks its own first queries still see
+        keys = torch.arange(span, device=k.device).expand(B, span)
+        vertical, ring = self._slots(keys, first_block)
+        in_band = (first_block[:, None] - keys // self.block < self.local)[:, None, :, None]
+        out = []
+        for store, ring_store, new in zip(self.kv, self.ring, (k, v), strict=True):
+            store, ring_store = store[rows], ring_store[rows]
+            old = torch.where(in_band, ring_store.gather(2, ring[..., None].expand(-1, -1, -1, hd)),
+                              store.gather(2, vertical[..., None].expand(-1, -1, -1, hd)))
+            old.scatter_(2, positions[:, None, :, None].expand(-1, new.shape[1], -1, hd), new)
+            out.append(old)
+        vertical, ring = self._slots(positions, positions[:, -1] // self.block)
+        for store, ring_store, new in zip(self.kv, self.ring, (k, v), strict=True):
+            store[rows].scatter_(2, vertical[..., None].expand(-1, -1, -1, hd), new)
+            ring_store[rows].scatter_(2, ring[..., None].expand(-1, -1, -1, hd), new)
+        return out[0], out[1]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.kv, *self.ring))
+
+
 class KVCache:
     """Preallocated keys/values of every layer; row b holds one sequence, written at its own positions.
 
     Rows are independent, so a finished sequence's row can be refilled by the next prompt (continuous
     batching) without touching the others; stale keys beyond a row's position are masked, never read.
+    Block-sparse layers (Phi-3-small) keep a SparseLayerCache instead: only the keys they can attend to.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, capacity: int, *, dtype: torch.dtype,
                  device: torch.device | str) -> None:
         shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        # a cache no longer than the local band keeps every key anyway: sparse layers then store densely
+        band = config.blocksparse_local_blocks * (config.blocksparse_block_size or 0)
+        dense = [not config.is_sparse_layer(i) or capacity <= band for i in range(config.num_layers)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) if d else None for d in dense]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) if d else None for d in dense]
+        self.sparse = [None if d else SparseLayerCache(config, batch_size, capacity, dtype=dtype, device=device)
+                       for d in dense]
         self.batch_size, self.capacity = batch_size, capacity
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache (all layers, all rows)."""
+        dense = sum(t.numel() * t.element_size() for t in (*self.k, *self.v) if t is not None)
+        return dense + sum(s.nbytes() for s in self.sparse if s is not None)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: slice, positions: torch.Tensor,
               span: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [B, KV, T, hd] at ``positions`` [B, T] of ``rows``; return keys/values 0..span-1."""
         if span > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} positions; position {span - 1} requested")
+        if self.sparse[layer] is not None:
+            return self.sparse[layer].write(k, v, rows, positions, span)
         k_cache, v_cache = self.k[layer][rows], self.v[layer][rows]
         if k.shape[2] == 1 and positions.shape[0] > 1:  # decode: one new token per row, each at its own place
             index = torch.arange(k.shape[0], device=k.device)
