@@ -401,11 +401,11 @@ def _presets() -> dict[str, ModelConfig]:
         _phi3("tiny-phi4-mini", **tiny, num_heads=4, num_kv_heads=2, partial_rotary_factor=0.75,
               tie_word_embeddings=True, max_position_embeddings=512, original_max_position_embeddings=64,
               rope_scaling=_longrope([1.0] * 6, [1.0 + 2.0 * i for i in range(6)])),
-        # block size 4 with 2 local blocks and stride 4: block boundaries every few tokens at test size
+        # block size 4, 2 local blocks, stride 8: many block boundaries and stripes within 100 tokens
         _phi3small("tiny-phi3small", hidden_size=64, intermediate_size=96, num_layers=4, num_heads=8,
                    num_kv_heads=2, head_dim=8, vocab_size=320, masked_token_ids=[3, 7, 300],
                    max_position_embeddings=256, blocksparse_block_size=4, blocksparse_local_blocks=2,
-                   blocksparse_vert_stride=4, bos_token_id=1, eos_token_id=2, embd_pdrop=0.0, resid_pdrop=0.0,
+                   blocksparse_vert_stride=8, bos_token_id=1, eos_token_id=2, embd_pdrop=0.0, resid_pdrop=0.0,
                    torch_dtype="float32"),
         _llama("tiny-llama", **tiny, num_heads=4, num_kv_heads=2, tie_word_embeddings=True,
                max_position_embeddings=512),
