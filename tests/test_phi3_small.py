@@ -54,7 +54,8 @@ def test_mask_equals_the_rule_for_the_real_preset() -> None:
     nb, bs, T = 24, 64, 1536
     blocks = torch.tensor([[[allowed(c, h, qb * bs, kb * bs) for kb in range(nb)] for qb in range(nb)]
                            for h in range(c.num_heads)])
-    want = torch.kron(blocks.to(torch.uint8), torch.ones(bs, bs, dtype=torch.uint8)).bool() & torch.ones(T, T).tril().bool()
+    want = torch.kron(blocks.to(torch.uint8), torch.ones(bs, bs, dtype=torch.uint8)).bool()
+    want &= torch.ones(T, T).tril().bool()
     mask = blocksparse_mask(c, torch.arange(T)[None], T)[0]
     assert torch.equal(mask, want)
     # query block 23 sees blocks 8..23 (local) plus its head's stripe: head 0 block 7 ((7 + 0 + 1) % 8 == 0),

@@ -143,7 +143,8 @@ class SparseLayerCache:
     def __init__(self, config: ModelConfig, batch_size: int, capacity: int, *, dtype: torch.dtype,
                  device: torch.device | str) -> None:
         c = config
-        self.block, self.local, self.stride = c.blocksparse_block_size, c.blocksparse_local_blocks, c.blocksparse_vert_stride
+        self.block, self.local = c.blocksparse_block_size, c.blocksparse_local_blocks
+        self.stride = c.blocksparse_vert_stride
         step = 0 if c.blocksparse_homo_head else max(1, self.stride // c.num_heads)
         group = c.num_heads // c.num_kv_heads
         residues = [sorted({-(h * step + 1) % self.stride for h in range(g * group, (g + 1) * group)})

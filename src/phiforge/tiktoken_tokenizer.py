@@ -62,7 +62,8 @@ def read_tiktoken_file(path: str | os.PathLike[str], expected_sha256: str | None
 
 
 def write_tiktoken_file(path: str | os.PathLike[str], ranks: Mapping[bytes, int]) -> None:
-    lines = (f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in sorted(ranks.items(), key=lambda x: x[1]))
+    ordered = sorted(ranks.items(), key=lambda item: item[1])
+    lines = (f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ordered)
     _atomic_write(Path(path), "".join(lines))
 
 
