@@ -182,7 +182,7 @@ def test_sparse_cache_drops_what_no_head_attends() -> None:
     assert sparse.vertical_slots == 256 // 2 and sparse.ring_slots == 8
     # stripes of heads 0-3 sit on block residues 7, 6, 5, 4 (mod 8); heads 4-7 on 3, 2, 1, 0
     assert sparse.rank.ge(0).tolist() == [[False] * 4 + [True] * 4, [True] * 4 + [False] * 4]
-    assert model.new_cache(1, 8).sparse[0] is None  # no longer than the band: nothing to drop
+    assert model.new_cache(1, 16).sparse[0] is None  # band 8 + stripe slots 16 + 2 spares: no saving
 
 
 # ---- checkpoint --------------------------------------------------------------------------------

@@ -145,23 +145,30 @@ class SparseLayerCache:
         c = config
         self.block, self.local = c.blocksparse_block_size, c.blocksparse_local_blocks
         self.stride = c.blocksparse_vert_stride
-        step = 0 if c.blocksparse_homo_head else max(1, self.stride // c.num_heads)
-        group = c.num_heads // c.num_kv_heads
-        residues = [sorted({-(h * step + 1) % self.stride for h in range(g * group, (g + 1) * group)})
-                    for g in range(c.num_kv_heads)]
+        residues, self.vertical_slots, self.ring_slots = self.layout(c, capacity)
         self.per_round = max(len(r) for r in residues)  # kept blocks per `stride` blocks, per kv head
         rank = torch.full((c.num_kv_heads, self.stride), -1, dtype=torch.long)
         for g, kept in enumerate(residues):
             rank[g, kept] = torch.arange(len(kept))
         self.rank = rank.to(device)
-        rounds = -(-capacity // (self.block * self.stride))
-        self.vertical_slots = rounds * self.per_round * self.block
-        self.ring_slots = self.local * self.block
         shape = (batch_size, c.num_kv_heads)
         self.kv = [torch.zeros(*shape, self.vertical_slots + 1, c.head_dim, dtype=dtype, device=device)
                    for _ in "kv"]
         self.ring = [torch.zeros(*shape, self.ring_slots + 1, c.head_dim, dtype=dtype, device=device)
                      for _ in "kv"]
+
+    @staticmethod
+    def layout(c: ModelConfig, capacity: int) -> tuple[list[list[int]], int, int]:
+        """(stripe residues of each kv head, vertical slots, ring slots) for ``capacity`` positions."""
+        stride = c.blocksparse_vert_stride
+        step = 0 if c.blocksparse_homo_head else max(1, stride // c.num_heads)
+        group = c.num_heads // c.num_kv_heads
+        residues = [sorted({-(h * step + 1) % stride for h in range(g * group, (g + 1) * group)})
+                    for g in range(c.num_kv_heads)]
+        rounds = -(-capacity // (c.blocksparse_block_size * stride))
+        per_round = max(len(r) for r in residues)
+        size = c.blocksparse_block_size
+        return residues, rounds * per_round * size, c.blocksparse_local_blocks * size
 
     def _slots(self, positions: torch.Tensor, newest_block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Vertical and ring slots [B, KV, N] of absolute positions [B, N]; the spare slot where not kept."""
@@ -209,9 +216,10 @@ class KVCache:
     def __init__(self, config: ModelConfig, batch_size: int, capacity: int, *, dtype: torch.dtype,
                  device: torch.device | str) -> None:
         shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
-        # a cache no longer than the local band keeps every key anyway: sparse layers then store densely
-        band = config.blocksparse_local_blocks * (config.blocksparse_block_size or 0)
-        dense = [not config.is_sparse_layer(i) or capacity <= band for i in range(config.num_layers)]
+        # a short cache (about twice the local band or less) saves nothing: sparse layers then store densely
+        sparse_saves = config.blocksparse_block_size is not None and sum(
+            SparseLayerCache.layout(config, capacity)[1:]) + 2 < capacity
+        dense = [not (config.is_sparse_layer(i) and sparse_saves) for i in range(config.num_layers)]
         self.k = [torch.zeros(shape, dtype=dtype, device=device) if d else None for d in dense]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) if d else None for d in dense]
         self.sparse = [None if d else SparseLayerCache(config, batch_size, capacity, dtype=dtype, device=device)
