@@ -45,6 +45,11 @@ _LAYER_KEYS: dict[str, list[tuple[str, str, str | None]]] = {
         ("self_attn.o_proj", "attn.proj", None), ("post_attention_layernorm", "norm_2", None),
         ("mlp.gate_up_proj", "mlp.fc", None), ("mlp.down_proj", "mlp.proj", None),
     ],
+    "phi3small": [
+        ("input_layernorm", "norm_1", None), ("self_attn.query_key_value", "attn.qkv", None),
+        ("self_attn.dense", "attn.proj", None), ("post_attention_layernorm", "norm_2", None),
+        ("mlp.up_proj", "mlp.fc", None), ("mlp.down_proj", "mlp.proj", None),
+    ],
     "llama": [
         ("input_layernorm", "norm_1", None), ("self_attn.q_proj", "attn.qkv", "q"),
         ("self_attn.k_proj", "attn.qkv", "k"), ("self_attn.v_proj", "attn.qkv", "v"),
@@ -52,7 +57,8 @@ _LAYER_KEYS: dict[str, list[tuple[str, str, str | None]]] = {
         ("mlp.gate_proj", "mlp.fc", "gate"), ("mlp.up_proj", "mlp.fc", "up"), ("mlp.down_proj", "mlp.proj", None),
     ],
 }
-_FINAL_NORM = {"phi": "model.final_layernorm", "phi3": "model.norm", "llama": "model.norm"}
+_FINAL_NORM = {"phi": "model.final_layernorm", "phi3": "model.norm", "phi3small": "model.final_layernorm",
+               "llama": "model.norm"}
 
 
 @dataclass(frozen=True)
@@ -381,6 +387,10 @@ def load_pretrained(ref: str | Path, *, dtype: torch.dtype | str | None = None,
         from phiforge.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_folder(ref)
+    elif with_tokenizer and (Path(ref) / "cl100k_base.tiktoken").exists():  # Phi-3-small
+        from phiforge.tiktoken_tokenizer import TiktokenTokenizer
+
+        tokenizer = TiktokenTokenizer.from_folder(ref)
     return model, tokenizer
 
 

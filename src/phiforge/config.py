@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("phi", "phi3", "llama")
+FAMILIES = ("phi", "phi3", "phi3small", "llama")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str
-    model_type: str  # "phi" | "phi3" | "llama": the Hugging Face family and its state-dict layout
+    model_type: str  # "phi" | "phi3" | "phi3small" | "llama": the Hugging Face family and its state-dict layout
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -59,6 +59,18 @@ class ModelConfig:
     attn_pdrop: float = 0.0
     initializer_range: float = 0.02
     torch_dtype: str = "float32"
+    # Phi-3-small (arch.md §4): grouped qkv rows, muP multipliers, GeGELU, block-sparse attention
+    qkv_grouped: bool = False  # qkv rows per kv group [q_0..q_{n-1}, k, v] instead of [all q, all k, all v]
+    attn_scale: float | None = None  # softmax scale; None = 1/sqrt(head_dim) (muP uses 1/head_dim)
+    embedding_multiplier: float = 1.0
+    logits_divisor: float = 1.0
+    masked_token_ids: list[int] | None = None  # ids whose logits are forced to the dtype minimum
+    gegelu_limit: float | None = None  # hidden_act "gegelu": clamp of the interleaved gelu/linear halves
+    blocksparse_block_size: int | None = None  # None: every layer dense
+    blocksparse_local_blocks: int = 16
+    blocksparse_vert_stride: int = 8
+    blocksparse_homo_head: bool = False
+    dense_attention_every_n_layers: int = 2  # layer i is dense when (i + 1) % n == 0, block-sparse otherwise
     extra: dict[str, Any] = field(default_factory=dict)  # HF keys we carry through unchanged
 
     def __post_init__(self) -> None:
@@ -93,6 +105,9 @@ class ModelConfig:
         factor = self.rope_scaling.get("factor") or self.max_position_embeddings / orig
         return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
 
+    def is_sparse_layer(self, layer: int) -> bool:
+        return self.blocksparse_block_size is not None and (layer + 1) % self.dense_attention_every_n_layers != 0
+
     def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
         return 2 * self.num_layers * self.kv_size * torch.finfo(dtype).bits // 8
 
@@ -116,6 +131,12 @@ class ModelConfig:
                 factors = self.rope_scaling.get(key)
                 need(isinstance(factors, list) and len(factors) == self.rotary_dim // 2,
                      f"rope_scaling.{key} must be a list of rotary_dim/2 = {self.rotary_dim // 2} numbers")
+        if self.hidden_act == "gegelu":
+            need(self.gated_mlp, "hidden_act gegelu needs gated_mlp (interleaved gelu/linear halves)")
+        if self.blocksparse_block_size is not None:
+            need(self.blocksparse_block_size > 0 and self.blocksparse_local_blocks > 0
+                 and self.blocksparse_vert_stride > 0 and self.dense_attention_every_n_layers > 0,
+                 "blocksparse_block_size, local blocks, vert_stride and dense_attention_every_n_layers must be > 0")
         if self.model_type == "phi":
             need(self.head_dim * self.num_heads == self.hidden_size,
                  "phi models need head_dim * num_heads == hidden_size")
@@ -172,6 +193,8 @@ def _rope_fields(hf: dict[str, Any]) -> tuple[float, float, dict[str, Any] | Non
 
 def _from_hf(hf: dict[str, Any], name: str) -> ModelConfig:
     model_type = hf["model_type"]
+    if model_type == "phi3small":
+        return _from_hf_phi3small(hf, name)
     heads = hf["num_attention_heads"]
     theta, prf, scaling = _rope_fields(hf)
     common = dict(
@@ -205,12 +228,74 @@ def _from_hf(hf: dict[str, Any], name: str) -> ModelConfig:
         mlp_bias=bool(hf.get("mlp_bias", False)), attn_pdrop=hf.get("attention_dropout", 0.0))
 
 
+# Phi-3-small's tokenizer reserves these ids (tokenization_phi3_small.py); the model masks their logits.
+def phi3small_dummy_ids(vocab_size: int = 100352) -> list[int]:
+    ids = [100256, 100258, 100259, 100260, 100264, 100265, *range(100267, 100352)]
+    return [i for i in ids if i < vocab_size]
+
+
+def _from_hf_phi3small(hf: dict[str, Any], name: str) -> ModelConfig:
+    """Phi3SmallConfig (remote code): its own key names, muP and block-sparse extras (arch.md §4)."""
+    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+    head_dim = hidden // heads
+    sparse = hf.get("blocksparse_block_size", 64)
+    masked = hf.get("dummy_token_indices", phi3small_dummy_ids(hf["vocab_size"]))
+    mup = hf.get("mup_use_scaling", True)
+    return ModelConfig(
+        name=name, model_type="phi3small", vocab_size=hf["vocab_size"], hidden_size=hidden,
+        intermediate_size=hf["ff_intermediate_size"], num_layers=hf["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
+        rope_theta=float(hf.get("rope_embedding_base", 1e6)),
+        max_position_embeddings=hf.get("max_position_embeddings", 8192), norm="layernorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), hidden_act="gegelu", gegelu_limit=hf.get("gegelu_limit", 20.0),
+        attn_bias=True, mlp_bias=True, tie_word_embeddings=True, qkv_grouped=True,
+        attn_scale=hf.get("mup_attn_multiplier", 1.0) / head_dim if mup else None,
+        embedding_multiplier=hf.get("mup_embedding_multiplier", 10.0) if mup else 1.0,
+        logits_divisor=hf.get("mup_width_multiplier", 8.0) if mup else 1.0, masked_token_ids=list(masked),
+        blocksparse_block_size=sparse, blocksparse_local_blocks=hf.get("blocksparse_num_local_blocks", 16),
+        blocksparse_vert_stride=hf.get("blocksparse_vert_stride", 8),
+        blocksparse_homo_head=bool(hf.get("blocksparse_homo_head_pattern", False)),
+        dense_attention_every_n_layers=hf.get("dense_attention_every_n_layers", 2),
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"), initializer_range=hf.get("initializer_range", 0.02),
+        embd_pdrop=hf.get("embedding_dropout_prob", 0.0), resid_pdrop=hf.get("ffn_dropout_prob", 0.0),
+        attn_pdrop=hf.get("attention_dropout_prob", 0.0),
+        torch_dtype=_dtype_name(hf.get("torch_dtype") or hf.get("dtype")))
+
+
+def _to_hf_phi3small(c: ModelConfig) -> dict[str, Any]:
+    return {
+        "architectures": ["Phi3SmallForCausalLM"], "model_type": "phi3small", "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size, "ff_intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads, "hidden_act": "gegelu", "gegelu_limit": c.gegelu_limit,
+        "gegelu_pad_to_256": True, "max_position_embeddings": c.max_position_embeddings,
+        "rope_embedding_base": c.rope_theta, "rope_position_scale": 1.0, "layer_norm_epsilon": c.norm_eps,
+        "mup_use_scaling": True, "mup_attn_multiplier": (c.attn_scale or c.head_dim**-0.5) * c.head_dim,
+        "mup_embedding_multiplier": c.embedding_multiplier, "mup_width_multiplier": c.logits_divisor,
+        "blocksparse_block_size": c.blocksparse_block_size, "blocksparse_num_local_blocks": c.blocksparse_local_blocks,
+        "blocksparse_vert_stride": c.blocksparse_vert_stride, "blocksparse_homo_head_pattern": c.blocksparse_homo_head,
+        "blocksparse_triton_kernel_block_size": c.blocksparse_block_size,
+        "dense_attention_every_n_layers": c.dense_attention_every_n_layers, "dummy_token_indices": c.masked_token_ids,
+        "pad_sequence_to_multiple_of_64": True, "initializer_range": c.initializer_range,
+        "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
+        "embedding_dropout_prob": c.embd_pdrop, "ffn_dropout_prob": c.resid_pdrop,
+        "attention_dropout_prob": c.attn_pdrop, "tie_word_embeddings": True, "torch_dtype": c.torch_dtype,
+        "use_cache": True,
+        "auto_map": {"AutoConfig": "configuration_phi3_small.Phi3SmallConfig",
+                     "AutoModelForCausalLM": "modeling_phi3_small.Phi3SmallForCausalLM",
+                     "AutoTokenizer": "tokenization_phi3_small.Phi3SmallTokenizer"},
+    }
+
+
 def _dtype_name(value: Any) -> str:
     text = str(value or "float32").replace("torch.", "")
     return text if text in DTYPES else "float32"
 
 
 def _to_hf(c: ModelConfig) -> dict[str, Any]:
+    if c.model_type == "phi3small":
+        return copy.deepcopy({**_to_hf_phi3small(c), **c.extra})
     arch = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "llama": "LlamaForCausalLM"}[c.model_type]
     hf: dict[str, Any] = {
         "architectures": [arch], "model_type": c.model_type, "vocab_size": c.vocab_size,
@@ -251,6 +336,19 @@ def _phi3(name: str, **kw: Any) -> ModelConfig:
     return ModelConfig(name=name, **{**base, **kw})
 
 
+def _phi3small(name: str, **kw: Any) -> ModelConfig:
+    vocab = kw.get("vocab_size", 100352)
+    base = dict(model_type="phi3small", vocab_size=vocab, hidden_size=4096, intermediate_size=14336,
+                num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6,
+                max_position_embeddings=8192, norm="layernorm", norm_eps=1e-5, hidden_act="gegelu",
+                gegelu_limit=20.0, attn_bias=True, mlp_bias=True, tie_word_embeddings=True, qkv_grouped=True,
+                attn_scale=1.0 / kw.get("head_dim", 128), embedding_multiplier=10.0, logits_divisor=8.0,
+                masked_token_ids=phi3small_dummy_ids(vocab), blocksparse_block_size=64, blocksparse_local_blocks=16,
+                blocksparse_vert_stride=8, dense_attention_every_n_layers=2, bos_token_id=100257,
+                eos_token_id=100257, embd_pdrop=0.1, resid_pdrop=0.1, torch_dtype="bfloat16")
+    return ModelConfig(name=name, **{**base, **kw})
+
+
 def _llama(name: str, **kw: Any) -> ModelConfig:
     return ModelConfig(name=name, **{**dict(model_type="llama", norm_eps=1e-5), **kw})
 
@@ -288,6 +386,7 @@ def _presets() -> dict[str, ModelConfig]:
               head_dim=128, partial_rotary_factor=0.75, vocab_size=200064, tie_word_embeddings=True, **long_ctx,
               rope_scaling=_longrope(*PHI4_MINI), bos_token_id=199999, eos_token_id=199999,
               pad_token_id=199999),
+        _phi3small("phi-3-small-8k"),
         _llama("smollm2-135m", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0, max_position_embeddings=8192,
                tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2, torch_dtype="bfloat16",
@@ -302,6 +401,12 @@ def _presets() -> dict[str, ModelConfig]:
         _phi3("tiny-phi4-mini", **tiny, num_heads=4, num_kv_heads=2, partial_rotary_factor=0.75,
               tie_word_embeddings=True, max_position_embeddings=512, original_max_position_embeddings=64,
               rope_scaling=_longrope([1.0] * 6, [1.0 + 2.0 * i for i in range(6)])),
+        # block size 4, 2 local blocks, stride 8: many block boundaries and stripes within 100 tokens
+        _phi3small("tiny-phi3small", hidden_size=64, intermediate_size=96, num_layers=4, num_heads=8,
+                   num_kv_heads=2, head_dim=8, vocab_size=320, masked_token_ids=[3, 7, 300],
+                   max_position_embeddings=256, blocksparse_block_size=4, blocksparse_local_blocks=2,
+                   blocksparse_vert_stride=8, bos_token_id=1, eos_token_id=2, embd_pdrop=0.0, resid_pdrop=0.0,
+                   torch_dtype="float32"),
         _llama("tiny-llama", **tiny, num_heads=4, num_kv_heads=2, tie_word_embeddings=True,
                max_position_embeddings=512),
     ]

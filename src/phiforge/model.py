@@ -3,6 +3,8 @@
   phi-1/1.5/2      parallel attention + MLP from one LayerNorm, biases, partial rotary, tanh-GELU
   Phi-3/3.5/4      pre-norm RMSNorm, fused qkv, SwiGLU, GQA, LongRoPE, sliding window
   Phi-4-mini       + partial rotary and tied embeddings
+  Phi-3-small      LayerNorm + biases, grouped qkv rows, muP scalings, GeGELU, block-sparse attention on
+                   alternate layers (arch.md §4)
   Llama (teachers) the Phi-3 block with separate projections on disk (fused here at load time)
 
 Projections are fused in memory (qkv, gate+up) whatever the on-disk layout: fewer, larger matmuls.
@@ -38,6 +40,34 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one fused op instead of six
         return self.weight * normed.to(x.dtype)
+
+
+def gegelu(h: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """Phi-3-small's GeGELU: interleaved (gelu, linear) columns, clamped (infinities kept), quick-gelu gate, +1."""
+    a_gelu, a_lin = h[..., ::2], h[..., 1::2]
+    if limit is not None:
+        a_gelu = torch.where(torch.isinf(a_gelu), a_gelu, a_gelu.clamp(max=limit))
+        a_lin = torch.where(torch.isinf(a_lin), a_lin, a_lin.clamp(-limit, limit))
+    return a_gelu * torch.sigmoid(1.702 * a_gelu) * (a_lin + 1)
+
+
+def blocksparse_mask(config: ModelConfig, positions: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """Boolean [B, H, T, keys] mask of Phi-3-small's sparse layers for queries at ``positions`` [B, T].
+
+    Blocks are absolute positions // block_size. Query block qb sees key block kb <= qb when it is one of
+    the last ``local_blocks`` blocks, or when it is a vertical stripe of head h: (kb + h*step + 1) % stride
+    == 0 (the phase moves by ``step`` per head); token-level causality applies on top.
+    """
+    c = config
+    size, stride = c.blocksparse_block_size, c.blocksparse_vert_stride
+    step = 0 if c.blocksparse_homo_head else max(1, stride // c.num_heads)
+    keys = torch.arange(num_keys, device=positions.device)
+    kb, qb = keys // size, positions[..., None] // size  # [keys], [B, T, 1]
+    heads = torch.arange(c.num_heads, device=positions.device)[:, None]
+    vertical = (kb + heads * step + 1) % stride == 0  # [H, keys]
+    causal = keys <= positions[..., None]  # [B, T, keys]
+    local = qb - kb < c.blocksparse_local_blocks
+    return causal[:, None] & (local[:, None] | vertical[None, :, None])
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
@@ -99,26 +129,116 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotated if r == x.shape[-1] else torch.cat((rotated, x[..., r:]), dim=-1)
 
 
+class SparseLayerCache:
+    """Keys/values of one block-sparse layer, keeping only what its heads can still attend to.
+
+    The query heads of kv head g put their vertical stripes on a fixed set of block residues R_g
+    (mod vert_stride); an old block of another residue is never read again. So this keeps
+      - a ring of the last ``local_blocks`` blocks, every residue (the local band), and
+      - per kv head, only the blocks of its residues, packed: slot (kb // stride) * |R| + rank(kb % stride).
+    Reads rebuild the layer's keys 0..span-1 in a scratch tensor; keys not kept read as stale values that
+    the block-sparse mask hides. Both stores end in one spare slot that absorbs the writes they skip.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, capacity: int, *, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        c = config
+        self.block, self.local = c.blocksparse_block_size, c.blocksparse_local_blocks
+        self.stride = c.blocksparse_vert_stride
+        residues, self.vertical_slots, self.ring_slots = self.layout(c, capacity)
+        self.per_round = max(len(r) for r in residues)  # kept blocks per `stride` blocks, per kv head
+        rank = torch.full((c.num_kv_heads, self.stride), -1, dtype=torch.long)
+        for g, kept in enumerate(residues):
+            rank[g, kept] = torch.arange(len(kept))
+        self.rank = rank.to(device)
+        shape = (batch_size, c.num_kv_heads)
+        self.kv = [torch.zeros(*shape, self.vertical_slots + 1, c.head_dim, dtype=dtype, device=device)
+                   for _ in "kv"]
+        self.ring = [torch.zeros(*shape, self.ring_slots + 1, c.head_dim, dtype=dtype, device=device)
+                     for _ in "kv"]
+
+    @staticmethod
+    def layout(c: ModelConfig, capacity: int) -> tuple[list[list[int]], int, int]:
+        """(stripe residues of each kv head, vertical slots, ring slots) for ``capacity`` positions."""
+        stride = c.blocksparse_vert_stride
+        step = 0 if c.blocksparse_homo_head else max(1, stride // c.num_heads)
+        group = c.num_heads // c.num_kv_heads
+        residues = [sorted({-(h * step + 1) % stride for h in range(g * group, (g + 1) * group)})
+                    for g in range(c.num_kv_heads)]
+        rounds = -(-capacity // (c.blocksparse_block_size * stride))
+        per_round = max(len(r) for r in residues)
+        size = c.blocksparse_block_size
+        return residues, rounds * per_round * size, c.blocksparse_local_blocks * size
+
+    def _slots(self, positions: torch.Tensor, newest_block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vertical and ring slots [B, KV, N] of absolute positions [B, N]; the spare slot where not kept."""
+        kb, offset = positions // self.block, positions % self.block
+        rank = self.rank[:, kb % self.stride].permute(1, 0, 2)  # [B, KV, N]
+        vertical = ((kb // self.stride)[:, None] * self.per_round + rank) * self.block + offset[:, None]
+        vertical = torch.where(rank >= 0, vertical, self.vertical_slots)
+        in_band = (newest_block[:, None] - kb < self.local)[:, None]  # the newest `local` blocks of the row
+        ring = torch.where(in_band, ((kb % self.local) * self.block + offset)[:, None], self.ring_slots)
+        return vertical, ring.expand_as(vertical)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, rows: slice, positions: torch.Tensor,
+              span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        B, hd = k.shape[0], k.shape[-1]
+        first_block = positions[:, 0] // self.block
+        # read before writing: a long prefill may evict ring blocks its own first queries still see
+        keys = torch.arange(span, device=k.device).expand(B, span)
+        vertical, ring = self._slots(keys, first_block)
+        in_band = (first_block[:, None] - keys // self.block < self.local)[:, None, :, None]
+        out = []
+        for store, ring_store, new in zip(self.kv, self.ring, (k, v), strict=True):
+            store, ring_store = store[rows], ring_store[rows]
+            old = torch.where(in_band, ring_store.gather(2, ring[..., None].expand(-1, -1, -1, hd)),
+                              store.gather(2, vertical[..., None].expand(-1, -1, -1, hd)))
+            old.scatter_(2, positions[:, None, :, None].expand(-1, new.shape[1], -1, hd), new)
+            out.append(old)
+        vertical, ring = self._slots(positions, positions[:, -1] // self.block)
+        for store, ring_store, new in zip(self.kv, self.ring, (k, v), strict=True):
+            store[rows].scatter_(2, vertical[..., None].expand(-1, -1, -1, hd), new)
+            ring_store[rows].scatter_(2, ring[..., None].expand(-1, -1, -1, hd), new)
+        return out[0], out[1]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.kv, *self.ring))
+
+
 class KVCache:
     """Preallocated keys/values of every layer; row b holds one sequence, written at its own positions.
 
     Rows are independent, so a finished sequence's row can be refilled by the next prompt (continuous
     batching) without touching the others; stale keys beyond a row's position are masked, never read.
+    Block-sparse layers (Phi-3-small) keep a SparseLayerCache instead: only the keys they can attend to.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, capacity: int, *, dtype: torch.dtype,
                  device: torch.device | str) -> None:
         shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        # a short cache (about twice the local band or less) saves nothing: sparse layers then store densely
+        sparse_saves = config.blocksparse_block_size is not None and sum(
+            SparseLayerCache.layout(config, capacity)[1:]) + 2 < capacity
+        dense = [not (config.is_sparse_layer(i) and sparse_saves) for i in range(config.num_layers)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) if d else None for d in dense]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) if d else None for d in dense]
+        self.sparse = [None if d else SparseLayerCache(config, batch_size, capacity, dtype=dtype, device=device)
+                       for d in dense]
         self.batch_size, self.capacity = batch_size, capacity
         self._slots: tuple[torch.Tensor, torch.Tensor] | None = None  # (positions, slots) of the current step
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache (all layers, all rows)."""
+        dense = sum(t.numel() * t.element_size() for t in (*self.k, *self.v) if t is not None)
+        return dense + sum(s.nbytes() for s in self.sparse if s is not None)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: slice, positions: torch.Tensor,
               span: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [B, KV, T, hd] at ``positions`` [B, T] of ``rows``; return keys/values 0..span-1."""
         if span > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} positions; position {span - 1} requested")
+        if self.sparse[layer] is not None:
+            return self.sparse[layer].write(k, v, rows, positions, span)
         k_cache, v_cache = self.k[layer][rows], self.v[layer][rows]
         if k.shape[2] == 1 and positions.shape[0] > 1:  # decode: one new token per row, each at its own place
             slots = self.decode_slots(positions, k.shape[1])
@@ -172,7 +292,11 @@ class Attention(nn.Module):
                 cache: CacheView | None = None) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
-        heads = self.qkv(x).view(B, T, c.num_heads + 2 * c.num_kv_heads, c.head_dim).transpose(1, 2)
+        heads = self.qkv(x).view(B, T, c.num_heads + 2 * c.num_kv_heads, c.head_dim)
+        if c.qkv_grouped:  # rows per kv group [q_0..q_{n-1}, k, v] -> [all q, all k, all v]
+            grouped = heads.view(B, T, c.num_kv_heads, c.num_heads // c.num_kv_heads + 2, c.head_dim)
+            heads = torch.cat((grouped[..., :-2, :].flatten(2, 3), grouped[..., -2, :], grouped[..., -1, :]), dim=2)
+        heads = heads.transpose(1, 2)
         qk, v = heads.split((c.num_heads + c.num_kv_heads, c.num_kv_heads), dim=1)
         if c.qk_layernorm:
             q, k = qk.split((c.num_heads, c.num_kv_heads), dim=1)
@@ -190,7 +314,7 @@ class Attention(nn.Module):
         gqa = self.config.num_kv_heads != self.config.num_heads
         dropout = self.config.attn_pdrop if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
-                                           enable_gqa=gqa)
+                                           enable_gqa=gqa, scale=self.config.attn_scale)
         return y.to(dtype)
 
 
@@ -201,10 +325,14 @@ class MLP(nn.Module):
         self.gated = config.gated_mlp
         self.fc = nn.Linear(config.hidden_size, 2 * width if self.gated else width, bias=config.mlp_bias)
         self.proj = nn.Linear(width, config.hidden_size, bias=config.mlp_bias)
-        self.act = ACTIVATIONS[config.hidden_act]
+        limit = config.gegelu_limit
+        self.act = ACTIVATIONS.get(config.hidden_act)
+        self.gegelu = (lambda h: gegelu(h, limit)) if config.hidden_act == "gegelu" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
+        if self.gegelu is not None:
+            return self.proj(self.gegelu(h))
         if self.gated:  # first half is the gate, as in Phi-3's gate_up_proj
             gate, up = h.chunk(2, dim=-1)
             return self.proj(up * self.act(gate))
@@ -258,14 +386,29 @@ class PhiForgeModel(nn.Module):
             input_pos = torch.arange(T, device=input_ids.device)
         positions = input_pos if input_pos.dim() == 2 else input_pos[None].expand(B, T)
         span = int(positions.max()) + 1
+        c = self.config
         x = self.embed_drop(self.embed(input_ids))
+        if c.embedding_multiplier != 1.0:
+            x = x * c.embedding_multiplier
         cos, sin = self.rope(positions, x.dtype)
-        mask = self.attention_mask(positions, span if cache is not None else T)
+        num_keys = span if cache is not None else T
+        mask = self.attention_mask(positions, num_keys)
+        sparse = blocksparse_mask(c, positions, num_keys) if c.blocksparse_block_size else None
         for i, block in enumerate(self.blocks):
             view = CacheView(cache, i, cache_rows, positions, span) if cache is not None else None
-            x = block(x, cos, sin, mask, view)
+            x = block(x, cos, sin, sparse if c.is_sparse_layer(i) else mask, view)
         x = self.norm_f(x[:, -1:] if last_only else x)
-        return x if return_hidden else self.lm_head(x)
+        return x if return_hidden else self.logits(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head: muP's width divisor and reserved ids masked (Phi-3-small); plain lm_head otherwise."""
+        c = self.config
+        out = self.lm_head(hidden)
+        if c.logits_divisor != 1.0:
+            out = out / c.logits_divisor
+        if c.masked_token_ids:
+            out[..., c.masked_token_ids] = torch.finfo(out.dtype).min
+        return out
 
     def attention_mask(self, positions: torch.Tensor, num_keys: int) -> torch.Tensor | None:
         """None for plain causal attention over fresh keys; else a boolean [B or 1, 1, T, keys] mask.

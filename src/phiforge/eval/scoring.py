@@ -291,7 +291,7 @@ class Scorer:
         target = torch.tensor([p[2] for p in layout.picks], device=self.device)
         for start in range(0, len(layout.picks), self.logits_chunk):
             part = slice(start, start + self.logits_chunk)
-            logits = self.model.lm_head(self.model.norm_f(hidden[index[part]])).float()
+            logits = self.model.logits(self.model.norm_f(hidden[index[part]])).float()
             logp = torch.log_softmax(logits, dim=-1)
             chosen = logp.gather(1, target[part, None])[:, 0]
             is_max = logits.argmax(dim=-1) == target[part]
