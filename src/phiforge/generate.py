@@ -133,15 +133,41 @@ class Engine:
         capacity = max(len(pr) + p.max_new_tokens for pr, p in zip(prompts, params))
         capacity = min(capacity, self.max_seq_len)
         rows = min(self.max_batch_size, len(prompts))
+        yield from self._loop(rows, capacity, deque(zip(range(len(prompts)), prompts, params, results)))
+
+    def serve(self, take: Callable[[bool], list[tuple[int, list[int], SamplingParams, Completion]] | None]
+              ) -> Iterator[tuple[int, int]]:
+        """Continuous batching over requests that arrive while it runs (the HTTP server's loop).
+
+        ``take(idle)`` is called before every step and returns new ``(key, prompt, params, result)``
+        requests (it may block when ``idle``, i.e. nothing is running), or None to stop once the running
+        requests are done. Yields ``(key, token)``; each ``result`` is filled as in ``generate``.
+        """
+        waiting: deque = deque()
+
+        def refill(idle: bool) -> bool:
+            new = take(idle)
+            for key, prompt, p, result in new or ():
+                self._check_fits(key, prompt, p)
+                waiting.append((key, prompt, p, result))
+            return new is not None
+
+        yield from self._loop(self.max_batch_size, self.max_seq_len, waiting, refill)
+
+    def _loop(self, rows: int, capacity: int, waiting: deque,
+              refill: Callable[[bool], bool] | None = None) -> Iterator[tuple[int, int]]:
+        """Admit ``waiting`` (key, prompt, params, result) requests into free cache rows and decode."""
         cache = self.model.new_cache(rows, capacity)
-        waiting = deque(range(len(prompts)))
         live: list[_Live | None] = [None] * rows
+        open_ = refill is not None
         with torch.inference_mode():
-            while waiting or any(live):
+            while waiting or any(live) or open_:
+                if open_:
+                    open_ = refill(not waiting and not any(live))
                 for row in range(rows):
                     if live[row] is None and waiting:
-                        i = waiting.popleft()
-                        live[row], first = self._admit(i, prompts[i], params[i], results[i], cache, row)
+                        i, prompt, p, result = waiting.popleft()
+                        live[row], first = self._admit(i, prompt, p, result, cache, row)
                         yield from self._accept(live, row, [first])
                 if not any(live):
                     continue
