@@ -15,8 +15,8 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as QType
 from gguf import MODEL_TENSOR as T
+from gguf import GGMLQuantizationType as QType
 
 from phiforge.checkpoint import _atomic_write, hf_state_dict
 from phiforge.config import ModelConfig
