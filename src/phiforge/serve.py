@@ -140,6 +140,7 @@ class Worker:
         self.engine = engine
         self.inbox: queue.Queue[tuple[int, _Job]] = queue.Queue()
         self.running: dict[int, _Job] = {}
+        self.peak = 0  # most jobs in flight at once (visible in /health: shows the batching)
         self.stopping = threading.Event()
         self._keys = iter(range(1 << 62))
         self.thread = threading.Thread(target=self._main, name="phiforge-engine", daemon=True)
@@ -168,6 +169,7 @@ class Worker:
         if not new and idle and self.stopping.is_set():
             return None
         self.running.update(new)
+        self.peak = max(self.peak, len(self.running))
         return [(key, job.prompt, job.params, job.result) for key, job in new]
 
     def _sweep(self) -> None:
@@ -384,7 +386,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         worker = srv.worker
         return {"status": "ok" if worker and worker.thread.is_alive() else "stopping",
                 "model": config.model_name, "running": len(worker.running) if worker else 0,
-                "queued": worker.inbox.qsize() if worker else 0}
+                "queued": worker.inbox.qsize() if worker else 0, "peak_running": worker.peak if worker else 0}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -589,8 +591,8 @@ class ServerProcess:
 
 
 def spawn_server(model: str, *args: str, timeout: float = 300.0, env: dict[str, str] | None = None) -> ServerProcess:
-    """Start ``python -m phiforge serve -m MODEL --port 0 ARGS...`` and wait until it is ready."""
-    command = [sys.executable, "-m", "phiforge", "serve", "-m", model, "--port", "0", *args]
+    """Start ``python -m phiforge.cli serve -m MODEL --port 0 ARGS...`` and wait until it is ready."""
+    command = [sys.executable, "-m", "phiforge.cli", "serve", "-m", model, "--port", "0", *args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env or dict(os.environ))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
