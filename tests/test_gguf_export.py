@@ -18,6 +18,7 @@ import torch
 import transformers
 from conftest import randomize_
 from gguf import GGMLQuantizationType as Q
+from test_gguf_io import spm_vocab, write_gguf  # noqa: F401 - spm_vocab is a fixture
 from train.gsm8k_corpus import build_corpus
 
 from phiforge.checkpoint import hf_state_dict, load_pretrained
@@ -25,7 +26,7 @@ from phiforge.cli import main as cli_main
 from phiforge.config import preset
 from phiforge.generate import Engine, SamplingParams
 from phiforge.gguf_export import GGUFExportError, export_gguf
-from phiforge.gguf_io import load_gguf
+from phiforge.gguf_io import load_gguf, read_gguf_tokenizer
 from phiforge.model import build_model
 from phiforge.quantize import quantize_model
 from phiforge.tokenizer import train_bpe
@@ -119,16 +120,32 @@ def test_transformers_reads_the_file(tmp_path: Path, tokenizer: Any, arch: str) 
     torch.testing.assert_close(logits(model, ids), theirs, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_sentencepiece_tokenizer_round_trip(tmp_path: Path, spm_vocab: dict[str, Any], arch: str) -> None:  # noqa: F811
+    """A SentencePiece-style vocabulary (byte fallback) is written as llama.cpp's "llama" tokenizer."""
+    meta = {f"{arch}.{k}": v for k, v in dict(context_length=128, embedding_length=64, block_count=1,
+                                                  feed_forward_length=128, **{"attention.head_count": 4}).items()}
+    source = read_gguf_tokenizer(write_gguf(tmp_path / "spm.gguf", arch, {**meta, **spm_vocab}, {}))
+    config = preset(f"tiny-{arch}").replace(vocab_size=source.vocab_size)
+    export_gguf(randomize_(build_model(config)), source, tmp_path / "out.gguf", quant="q8_0")
+    back = read_gguf_tokenizer(tmp_path / "out.gguf")
+    assert back.add_bos_token and back.bos_token == source.bos_token
+    for text in ["Hello world", " one leading space", "微软 phi 模型 🙂", "a  b   c\n\nd\t e", "<|user|>\nhi<|end|>"]:
+        assert back.encode(text) == source.encode(text), text
+        assert back.decode(source.encode(text)) == source.decode(source.encode(text))
+
+
 # ---- a model trained by phiforge -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny-phi pretrained on GSM8K for 40 steps by phiforge.train; its exported Hugging Face folder."""
+    """tiny-phi pretrained on GSM8K for 20 steps by phiforge.train; its exported Hugging Face folder."""
     corpus = build_corpus(tmp_path_factory.getbasetemp() / "gsm8k-corpus")
     out = tmp_path_factory.mktemp("trained")
     config = TrainConfig.from_toml("tiny", [
         f"data.tokenizer={corpus.tokenizer}", f"data.sources.text.path={corpus.train_tokens}",
         f"run.out_dir={out}", "data.val_fraction=0.0", "log.progress=false", "log.peak_flops=1e11",
-        "run.max_steps=40", "log.eval_every=1000", "checkpoint.every=1000"])
+        "run.max_steps=20", "batch.global_sequences=8", "batch.micro_batch_size=8", "schedule.warmup_steps=4",
+        "log.eval_every=1000", "checkpoint.every=1000"])
     return Path(train(config)["export"])
 
 
