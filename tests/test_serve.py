@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import torch
 
 import phiforge
 from phiforge.checkpoint import save_hf_folder
@@ -122,6 +123,27 @@ def test_n_choices_with_seed_are_reproducible(client: openai.OpenAI) -> None:
     first = ask()
     assert first == ask()
     assert len(set(first)) > 1
+
+
+def test_logprobs(teacher: tuple[Any, Any], client: openai.OpenAI) -> None:
+    model, tokenizer = teacher
+    messages = [{"role": "user", "content": "Say hello."}]
+    reply = client.chat.completions.create(model=NAME, messages=messages, max_tokens=6, temperature=0,
+                                           logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == reply.choices[0].message.content
+    for entry in content:  # greedy: the chosen token is the most likely one
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token
+        assert entry.logprob == entry.top_logprobs[0].logprob <= 0
+    with torch.no_grad():  # the first token's logprob, straight from the model
+        first = torch.log_softmax(model(torch.tensor([chat_ids(tokenizer, messages)]))[0, -1].float(), -1).max()
+    assert abs(content[0].logprob - first.item()) < 1e-4
+    text = client.completions.create(model=NAME, prompt="Two plus two is", max_tokens=5, temperature=0, logprobs=2)
+    lp = text.choices[0].logprobs
+    assert "".join(lp.tokens) == text.choices[0].text and len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert lp.text_offset == sorted(lp.text_offset) and all(len(top) == 2 for top in lp.top_logprobs)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=NAME, prompt="Hi", max_tokens=2, logprobs=1, stream=True)
 
 
 def test_16_concurrent_clients_all_answered(teacher: tuple[Any, Any], server: RunningServer) -> None:

@@ -30,6 +30,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
+    logprobs: int | None = None  # record each chosen token's log-probability and the top-k alternatives
 
     def __post_init__(self) -> None:
         checks = [
@@ -39,6 +40,7 @@ class SamplingParams:
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0, got {self.logprobs}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -52,6 +54,8 @@ class Completion:
     text: str = ""
     finish_reason: str = ""  # "stop" (stop id or string) | "length"
     seconds: float = 0.0
+    # with SamplingParams.logprobs: per token (its logprob, [(id, logprob) of the top k]), after repetition penalty
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 @dataclass
@@ -270,7 +274,18 @@ class Engine:
         sampled = [i for i, s in enumerate(states) if s.params.temperature > 0]
         for i in sampled:
             out[i] = sample_token(logits[i], states[i].params, states[i].generator)
+        scored = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+        if scored:
+            _record_logprobs(torch.log_softmax(logits[scored], dim=-1), out[scored], [states[i] for i in scored])
         return out
+
+
+def _record_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, states: list[_Live]) -> None:
+    for lp, token, state in zip(logprobs, chosen.tolist(), states):
+        k = state.params.logprobs
+        top = lp.topk(k) if k else None
+        alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+        state.result.logprobs.append((float(lp[token]), alternatives))
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, histories: list[list[int]],

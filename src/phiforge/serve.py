@@ -105,13 +105,13 @@ class ChatRequest(_Sampling):
     messages: list[_Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
     suffix: str | None = None
 
 
@@ -130,7 +130,10 @@ class _Job:
         self.result = Completion(len(self.prompt))
 
     def post(self, event: int | str | None) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (forced exit): nobody is waiting any more
+            pass
 
 
 class Worker:
@@ -265,8 +268,8 @@ class Server:
                 raise APIError(400, f"{name} is not supported (use repetition_penalty)", name, "unsupported")
         if req.logit_bias:
             raise APIError(400, "logit_bias is not supported", "logit_bias", "unsupported")
-        if getattr(req, "logprobs", None) or getattr(req, "top_logprobs", None):
-            raise APIError(400, "logprobs are not supported by this server", "logprobs", "unsupported")
+        if req.stream and _logprobs(req) is not None:
+            raise APIError(400, "logprobs are not supported with stream=true", "logprobs", "unsupported")
         if isinstance(req.stop, list) and len(req.stop) > 4:
             raise APIError(400, "stop takes at most 4 strings", "stop")
 
@@ -288,7 +291,7 @@ class Server:
         try:
             return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                   top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
-                                  seed=seed, stop_token_ids=tuple(self.tok.stop_token_ids),
+                                  seed=seed, stop_token_ids=tuple(self.tok.stop_token_ids), logprobs=_logprobs(req),
                                   stop_strings=tuple(s for s in stops + extra_stops if s))
         except ValueError as err:
             raise APIError(400, str(err)) from None
@@ -321,6 +324,8 @@ class Server:
             prompts = [list(p)]
         else:
             prompts = [list(x) for x in p]
+        if not prompts:
+            raise APIError(400, "prompt is empty", "prompt")
         vocab = self.engine.model.config.vocab_size
         for i, ids in enumerate(prompts):
             if not ids:
@@ -329,10 +334,40 @@ class Server:
                 raise APIError(400, f"prompt {i} holds token ids outside [0, {vocab})", "prompt")
         return prompts
 
+    # -- logprobs of the tokens that make up the text (a final stop token is not part of it) --
+    def _scored(self, job: _Job) -> list[tuple[str, float, list[tuple[str, float]]]]:
+        r = job.result
+        n = len(r.token_ids) - (r.finish_reason == "stop" and r.token_ids[-1] in job.params.stop_token_ids)
+        return [(self.tok.decode([t]), lp, [(self.tok.decode([a]), alp) for a, alp in top])
+                for t, (lp, top) in zip(r.token_ids[:n], r.logprobs[:n])]
+
+    def chat_logprobs(self, job: _Job) -> dict[str, Any]:
+        def entry(token: str, lp: float) -> dict[str, Any]:
+            return {"token": token, "logprob": lp, "bytes": list(token.encode())}
+
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]}
+                            for t, lp, top in self._scored(job)]}
+
+    def completion_logprobs(self, job: _Job, prefix: str) -> dict[str, Any]:
+        scored = self._scored(job)
+        offsets, at = [], len(prefix)
+        for token, _, _ in scored:
+            offsets.append(at)
+            at += len(token)
+        return {"tokens": [t for t, _, _ in scored], "token_logprobs": [lp for _, lp, _ in scored],
+                "top_logprobs": [dict(top) for _, _, top in scored], "text_offset": offsets}
+
     def submit(self, prompt: list[int], params: SamplingParams) -> _Job:
         job = _Job(prompt, params, asyncio.get_running_loop())
         self.worker.submit(job)
         return job
+
+
+def _logprobs(req: _Sampling) -> int | None:
+    """SamplingParams.logprobs for a request: None (off) or how many alternatives to report."""
+    if isinstance(req, ChatRequest):
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return getattr(req, "logprobs", None)
 
 
 def _visible(engine: Engine, job: _Job) -> str:
@@ -406,7 +441,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         if req.stream:
             return _sse(_chat_chunks(engine, jobs, head, req))
         await asyncio.gather(*(_finish(j) for j in jobs))
-        choices = [{"index": i, "message": {"role": "assistant", "content": j.result.text}, "logprobs": None,
+        choices = [{"index": i, "message": {"role": "assistant", "content": j.result.text},
+                    "logprobs": srv.chat_logprobs(j) if req.logprobs else None,
                     "finish_reason": j.result.finish_reason} for i, j in enumerate(jobs)]
         return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(jobs, jobs[:1])}
 
@@ -425,7 +461,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         if req.stream:
             return _sse(_completion_chunks(engine, jobs, prefix, head, req, firsts))
         await asyncio.gather(*(_finish(j) for j in jobs))
-        choices = [{"index": i, "text": pre + j.result.text, "logprobs": None, "finish_reason": j.result.finish_reason}
+        choices = [{"index": i, "text": pre + j.result.text, "finish_reason": j.result.finish_reason,
+                    "logprobs": srv.completion_logprobs(j, pre) if req.logprobs is not None else None}
                    for i, (j, pre) in enumerate(zip(jobs, prefix))]
         return {**head, "object": "text_completion", "choices": choices, "usage": _usage(jobs, firsts)}
 
