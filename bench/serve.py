@@ -3,6 +3,7 @@
     python bench/serve.py                                   # the embedded teacher, bf16
     python bench/serve.py --clients 1,8,32 --max-tokens 32 --requests-per-client 2
 
+The server is `phiforge serve` in a child process (so the clients' Python threads do not share its GIL).
 Each client is a thread with its own `openai` client sending chat requests back to back (greedy, no stop
 strings; the chat template's end-of-turn token may stop a reply early: tokens are counted from `usage`).
 The reference, in the same run, is the Engine generating the same prompts in-process with the same
@@ -23,7 +24,7 @@ from common import machine
 
 from phiforge.checkpoint import load_pretrained
 from phiforge.generate import Engine, SamplingParams
-from phiforge.serve import start_server
+from phiforge.serve import spawn_server
 
 TOPICS = ["rain", "bees", "volcanoes", "the moon", "bread", "rivers", "owls", "glass", "wind", "salt", "trees",
           "ice", "copper", "sleep", "music", "maps"]
@@ -79,7 +80,9 @@ def main() -> None:
     levels = [int(c) for c in args.clients.split(",")]
     report = {"machine": machine(), "model": args.model, "dtype": args.dtype, "max_tokens": args.max_tokens,
               "requests_per_client": args.requests_per_client, "results": []}
-    with start_server(model, tokenizer, model_name="bench", max_batch_size=max(levels), max_seq_len=512) as server:
+    options = ["--served-model-name", "bench", "--dtype", args.dtype, "--device", "cpu",
+               "--max-batch-size", str(max(levels)), "--max-seq-len", "512"]
+    with spawn_server(args.model, *options) as server:
         run_clients(server.url, "bench", 2, 1, 4)  # warm-up
         for clients in levels:
             served = run_clients(server.url, "bench", clients, args.requests_per_client, args.max_tokens)
