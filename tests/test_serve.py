@@ -168,6 +168,7 @@ def test_16_concurrent_clients_all_answered(teacher: tuple[Any, Any], server: Ru
     assert peak >= 8, f"requests were not batched together (at most {peak} in flight)"
 
 
+@pytest.mark.slow  # a second process loads the teacher: ~15 s quiet, minutes under load
 def test_greedy_answer_equals_phiforge_generate(teacher: tuple[Any, Any], client: openai.OpenAI) -> None:
     prompt = "Alice was tired of sitting by her sister on the bank, and"
     run = subprocess.run([sys.executable, "-m", "phiforge.cli", "generate", "-m", "smollm2-135m-instruct", "-p", prompt,
