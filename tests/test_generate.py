@@ -126,3 +126,37 @@ def test_teacher_greedy_equals_transformers_generate(teacher, ref_model) -> None
                               pad_token_id=0)[0, len(prompt):].tolist()
     assert ours.token_ids == want
     assert tokenizer.decode(ours.token_ids).lower().startswith("photosynthesis")
+
+
+def test_serve_admits_requests_arriving_mid_run(models) -> None:
+    """Engine.serve: a request that arrives while others decode joins the batch; outputs equal generate's."""
+    ours, _ = models["tiny-phi3-longrope"]
+    params = [SamplingParams(max_new_tokens=40), SamplingParams(max_new_tokens=70, temperature=0.8, seed=1),
+              SamplingParams(max_new_tokens=25, temperature=1.2, top_p=0.9, seed=2)]
+    want = Engine(ours, max_batch_size=1).generate(PROMPTS, params)
+    results = [want[0].__class__(len(p)) for p in PROMPTS]
+    calls = {"n": 0}
+
+    def take(idle: bool):  # noqa: ANN202
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return [(0, PROMPTS[0], params[0], results[0])]
+        if calls["n"] == 10:  # two more arrive after nine decode steps
+            return [(1, PROMPTS[1], params[1], results[1]), (2, PROMPTS[2], params[2], results[2])]
+        return None if calls["n"] > 10 else []
+
+    keys = [key for key, _ in Engine(ours, max_batch_size=2, max_seq_len=256).serve(take)]
+    assert [r.token_ids for r in results] == [w.token_ids for w in want]
+    assert keys.index(1) > 8 and keys.count(0) == 40 and all(r.finish_reason == "length" for r in results)
+
+
+def test_logprobs_of_the_chosen_tokens(models) -> None:
+    ours, _ = models["tiny-llama"]
+    result = Engine(ours).generate([PROMPTS[0]], SamplingParams(max_new_tokens=5, logprobs=3))[0]
+    assert len(result.logprobs) == 5
+    with torch.no_grad():
+        logits = ours(torch.tensor([PROMPTS[0] + result.token_ids]))[0, len(PROMPTS[0]) - 1:-1].float()
+    expected = torch.log_softmax(logits, -1)
+    for step, (token, (lp, top)) in enumerate(zip(result.token_ids, result.logprobs)):
+        assert abs(lp - expected[step, token].item()) < 1e-4
+        assert [t for t, _ in top] == expected[step].topk(3).indices.tolist() and top[0][0] == token

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -134,6 +135,30 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from phiforge.generate import Engine
+    from phiforge.serve import ServeConfig, serve_forever
+
+    model, tokenizer = _load(args)
+    config = ServeConfig(model_name=args.served_model_name or Path(args.model).name.removesuffix(".gguf"),
+                         host=args.host, port=args.port, api_key=args.api_key or None,
+                         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+                         max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                         max_tokens_limit=args.max_tokens_limit)
+    engine = Engine(model, tokenizer, max_batch_size=config.max_batch_size, max_seq_len=config.max_seq_len)
+    config.max_seq_len = engine.max_seq_len
+    serve_forever(engine, config)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from phiforge.gguf_export import export_gguf
+
+    model, tokenizer = _load(args)
+    print(json.dumps(export_gguf(model, tokenizer, args.output, quant=args.quant), indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from phiforge.demo import run_demo
 
@@ -234,6 +259,26 @@ def _parser() -> argparse.ArgumentParser:
     p = add("report", cmd_report, "write RUN_DIR/report.html: data, training curves, evaluation, samples")
     p.add_argument("run_dir")
     p.add_argument("--output", "-o", default=None)
+
+    p = add("serve", cmd_serve, "OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, "
+            "/health) with continuous batching")
+    model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed when ready)")
+    p.add_argument("--api-key", default=os.environ.get("PHIFORGE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $PHIFORGE_API_KEY, else no key)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="prompt + completion tokens per request")
+    p.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024)
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: max-seq-len - 1")
+    p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens; default: max-seq-len - 1")
+
+    p = add("export", cmd_export, "write a GGUF file for llama.cpp / Ollama (phi2, phi3, llama architectures)")
+    model_options(p, quantize=False)
+    p.add_argument("--format", choices=["gguf"], default="gguf")
+    p.add_argument("--quant", choices=["f32", "f16", "q8_0", "q4_0"], default="f16")
+    p.add_argument("--output", "-o", type=Path, required=True, help="the .gguf file to write")
 
     add("demo", cmd_demo, "run the most complete job phiforge can do on this machine, with the embedded teacher")
     return parser

@@ -33,6 +33,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
+    logprobs: int | None = None  # record each chosen token's log-probability and the top-k alternatives
 
     def __post_init__(self) -> None:
         checks = [
@@ -42,6 +43,7 @@ class SamplingParams:
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0, got {self.logprobs}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -55,6 +57,8 @@ class Completion:
     text: str = ""
     finish_reason: str = ""  # "stop" (stop id or string) | "length"
     seconds: float = 0.0
+    # with SamplingParams.logprobs: per token (its logprob, [(id, logprob) of the top k]), after repetition penalty
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 @dataclass
@@ -137,15 +141,41 @@ class Engine:
         capacity = max(len(pr) + p.max_new_tokens for pr, p in zip(prompts, params))
         capacity = min(capacity, self.max_seq_len)
         rows = self.batch_size(len(prompts), capacity)
+        yield from self._loop(rows, capacity, deque(zip(range(len(prompts)), prompts, params, results)))
+
+    def serve(self, take: Callable[[bool], list[tuple[int, list[int], SamplingParams, Completion]] | None]
+              ) -> Iterator[tuple[int, int]]:
+        """Continuous batching over requests that arrive while it runs (the HTTP server's loop).
+
+        ``take(idle)`` is called before every step and returns new ``(key, prompt, params, result)``
+        requests (it may block when ``idle``, i.e. nothing is running), or None to stop once the running
+        requests are done. Yields ``(key, token)``; each ``result`` is filled as in ``generate``.
+        """
+        waiting: deque = deque()
+
+        def refill(idle: bool) -> bool:
+            new = take(idle)
+            for key, prompt, p, result in new or ():
+                self._check_fits(key, prompt, p)
+                waiting.append((key, prompt, p, result))
+            return new is not None
+
+        yield from self._loop(self.batch_size(AUTO_MAX_BATCH, self.max_seq_len), self.max_seq_len, waiting, refill)
+
+    def _loop(self, rows: int, capacity: int, waiting: deque,
+              refill: Callable[[bool], bool] | None = None) -> Iterator[tuple[int, int]]:
+        """Admit ``waiting`` (key, prompt, params, result) requests into free cache rows and decode."""
         cache = self.model.new_cache(rows, capacity)
-        waiting = deque(range(len(prompts)))
         live: list[_Live | None] = [None] * rows
+        open_ = refill is not None
         with torch.inference_mode():
-            while waiting or any(live):
+            while waiting or any(live) or open_:
+                if open_:
+                    open_ = refill(not waiting and not any(live))
                 free = [r for r in range(rows) if live[r] is None][: len(waiting)]
                 if free:
                     admitted = {r: waiting.popleft() for r in free}
-                    for row, first in self._admit(admitted, prompts, params, results, cache, live):
+                    for row, first in self._admit(admitted, cache, live):
                         yield from self._accept(live, row, [first])
                 if not any(live):
                     continue
@@ -171,18 +201,16 @@ class Engine:
         if p.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
 
-    def _admit(self, admitted: dict[int, int], prompts: list[list[int]], params: list[SamplingParams],
-               results: list[Completion], cache: KVCache, live: list[_Live | None]) -> Iterator[tuple[int, int]]:
-        """Prefill the prompts given rows (row -> request index), runs of neighbouring rows in one
-        forward; yield each row's first sampled token."""
-        for row, i in admitted.items():
-            p = params[i]
+    def _admit(self, admitted: dict[int, tuple[int, list[int], SamplingParams, Completion]], cache: KVCache,
+               live: list[_Live | None]) -> Iterator[tuple[int, int]]:
+        """Prefill the requests given rows (row -> (key, prompt, params, result)), runs of neighbouring
+        rows in one forward; yield each row's first sampled token."""
+        for row, (key, prompt, p, result) in admitted.items():
             generator = None
             if p.temperature > 0:
                 generator = torch.Generator(device="cpu")
                 generator.manual_seed(p.seed if p.seed is not None else torch.seed())
-            live[row] = _Live(i, prompts[i], p, results[i], generator, position=len(prompts[i]),
-                              started=time.perf_counter())
+            live[row] = _Live(key, prompt, p, result, generator, position=len(prompt), started=time.perf_counter())
         for run in self._prefill_runs(sorted(admitted), live):
             logits = self._prefill(run, [live[r].tokens for r in run], cache)
             yield from zip(run, self._sample(logits, [live[r] for r in run]).tolist())
@@ -285,7 +313,18 @@ class Engine:
         sampled = [i for i, s in enumerate(states) if s.params.temperature > 0]
         for i in sampled:
             out[i] = sample_token(logits[i], states[i].params, states[i].generator)
+        scored = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+        if scored:
+            _record_logprobs(torch.log_softmax(logits[scored], dim=-1), out[scored], [states[i] for i in scored])
         return out
+
+
+def _record_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, states: list[_Live]) -> None:
+    for lp, token, state in zip(logprobs, chosen.tolist(), states):
+        k = state.params.logprobs
+        top = lp.topk(k) if k else None
+        alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+        state.result.logprobs.append((float(lp[token]), alternatives))
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, histories: list[list[int]],
