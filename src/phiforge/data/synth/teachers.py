@@ -104,7 +104,7 @@ class Teacher:
         results: list[Result | None] = [None] * len(requests)
         missing = []
         for i, request in enumerate(requests):
-            hit = self.cache.get(self.key(request)) if self.cache else None
+            hit = self.cache.get(self.key(request)) if self.cache is not None else None
             if hit is None:
                 missing.append(i)
                 continue
@@ -116,7 +116,7 @@ class Teacher:
 
         def done(j: int, result: Result) -> None:
             i = missing[j]
-            if self.cache:
+            if self.cache is not None:
                 self.cache.put(self.key(requests[i]), result)
             self.stats["completion_tokens"] += result.completion_tokens
             results[i] = result
@@ -131,7 +131,7 @@ class Teacher:
         raise NotImplementedError
 
     def close(self) -> None:
-        if self.cache:
+        if self.cache is not None:
             self.cache.close()
 
 
