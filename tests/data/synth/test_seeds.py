@@ -7,8 +7,16 @@ from pathlib import Path
 import pytest
 
 from phiforge.data.synth import SynthConfig, run_synth
-from phiforge.data.synth.seeds import (AUDIENCES, FORMATS, STYLES, SeedError, check_choices, load_passages,
-                                       load_topics, sample_seed)
+from phiforge.data.synth.seeds import (
+    AUDIENCES,
+    FORMATS,
+    STYLES,
+    SeedError,
+    check_choices,
+    load_passages,
+    load_topics,
+    sample_seed,
+)
 
 
 def test_builtin_topics_cover_six_areas() -> None:

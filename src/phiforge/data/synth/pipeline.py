@@ -276,14 +276,14 @@ def run_synth(config: SynthConfig, teacher: Teacher | None = None) -> dict[str, 
     identity = teacher.identity() if teacher else {}
     ctx = StepContext(teacher, sampling, config.run.seed, config.teacher.system, config.techniques.rubric,
                       config.techniques.plurality_samples, config.techniques.reversal_similarity,
-                      config.techniques.sandbox_timeout) if teacher else None
+                      config.techniques.sandbox_timeout, cleanup if config.filter.cleanup else str.strip) \
+        if teacher else None
     bar = _progress(config, len(writer.done))
 
     def finished(d: Draft) -> None:
         nonlocal new_tokens
-        text = cleanup(d.text) if config.filter.cleanup else d.text
-        status = d.status if d.status != "kept" else verdict(text, d.finish_reason, config.filter)
-        writer.add(make_record(config, d, text, status, identity))
+        status = d.status if d.status != "kept" else verdict(d.text, d.finish_reason, config.filter)
+        writer.add(make_record(config, d, d.text, status, identity))
         new_tokens += d.total_tokens
         if bar is not None:
             bar.update(1)

@@ -51,6 +51,7 @@ class StepContext:
     plurality_samples: int = 5
     reversal_similarity: float = 0.5
     sandbox_timeout: float = 10.0
+    clean: Callable[[str], str] = str.strip  # applied to every answer (boilerplate cleanup)
 
 
 Done = Callable[[Draft], None]
@@ -71,7 +72,7 @@ def _ask(ctx: StepContext, drafts: list[Draft], prompts: list[str], step: str,
     def landed(i: int, result: Result) -> None:
         drafts[i].calls += 1
         drafts[i].total_tokens += result.completion_tokens
-        on_each(drafts[i], result)
+        on_each(drafts[i], replace(result, text=ctx.clean(result.text)))
 
     ctx.teacher.generate(requests, landed)
 
