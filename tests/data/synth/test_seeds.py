@@ -50,6 +50,8 @@ def test_sampling_is_per_document_deterministic_and_combinatorial() -> None:
     assert all(s.audience == "young children" for s in seeds if s.format == "story")
     assert all(s.audience != "young children" for s in seeds if s.format == "python")
     assert len({s.topic for s in seeds}) > 200
+    balanced = [sample_seed(i, 7, *args, balance_formats=True) for i in range(60)]
+    assert Counter(s.format for s in balanced) == dict.fromkeys(FORMATS, 10)
 
 
 def test_web_passages(tmp_path: Path) -> None:

@@ -50,6 +50,7 @@ class SeedsSection:
     web_samples: str = ""  # .txt (blank-line separated) or .jsonl ("text") passages to seed prompts with
     web_fraction: float = 0.5  # share of documents whose prompt carries a passage (when web_samples is set)
     passage_chars: int = 1000
+    balance_formats: bool = False  # cycle through the formats by document index (equal counts per format)
 
 
 @dataclass
@@ -240,7 +241,7 @@ class Planner:
     def draft(self, index: int) -> Draft:
         s = self.config.seeds
         seed = S.sample_seed(index, self.config.run.seed, self.topics, self.audiences, self.formats, self.styles,
-                             self.passages, s.web_fraction)
+                             self.passages, s.web_fraction, s.balance_formats)
         return Draft(index, seed, P.document_prompt(seed, self.config.prompts))
 
 

@@ -147,11 +147,15 @@ def check_choices(kind: str, chosen: list[str], known: dict[str, Any]) -> list[s
 
 
 def sample_seed(index: int, seed: int, topics: list[Topic], audiences: list[str], formats: list[str],
-                styles: list[str], passages: list[Passage] | None = None, passage_fraction: float = 0.0) -> Seed:
-    """Document ``index``'s attributes, from an RNG of its own (independent of every other document)."""
+                styles: list[str], passages: list[Passage] | None = None, passage_fraction: float = 0.0,
+                balance_formats: bool = False) -> Seed:
+    """Document ``index``'s attributes, from an RNG of its own (independent of every other document).
+
+    ``balance_formats`` cycles through the formats by index instead of drawing one (equal counts)."""
     rng = random.Random(f"phiforge-synth:{seed}:{index}")
     topic = rng.choice(topics)
     fmt = rng.choice(formats)
+    fmt = formats[index % len(formats)] if balance_formats else fmt
     suited = [a for a in audiences if not FORMATS[fmt][1] or a in FORMATS[fmt][1]]
     audience = rng.choice(suited or list(FORMATS[fmt][1]))
     style = rng.choice(styles)
