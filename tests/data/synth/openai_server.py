@@ -15,7 +15,10 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
+
+from phiforge.data.synth import SynthConfig
 
 FAULTS = ("429", "500", "timeout", "drop", "malformed")
 WORDS = ("energy light water cells numbers stories history friends code science learn explain example "
@@ -127,3 +130,15 @@ class FaultyOpenAIServer:
             h.send_header(k, v)
         h.end_headers()
         h.wfile.write(payload)
+
+
+# ---- config helpers for the synth tests ----------------------------------------------------------------------
+def http_overrides(base_url: str, out: Path, n: int, *extra: str) -> list[str]:
+    """A fast OpenAI-teacher run: short timeout and backoff so injected faults cost little."""
+    return [f"run.out_dir={out}", f"run.num_documents={n}", "run.shard_size=8", "run.progress=false",
+            "teacher.kind=openai", f"teacher.base_url={base_url}", "teacher.model=test-model",
+            "teacher.timeout=0.4", "teacher.backoff=0.01", "teacher.backoff_max=0.05", *extra]
+
+
+def http_config(tmp_path: Path, base_url: str, n: int, *extra: str, out: Path | None = None) -> SynthConfig:
+    return SynthConfig.from_dict({}, http_overrides(base_url, out or tmp_path / "out", n, *extra))

@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import http_overrides
-from openai_server import FaultyOpenAIServer
+from openai_server import FaultyOpenAIServer, http_overrides
 
 from phiforge.cli import main
 from phiforge.data.synth import SynthConfig, run_synth

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from openai_server import FaultyOpenAIServer, default_answer
+from openai_server import FaultyOpenAIServer, default_answer, http_config
 
 from phiforge.data.synth import run_synth
 from phiforge.data.synth.teachers import OpenAITeacher, Request, Sampling, TeacherError
@@ -16,59 +16,61 @@ from phiforge.data.synth.writer import read_records
 from phiforge.generate import SamplingParams
 
 
-def test_faults_are_retried_and_every_document_is_produced_once(server: FaultyOpenAIServer, http_config,
-                                                               tmp_path: Path) -> None:
-    stats = run_synth(http_config(server.base_url, 40, "teacher.concurrency=6"))
-    records = read_records(tmp_path / "out")
-    assert sorted(r["metadata"]["index"] for r in records) == list(range(40))
-    assert len({r["id"] for r in records}) == 40 and stats["documents"] == 40 and stats["rejected"] == 0
-    outcomes = server.outcomes()
-    assert all(outcomes[kind] >= 2 for kind in ("429", "500", "timeout", "drop", "malformed")), outcomes
-    assert set(server.successes().values()) == {1} and len(server.successes()) == 40  # each paid for once
-    retries = stats["teacher_stats"]
-    assert retries["retries_429"] == outcomes["429"] and retries["retries_5xx"] == outcomes["500"]
-    assert retries["retries_timeout"] == outcomes["timeout"] and retries["retries_connection"] == outcomes["drop"]
-    assert retries["retries_malformed"] == outcomes["malformed"]
-    assert retries["requests"] == sum(outcomes.values())
-    # the boilerplate opening the server adds is cleaned; the text is the server's answer
-    assert all(r["text"].startswith("Lesson ") for r in records)
+def test_faults_are_retried_and_every_document_is_produced_once(tmp_path: Path) -> None:
+    with FaultyOpenAIServer(hang=1.0) as server:
+        stats = run_synth(http_config(tmp_path, server.base_url, 40, "teacher.concurrency=6"))
+        records = read_records(tmp_path / "out")
+        assert sorted(r["metadata"]["index"] for r in records) == list(range(40))
+        assert len({r["id"] for r in records}) == 40 and stats["documents"] == 40 and stats["rejected"] == 0
+        outcomes = server.outcomes()
+        assert all(outcomes[kind] >= 2 for kind in ("429", "500", "timeout", "drop", "malformed")), outcomes
+        assert set(server.successes().values()) == {1} and len(server.successes()) == 40  # each paid for once
+        retries = stats["teacher_stats"]
+        assert retries["retries_429"] == outcomes["429"] and retries["retries_5xx"] == outcomes["500"]
+        assert retries["retries_timeout"] == outcomes["timeout"]
+        assert retries["retries_connection"] == outcomes["drop"]
+        assert retries["retries_malformed"] == outcomes["malformed"]
+        assert retries["requests"] == sum(outcomes.values())
+        # the boilerplate opening the server adds is cleaned; the text is the server's answer
+        assert all(r["text"].startswith("Lesson ") for r in records)
 
-    # rerun into a new folder with the same cache: nothing is paid twice, the documents are the same
-    log_size = len(server.log)
-    again = run_synth(http_config(server.base_url, 40, f"teacher.cache_path={tmp_path / 'out' / 'cache.sqlite'}",
-                                  out=tmp_path / "again"))
-    assert len(server.log) == log_size and again["teacher_stats"]["cache_hits"] == 40
-    assert read_records(tmp_path / "again") == records
-
-
-def test_completions_api_and_request_body(server: FaultyOpenAIServer) -> None:
-    teacher = OpenAITeacher(server.base_url, "m", api="completions", backoff=0.01, timeout=0.4)
-    sampling = Sampling(max_new_tokens=32, temperature=0.5, top_p=0.9, top_k=0, repetition_penalty=1.0)
-    request = Request("Tell me about tides.", seed=3, sampling=sampling)
-    body = teacher.body(request)
-    assert body == {"model": "m", "max_tokens": 32, "temperature": 0.5, "top_p": 0.9, "seed": 3,
-                    "prompt": "Tell me about tides."}  # top_k / repetition_penalty only when set
-    [result] = teacher.generate([request])
-    assert result.text == default_answer(body).strip() and result.finish_reason == "stop"
-    assert result.completion_tokens == len(result.text.split())
+        # rerun into a new folder with the same cache: nothing is paid twice, the documents are the same
+        log_size = len(server.log)
+        cache = f"teacher.cache_path={tmp_path / 'out' / 'cache.sqlite'}"
+        again = run_synth(http_config(tmp_path, server.base_url, 40, cache, out=tmp_path / "again"))
+        assert len(server.log) == log_size and again["teacher_stats"]["cache_hits"] == 40
+        assert read_records(tmp_path / "again") == records
 
 
-def test_refused_connection_is_a_clear_error(http_config) -> None:
+def test_completions_api_and_request_body() -> None:
+    with FaultyOpenAIServer(hang=1.0) as server:
+        teacher = OpenAITeacher(server.base_url, "m", api="completions", backoff=0.01, timeout=0.4)
+        sampling = Sampling(max_new_tokens=32, temperature=0.5, top_p=0.9, top_k=0, repetition_penalty=1.0)
+        request = Request("Tell me about tides.", seed=3, sampling=sampling)
+        body = teacher.body(request)
+        assert body == {"model": "m", "max_tokens": 32, "temperature": 0.5, "top_p": 0.9, "seed": 3,
+                        "prompt": "Tell me about tides."}  # top_k / repetition_penalty only when set
+        [result] = teacher.generate([request])
+        assert result.text == default_answer(body).strip() and result.finish_reason == "stop"
+        assert result.completion_tokens == len(result.text.split())
+
+
+def test_refused_connection_is_a_clear_error(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
-    config = http_config(f"http://127.0.0.1:{port}/v1", 3, "teacher.max_retries=2")
+    config = http_config(tmp_path, f"http://127.0.0.1:{port}/v1", 3, "teacher.max_retries=2")
     with pytest.raises(TeacherError, match=rf"127.0.0.1:{port}/v1/chat/completions: no answer after 3 attempts; "
                                            r"last error: ConnectError.*is the server running"):
         run_synth(config)
 
 
-def test_non_json_teacher_is_retried_then_reported_and_nothing_is_lost(http_config, tmp_path: Path) -> None:
+def test_non_json_teacher_is_retried_then_reported_and_nothing_is_lost(tmp_path: Path) -> None:
     """A teacher that answers some requests with non-JSON forever: the run fails with a clear error after
     counted retries, the documents that succeeded are kept, and a rerun against a healthy teacher
     produces exactly the missing ones."""
     with FaultyOpenAIServer(faults=False) as healthy:
-        config = http_config(healthy.base_url, 12, "teacher.max_retries=3", "teacher.concurrency=1")
+        config = http_config(tmp_path, healthy.base_url, 12, "teacher.max_retries=3", "teacher.concurrency=1")
 
     class Broken(FaultyOpenAIServer):
         def handle(self, h, body) -> None:  # noqa: ANN001
@@ -98,7 +100,7 @@ def test_non_json_teacher_is_retried_then_reported_and_nothing_is_lost(http_conf
     assert Planner(config).draft(0).prompt  # the plan is unchanged by the failure
 
 
-def test_client_errors_are_not_retried(http_config) -> None:
+def test_client_errors_are_not_retried(tmp_path: Path) -> None:
     class Rejecting(FaultyOpenAIServer):
         def handle(self, h, body) -> None:  # noqa: ANN001
             self.log.append(("", "400"))
@@ -106,7 +108,7 @@ def test_client_errors_are_not_retried(http_config) -> None:
 
     with Rejecting() as srv:
         with pytest.raises(TeacherError, match=r"HTTP 400 \(not retried\).*unknown parameter top_k"):
-            run_synth(http_config(srv.base_url, 2))
+            run_synth(http_config(tmp_path, srv.base_url, 2))
         assert srv.outcomes()["400"] <= 2  # one attempt per request at most, no retries
 
 

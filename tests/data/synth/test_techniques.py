@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from openai_server import FaultyOpenAIServer, default_answer
+from openai_server import FaultyOpenAIServer, default_answer, http_config
 
 from phiforge.data.synth import run_synth
 from phiforge.data.synth.pipeline import cleanup
@@ -68,17 +68,17 @@ class Scripted:
         return self.documents[instruction.split(": ", 1)[1][:20]]
 
 
-def run(tmp_path: Path, http_config, steps: str, n: int, *extra: str) -> tuple[list, list]:  # noqa: ANN001
+def run(tmp_path: Path, steps: str, n: int, *extra: str) -> tuple[list, list]:  # noqa: ANN001
     script = Scripted()
     with FaultyOpenAIServer(faults=False, answer=script) as srv:
         script.server = srv
-        run_synth(http_config(srv.base_url, n, f"techniques.steps={steps}", "filter.min_words=1",
+        run_synth(http_config(tmp_path, srv.base_url, n, f"techniques.steps={steps}", "filter.min_words=1",
                               "teacher.concurrency=2", *extra))
     return read_records(tmp_path / "out"), read_records(tmp_path / "out", rejected=True)
 
 
-def test_multi_agent_then_plurality(tmp_path: Path, http_config) -> None:  # noqa: ANN001
-    kept, rejected = run(tmp_path, http_config, '["multi_agent","plurality"]', 16)
+def test_multi_agent_then_plurality(tmp_path: Path) -> None:
+    kept, rejected = run(tmp_path, '["multi_agent","plurality"]', 16)
     assert len(kept) + len(rejected) == 16
     expected = {"easy": "plurality: every sampled answer agrees (too easy)",
                 "hard": "plurality: no two sampled answers agree (ambiguous)",
@@ -98,8 +98,8 @@ def test_multi_agent_then_plurality(tmp_path: Path, http_config) -> None:  # noq
     assert mid["metadata"]["tokens"]["calls"] == 3 + 5
 
 
-def test_self_revision_keeps_the_chain(tmp_path: Path, http_config) -> None:  # noqa: ANN001
-    kept, rejected = run(tmp_path, http_config, '["generate","self_revision"]', 4, 'seeds.formats=["textbook"]')
+def test_self_revision_keeps_the_chain(tmp_path: Path) -> None:
+    kept, rejected = run(tmp_path, '["generate","self_revision"]', 4, 'seeds.formats=["textbook"]')
     assert len(kept) == 4 and not rejected
     for record in kept:
         link = record["metadata"]["chain"][0]
@@ -108,8 +108,8 @@ def test_self_revision_keeps_the_chain(tmp_path: Path, http_config) -> None:  # 
         assert record["metadata"]["tokens"]["calls"] == 3
 
 
-def test_instruction_reversal_code_runs_the_original_tests(tmp_path: Path, http_config) -> None:  # noqa: ANN001
-    kept, rejected = run(tmp_path, http_config, '["generate","instruction_reversal"]', 6, 'seeds.formats=["python"]')
+def test_instruction_reversal_code_runs_the_original_tests(tmp_path: Path) -> None:
+    kept, rejected = run(tmp_path, '["generate","instruction_reversal"]', 6, 'seeds.formats=["python"]')
     assert len(kept) + len(rejected) == 6 and kept and rejected
     for record in kept + rejected:
         link = record["metadata"]["chain"][0]
@@ -119,7 +119,7 @@ def test_instruction_reversal_code_runs_the_original_tests(tmp_path: Path, http_
     assert {r["reason"] for r in rejected} == {"instruction_reversal: regenerated code fails the original's tests"}
 
 
-def test_instruction_reversal_text_uses_similarity(tmp_path: Path, http_config) -> None:  # noqa: ANN001
+def test_instruction_reversal_text_uses_similarity(tmp_path: Path) -> None:
     script_docs: dict[str, str] = {}
 
     class Remembering(Scripted):
@@ -132,7 +132,7 @@ def test_instruction_reversal_text_uses_similarity(tmp_path: Path, http_config) 
             return out
 
     with FaultyOpenAIServer(faults=False, answer=Remembering()) as srv:
-        run_synth(http_config(srv.base_url, 6, 'techniques.steps=["generate","instruction_reversal"]',
+        run_synth(http_config(tmp_path, srv.base_url, 6, 'techniques.steps=["generate","instruction_reversal"]',
                               'seeds.formats=["textbook"]', "filter.min_words=1", "teacher.concurrency=1"))
     kept, rejected = read_records(tmp_path / "out"), read_records(tmp_path / "out", rejected=True)
     assert kept and rejected and len(kept) + len(rejected) == 6
