@@ -159,6 +159,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from phiforge.data.synth.pipeline import SynthConfig, run_synth
+    from phiforge.data.synth.teachers import TeacherError
+
+    config = SynthConfig.from_toml(args.config, args.overrides)
+    try:
+        stats = run_synth(config)
+    except TeacherError as err:  # what finished is on disk: a rerun resumes from there
+        print(f"phiforge synth: error: {err}", file=sys.stderr)
+        return 2
+    if not args.full_stats:
+        stats.pop("per_topic")
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from phiforge.demo import run_demo
 
@@ -279,6 +295,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["gguf"], default="gguf")
     p.add_argument("--quant", choices=["f32", "f16", "q8_0", "q4_0"], default="f16")
     p.add_argument("--output", "-o", type=Path, required=True, help="the .gguf file to write")
+
+    p = add("synth", cmd_synth, "synthetic textbooks, exercises, stories and dialogues from a teacher (local model "
+            "or OpenAI-compatible endpoint); resumable, sharded JSONL")
+    p.add_argument("config", help="synth TOML config (sections run, seeds, teacher, sampling, prompts, ...)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. run.num_documents=200 teacher.kind=openai")
+    p.add_argument("--full-stats", action="store_true", help="also print the per-topic counts")
 
     add("demo", cmd_demo, "run the most complete job phiforge can do on this machine, with the embedded teacher")
     return parser

@@ -1,0 +1,332 @@
+"""``phiforge synth``: seeds -> prompts -> teacher (+ techniques) -> cleanup -> sharded, resumable output.
+
+The config is TOML with the sections below, loaded with the same ``section.key=value`` override
+machinery as ``phiforge train`` (unknown keys are errors that list the valid ones).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from phiforge.data.packing import atomic_write_json
+from phiforge.data.synth import prompts as P
+from phiforge.data.synth import seeds as S
+from phiforge.data.synth.teachers import LocalTeacher, OpenAITeacher, RequestCache, Sampling, Teacher
+from phiforge.data.synth.techniques import Draft, StepContext, check_steps, run_steps
+from phiforge.data.synth.writer import OutputError, ShardWriter, summarize
+from phiforge.train.config import _build, apply_override
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+@dataclass
+class RunSection:
+    out_dir: str = "runs/synth"
+    num_documents: int = 100
+    seed: int = 0
+    shard_size: int = 256  # documents per output shard (the unit of atomic completion)
+    format: str = "jsonl"  # jsonl | parquet
+    chunk_size: int = 512  # documents handed to the teacher at once (all steps of a chunk run together)
+    progress: bool = True
+
+
+@dataclass
+class SeedsSection:
+    topics: str = ""  # a topics file (one per line, "# area" headers); "" = the built-in 300
+    audiences: list[str] = field(default_factory=list)  # subsets of the built-in lists; empty = all
+    formats: list[str] = field(default_factory=list)
+    styles: list[str] = field(default_factory=list)
+    web_samples: str = ""  # .txt (blank-line separated) or .jsonl ("text") passages to seed prompts with
+    web_fraction: float = 0.5  # share of documents whose prompt carries a passage (when web_samples is set)
+    passage_chars: int = 1000
+    balance_formats: bool = False  # cycle through the formats by document index (equal counts per format)
+
+
+@dataclass
+class TeacherSection:
+    kind: str = "local"  # local | openai
+    model: str = "smollm2-135m-instruct"  # local: a model phiforge loads; openai: the served model's name
+    dtype: str = "bfloat16"  # local
+    device: str = ""  # local; "" = cuda when available
+    max_batch_size: int = 64  # local: continuous-batching rows
+    chat: bool = True  # local: use the chat template when the tokenizer has one
+    base_url: str = ""  # openai: e.g. http://127.0.0.1:8000/v1
+    api: str = "chat"  # openai: chat | completions
+    concurrency: int = 8
+    timeout: float = 60.0
+    max_retries: int = 6
+    backoff: float = 0.5  # first retry delay in seconds; doubles per attempt, with jitter
+    backoff_max: float = 30.0
+    api_key_env: str = "OPENAI_API_KEY"
+    cache: bool = True
+    cache_path: str = ""  # "" = <out_dir>/cache.sqlite
+    system: str = ""  # a system message for every request
+
+
+@dataclass
+class SamplingSection:
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class TechniquesSection:
+    steps: list[str] = field(default_factory=lambda: ["generate"])
+    rubric: str = P.RUBRIC
+    plurality_samples: int = 5
+    reversal_similarity: float = 0.5
+    sandbox_timeout: float = 10.0
+
+
+@dataclass
+class FilterSection:
+    cleanup: bool = True  # strip stock openings and closings ("Sure! Here is ...", "I hope this helps")
+    min_words: int = 40  # shorter documents are rejected (recorded in rejected/)
+    drop_truncated: bool = False  # reject documents that hit max_new_tokens
+
+
+@dataclass
+class SynthConfig:
+    run: RunSection = field(default_factory=RunSection)
+    seeds: SeedsSection = field(default_factory=SeedsSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    prompts: dict[str, str] = field(default_factory=dict)  # format -> template overriding the built-in
+    techniques: TechniquesSection = field(default_factory=TechniquesSection)
+    filter: FilterSection = field(default_factory=FilterSection)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: list[str] | None = None) -> SynthConfig:
+        file = Path(path)
+        if not file.is_file():
+            raise ValueError(f"{file}: no such synth config file (TOML)")
+        try:
+            raw = tomllib.loads(file.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{file}: not valid TOML ({err})") from None
+        return cls.from_dict(raw, overrides)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], overrides: list[str] | None = None) -> SynthConfig:
+        raw = copy.deepcopy(raw)
+        for item in overrides or []:
+            apply_override(raw, item)
+        config = _build(cls, raw, "")
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        r, t = self.run, self.teacher
+        checks = [(r.num_documents > 0, f"run.num_documents must be > 0, got {r.num_documents}"),
+                  (r.shard_size > 0, f"run.shard_size must be > 0, got {r.shard_size}"),
+                  (r.chunk_size > 0, f"run.chunk_size must be > 0, got {r.chunk_size}"),
+                  (r.format in ("jsonl", "parquet"), f"run.format = {r.format!r}; expected 'jsonl' or 'parquet'"),
+                  (t.kind in ("local", "openai"), f"teacher.kind = {t.kind!r}; expected 'local' or 'openai'"),
+                  (t.kind != "openai" or bool(t.base_url), "teacher.base_url is required when teacher.kind = "
+                                                           "'openai' (e.g. http://127.0.0.1:8000/v1)"),
+                  (t.api in ("chat", "completions"), f"teacher.api = {t.api!r}; expected 'chat' or 'completions'"),
+                  (t.concurrency > 0 and t.max_batch_size > 0, "teacher.concurrency and max_batch_size must be > 0"),
+                  (0 <= self.seeds.web_fraction <= 1, "seeds.web_fraction must be in [0, 1]"),
+                  (self.techniques.plurality_samples >= 2, "techniques.plurality_samples must be >= 2")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        for kind, known in (("audiences", S.AUDIENCES), ("formats", S.FORMATS), ("styles", S.STYLES)):
+            S.check_choices(kind, getattr(self.seeds, kind), known)
+        for fmt, template in self.prompts.items():
+            if fmt not in S.FORMATS:
+                raise ValueError(f"prompts.{fmt}: no such format; expected some of {list(S.FORMATS)}")
+            if not isinstance(template, str):
+                raise ValueError(f"prompts.{fmt}: expected a template string, got {template!r}")
+            P.check_template(f"prompts.{fmt}", template)
+        check_steps(self.techniques.steps)
+        sampling_params(self.sampling)  # range checks
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What fixes the documents of a run; resuming with any of it changed is refused."""
+        d = self.to_dict()
+        return {"run": {k: d["run"][k] for k in ("num_documents", "seed", "shard_size", "format")},
+                "seeds": d["seeds"], "sampling": d["sampling"], "prompts": d["prompts"],
+                "techniques": d["techniques"], "filter": d["filter"],
+                "teacher": {k: d["teacher"][k] for k in ("kind", "model", "dtype", "chat", "api", "system")}}
+
+
+def sampling_params(s: SamplingSection) -> Sampling:
+    checks = [(s.max_new_tokens > 0, "sampling.max_new_tokens must be > 0"),
+              (s.temperature >= 0, "sampling.temperature must be >= 0"), (0 < s.top_p <= 1, "sampling.top_p "
+                                                                            "must be in (0, 1]"),
+              (s.top_k >= 0, "sampling.top_k must be >= 0"), (s.repetition_penalty > 0, "sampling."
+                                                                "repetition_penalty must be > 0")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    return Sampling(s.max_new_tokens, s.temperature, s.top_p, s.top_k, s.repetition_penalty)
+
+
+# ---- cleanup ---------------------------------------------------------------------------------------------
+_OPENING = re.compile(r"^\s*(?:(?:sure|certainly|of course|absolutely|great|okay)\b[^\n]{0,160}\n+|"
+                      r"here(?:'s| is| are)\b[^\n]{0,160}:\s*\n+)", re.IGNORECASE)
+_CLOSING = re.compile(r"\n+[^\n]*(?:i hope (?:this|that) helps|let me know if|feel free to ask)[^\n]*\s*$",
+                      re.IGNORECASE)
+
+
+def cleanup(text: str) -> str:
+    """Strip the stock openings and sign-offs chat teachers add around the content."""
+    previous = None
+    while previous != text:
+        previous = text
+        text = _CLOSING.sub("", _OPENING.sub("", text, count=1), count=1)
+    return text.strip()
+
+
+def verdict(text: str, finish_reason: str, cfg: FilterSection) -> str:
+    """"kept" or the reason the document is rejected."""
+    words = len(text.split())
+    if words < cfg.min_words:
+        return f"too short: {words} words < filter.min_words {cfg.min_words}"
+    if cfg.drop_truncated and finish_reason == "length":
+        return "truncated at sampling.max_new_tokens"
+    return "kept"
+
+
+# ---- the run ------------------------------------------------------------------------------------------------
+def build_teacher(config: SynthConfig) -> Teacher:
+    t = config.teacher
+    if t.kind == "local":
+        teacher: Teacher = LocalTeacher(t.model, dtype=t.dtype, device=t.device, max_batch_size=t.max_batch_size,
+                                        chat=t.chat)
+    else:
+        teacher = OpenAITeacher(t.base_url, t.model, api=t.api, concurrency=t.concurrency, timeout=t.timeout,
+                                max_retries=t.max_retries, backoff=t.backoff, backoff_max=t.backoff_max,
+                                api_key_env=t.api_key_env, seed=config.run.seed)
+    return teacher
+
+
+def document_id(config: SynthConfig, seed: S.Seed, prompt: str, teacher: dict[str, Any]) -> str:
+    blob = json.dumps({"run_seed": config.run.seed, "seed": seed.metadata(), "prompt": prompt, "teacher": teacher,
+                       "sampling": dataclasses.asdict(config.sampling), "steps": config.techniques.steps},
+                      sort_keys=True)
+    return "syn-" + hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+class Planner:
+    """Document i -> its seed and prompt; the same for every run of the same config."""
+
+    def __init__(self, config: SynthConfig) -> None:
+        s = config.seeds
+        self.config = config
+        self.topics = S.load_topics(s.topics or None)
+        self.passages = S.load_passages(s.web_samples, s.passage_chars) if s.web_samples else None
+        self.audiences = S.check_choices("audiences", s.audiences, S.AUDIENCES)
+        self.formats = S.check_choices("formats", s.formats, S.FORMATS)
+        self.styles = S.check_choices("styles", s.styles, S.STYLES)
+
+    def draft(self, index: int) -> Draft:
+        s = self.config.seeds
+        seed = S.sample_seed(index, self.config.run.seed, self.topics, self.audiences, self.formats, self.styles,
+                             self.passages, s.web_fraction, s.balance_formats)
+        return Draft(index, seed, P.document_prompt(seed, self.config.prompts))
+
+
+def check_resume(out: Path, config: SynthConfig) -> None:
+    manifest = out / "config.json"
+    if manifest.exists():
+        saved = json.loads(manifest.read_text()).get("fingerprint")
+        now = json.loads(json.dumps(config.fingerprint()))
+        if saved != now:
+            diff = [f"{section}.{k}" for section in now for k in now[section]
+                    if (saved or {}).get(section, {}).get(k) != now[section][k]] if isinstance(saved, dict) else []
+            raise OutputError(f"{manifest}: {out} holds a run with a different config (changed: {diff or 'all'}); "
+                              "use a new run.out_dir or the same settings")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(manifest, {"fingerprint": config.fingerprint(), "config": config.to_dict()})
+
+
+def run_synth(config: SynthConfig, teacher: Teacher | None = None) -> dict[str, Any]:
+    """Generate ``run.num_documents`` documents into ``run.out_dir`` (resuming what is there); stats."""
+    out = Path(config.run.out_dir)
+    planner = Planner(config)  # bad seeds fail before anything is loaded
+    sampling = sampling_params(config.sampling)
+    check_resume(out, config)
+    writer = ShardWriter(out, config.run.num_documents, config.run.shard_size, config.run.format)
+    todo = [i for i in range(config.run.num_documents) if i not in writer.done]
+    start, new_tokens = time.perf_counter(), 0
+    own_teacher = teacher is None
+    if todo:
+        teacher = teacher or build_teacher(config)
+        if config.teacher.cache and teacher.cache is None:
+            teacher.cache = RequestCache(config.teacher.cache_path or out / "cache.sqlite")
+    identity = teacher.identity() if teacher else {}
+    ctx = StepContext(teacher, sampling, config.run.seed, config.teacher.system, config.techniques.rubric,
+                      config.techniques.plurality_samples, config.techniques.reversal_similarity,
+                      config.techniques.sandbox_timeout, cleanup if config.filter.cleanup else str.strip) \
+        if teacher else None
+    bar = _progress(config, len(writer.done))
+
+    def finished(d: Draft) -> None:
+        nonlocal new_tokens
+        status = d.status if d.status != "kept" else verdict(d.text, d.finish_reason, config.filter)
+        writer.add(make_record(config, d, d.text, status, identity))
+        new_tokens += d.total_tokens
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - start):.0f} tok/s")
+
+    try:
+        for lo in range(0, len(todo), config.run.chunk_size):
+            drafts = [planner.draft(i) for i in todo[lo : lo + config.run.chunk_size]]
+            run_steps(drafts, config.techniques.steps, ctx, finished)
+    finally:
+        writer.close()
+        if bar is not None:
+            bar.close()
+        if teacher is not None and own_teacher:
+            teacher.close()
+    seconds = time.perf_counter() - start
+    stats = summarize(out)
+    stats.update({"out_dir": str(out), "resumed_from": config.run.num_documents - len(todo),
+                  "generated_this_run": len(todo), "seconds": round(seconds, 2),
+                  "new_completion_tokens": new_tokens, "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1),
+                  "teacher": identity, "teacher_stats": dict(teacher.stats) if teacher else {}})
+    atomic_write_json(out / "stats.json", stats)
+    return stats
+
+
+def make_record(config: SynthConfig, d: Draft, text: str, status: str, teacher: dict[str, Any]) -> dict[str, Any]:
+    metadata = {**d.seed.metadata(), "teacher": teacher, "prompt": d.prompt, "system": config.teacher.system,
+                "sampling": dataclasses.asdict(config.sampling), "steps": config.techniques.steps,
+                "finish_reason": d.finish_reason,
+                "tokens": {"prompt": d.prompt_tokens, "completion": d.completion_tokens,
+                           "all_calls": d.total_tokens, "calls": d.calls}}
+    if d.chain:
+        metadata["chain"] = d.chain
+    if d.fields:
+        metadata["fields"] = d.fields
+    return {"index": d.index, "status": status, "id": document_id(config, d.seed, d.prompt, teacher),
+            "text": text, "metadata": metadata}
+
+
+def _progress(config: SynthConfig, done: int) -> Any:
+    if not config.run.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=config.run.num_documents, initial=done, unit="doc", desc="synth", dynamic_ncols=True)

@@ -1,0 +1,306 @@
+"""Teachers: the models that write synthetic data, behind one ``generate(requests)`` call.
+
+- ``LocalTeacher``: any model phiforge loads (default the embedded SmolLM2-135M-Instruct), every request
+  of a call pushed through one continuous-batching ``Engine`` run; each completion is handed back the
+  moment its row finishes, so a killed run loses only what was still being decoded.
+- ``OpenAITeacher``: any OpenAI-compatible endpoint (vLLM, TGI, phiforge serve, ...), chat or completions,
+  async with bounded concurrency, timeouts and retries with exponential backoff and jitter on 429, 5xx,
+  timeouts, dropped connections and malformed bodies.
+
+Both sit behind a ``RequestCache`` (SQLite) keyed by the request's content, so a rerun never pays twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import sqlite3
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+OnDone = Callable[[int, "Result"], None]
+
+
+class TeacherError(RuntimeError):
+    """A teacher that cannot answer (after retries); the message names the endpoint and the last error."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 50  # 0 = off (and not sent to HTTP endpoints, for servers that reject it)
+    repetition_penalty: float = 1.0  # 1.0 = off (not sent to HTTP endpoints)
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str  # the user message (chat) or the raw prompt (completions)
+    seed: int
+    sampling: Sampling
+    system: str = ""
+
+
+@dataclass
+class Result:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    cached: bool = False
+
+
+class RequestCache:
+    """Completed requests by content hash, in SQLite (atomic commits; safe to kill at any moment)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self.db.commit()
+
+    def get(self, key: str) -> Result | None:
+        row = self.db.execute("SELECT value FROM results WHERE key = ?", (key,)).fetchone()
+        return Result(**json.loads(row[0])) if row else None
+
+    def put(self, key: str, result: Result) -> None:
+        value = {k: v for k, v in asdict(result).items() if k != "cached"}
+        self.db.execute("INSERT OR REPLACE INTO results VALUES (?, ?)", (key, json.dumps(value)))
+        self.db.commit()
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class Teacher:
+    """Answers requests; subclasses implement ``_generate`` and ``identity``."""
+
+    def __init__(self) -> None:
+        self.cache: RequestCache | None = None
+        self.stats: Counter[str] = Counter()
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the output besides the request: part of the cache key and of each record."""
+        raise NotImplementedError
+
+    def key(self, request: Request) -> str:
+        blob = json.dumps({"teacher": self.identity(), **asdict(request)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def generate(self, requests: Sequence[Request], on_done: OnDone | None = None) -> list[Result]:
+        """Answer every request; ``on_done(i, result)`` fires as each one completes (cache hits first)."""
+        results: list[Result | None] = [None] * len(requests)
+        missing = []
+        for i, request in enumerate(requests):
+            hit = self.cache.get(self.key(request)) if self.cache is not None else None
+            if hit is None:
+                missing.append(i)
+                continue
+            hit.cached = True
+            self.stats["cache_hits"] += 1
+            results[i] = hit
+            if on_done:
+                on_done(i, hit)
+
+        def done(j: int, result: Result) -> None:
+            i = missing[j]
+            if self.cache is not None:
+                self.cache.put(self.key(requests[i]), result)
+            self.stats["completion_tokens"] += result.completion_tokens
+            results[i] = result
+            if on_done:
+                on_done(i, result)
+
+        if missing:
+            self._generate([requests[i] for i in missing], done)
+        return results  # type: ignore[return-value]
+
+    def _generate(self, requests: list[Request], on_done: OnDone) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+
+
+# ---- local: phiforge's engine -------------------------------------------------------------------------
+class LocalTeacher(Teacher):
+    """A model phiforge loads, run with continuous batching (large batches: decode is weight-bandwidth bound)."""
+
+    def __init__(self, model: Any = "smollm2-135m-instruct", tokenizer: Any = None, *, dtype: str = "bfloat16",
+                 device: str = "", max_batch_size: int = 64, chat: bool = True, name: str = "") -> None:
+        super().__init__()
+        from phiforge.checkpoint import load_pretrained
+        from phiforge.data.synth.engine import SynthEngine
+
+        if isinstance(model, (str, Path)):
+            name = name or str(model)
+            model, tokenizer = load_pretrained(model, dtype=dtype, device=device or None)
+        if tokenizer is None:
+            raise TeacherError(f"teacher {name or 'model'}: needs a tokenizer (tokenizer.json or a GGUF)")
+        self.name = name or getattr(model.config, "name", "") or "local"
+        self.dtype = str(model.embed.weight.dtype).removeprefix("torch.")
+        self.model, self.tokenizer = model, tokenizer
+        self.chat = chat and tokenizer.chat_template is not None
+        self.engine = SynthEngine(model, tokenizer, max_batch_size=max_batch_size)
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "local", "model": self.name, "dtype": self.dtype, "chat": self.chat}
+
+    def encode(self, request: Request) -> list[int]:
+        if not self.chat:
+            return self.tokenizer.encode(request.system + request.prompt)
+        messages = ([{"role": "system", "content": request.system}] if request.system else [])
+        messages.append({"role": "user", "content": request.prompt})
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+    def _generate(self, requests: list[Request], on_done: OnDone) -> None:
+        from phiforge.generate import SamplingParams
+
+        stops = tuple(self.tokenizer.stop_token_ids)
+        prompts = [self.encode(r) for r in requests]
+        params = [SamplingParams(max_new_tokens=r.sampling.max_new_tokens, temperature=r.sampling.temperature,
+                                 top_k=r.sampling.top_k, top_p=r.sampling.top_p, seed=r.seed,
+                                 repetition_penalty=r.sampling.repetition_penalty, stop_token_ids=stops)
+                  for r in requests]
+
+        def finished(i: int, completion: Any) -> None:
+            tokens = len(completion.token_ids) - (completion.finish_reason == "stop")
+            on_done(i, Result(completion.text.strip(), len(prompts[i]), tokens, completion.finish_reason))
+
+        self.engine.on_finish = finished
+        try:
+            self.engine.generate(prompts, params)
+        finally:
+            self.engine.on_finish = None
+
+
+# ---- HTTP: any OpenAI-compatible endpoint ---------------------------------------------------------------
+class _RetryableError(Exception):
+    def __init__(self, kind: str, message: str, wait: float = 0.0) -> None:
+        super().__init__(message)
+        self.kind, self.wait = kind, wait
+
+
+class OpenAITeacher(Teacher):
+    """An OpenAI-compatible server: ``POST {base_url}/chat/completions`` or ``/completions``."""
+
+    def __init__(self, base_url: str, model: str, *, api: str = "chat", concurrency: int = 8,
+                 timeout: float = 60.0, max_retries: int = 6, backoff: float = 0.5, backoff_max: float = 30.0,
+                 api_key_env: str = "OPENAI_API_KEY", seed: int = 0) -> None:
+        super().__init__()
+        if api not in ("chat", "completions"):
+            raise ValueError(f"teacher.api = {api!r}; expected 'chat' or 'completions'")
+        self.base_url, self.model, self.api = base_url.rstrip("/"), model, api
+        self.url = f"{self.base_url}/{'chat/completions' if api == 'chat' else 'completions'}"
+        self.concurrency, self.timeout = concurrency, timeout
+        self.max_retries, self.backoff, self.backoff_max = max_retries, backoff, backoff_max
+        self.api_key = os.environ.get(api_key_env, "") if api_key_env else ""
+        self.jitter = random.Random(seed)
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "openai", "model": self.model, "api": self.api}  # not the URL: a moved server still hits
+
+    def body(self, request: Request) -> dict[str, Any]:
+        s = request.sampling
+        body: dict[str, Any] = {"model": self.model, "max_tokens": s.max_new_tokens, "temperature": s.temperature,
+                                "top_p": s.top_p, "seed": request.seed}
+        if s.top_k:
+            body["top_k"] = s.top_k
+        if s.repetition_penalty != 1.0:
+            body["repetition_penalty"] = s.repetition_penalty
+        if self.api == "chat":
+            system = [{"role": "system", "content": request.system}] if request.system else []
+            body["messages"] = [*system, {"role": "user", "content": request.prompt}]
+        else:
+            body["prompt"] = request.system + request.prompt
+        return body
+
+    def _generate(self, requests: list[Request], on_done: OnDone) -> None:
+        asyncio.run(self._run(requests, on_done))
+
+    async def _run(self, requests: list[Request], on_done: OnDone) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        gate = asyncio.Semaphore(self.concurrency)
+        async with httpx.AsyncClient(timeout=self.timeout, limits=limits, headers=headers) as client:
+            async def one(i: int) -> None:
+                async with gate:
+                    result = await self._with_retries(client, requests[i])
+                on_done(i, result)
+
+            tasks = [asyncio.ensure_future(one(i)) for i in range(len(requests))]
+            try:
+                await asyncio.gather(*tasks)
+            finally:  # a fatal error in one request: stop the rest (what finished is already handed back)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _with_retries(self, client: Any, request: Request) -> Result:
+        for attempt in range(self.max_retries + 1):
+            self.stats["requests"] += 1
+            try:
+                return await self._post(client, request)
+            except _RetryableError as retry:
+                self.stats[f"retries_{retry.kind}"] += 1
+                if attempt == self.max_retries:
+                    hint = " (is the server running?)" if retry.kind == "connection" else ""
+                    raise TeacherError(f"{self.url}: no answer after {attempt + 1} attempts; last error: "
+                                       f"{retry}{hint}") from None
+                delay = min(self.backoff_max, self.backoff * 2**attempt)
+                delay = delay / 2 + self.jitter.uniform(0, delay / 2)  # equal jitter: spread the retry storm
+                await asyncio.sleep(min(self.backoff_max, max(delay, retry.wait)))
+        raise AssertionError("unreachable")
+
+    async def _post(self, client: Any, request: Request) -> Result:
+        import httpx
+
+        try:
+            response = await client.post(self.url, json=self.body(request))
+        except httpx.TimeoutException as err:
+            raise _RetryableError("timeout", f"timed out after {self.timeout}s ({type(err).__name__})") from None
+        except httpx.TransportError as err:  # refused, reset, dropped mid-response
+            raise _RetryableError("connection", f"{type(err).__name__}: {err}") from None
+        if response.status_code == 429 or response.status_code >= 500:
+            kind = "429" if response.status_code == 429 else "5xx"
+            raise _RetryableError(kind, f"HTTP {response.status_code}: {response.text[:200]}",
+                         _retry_after(response.headers.get("retry-after")))
+        if response.status_code != 200:
+            raise TeacherError(f"{self.url}: HTTP {response.status_code} (not retried): {response.text[:300]}")
+        return self._parse(response.content)
+
+    def _parse(self, content: bytes) -> Result:
+        try:
+            data = json.loads(content)
+            choice = data["choices"][0]
+            text = choice["message"]["content"] if self.api == "chat" else choice["text"]
+            if not isinstance(text, str):
+                raise TypeError(f"content is {type(text).__name__}")
+        except (ValueError, KeyError, IndexError, TypeError) as err:
+            raise _RetryableError("malformed", f"malformed response ({type(err).__name__}: {err}): {content[:120]!r}") \
+                from None
+        usage = data.get("usage") or {}
+        return Result(text.strip(), int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)),
+                      str(choice.get("finish_reason") or ""))
+
+
+def _retry_after(value: str | None) -> float:
+    try:
+        return float(value) if value else 0.0
+    except ValueError:
+        return 0.0
