@@ -110,6 +110,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_main([args.recipe, *args.overrides])
 
 
+def cmd_curate(args: argparse.Namespace) -> int:
+    from phiforge.data.curate.pipeline import CurateConfig, run_curate
+
+    stats = run_curate(CurateConfig.from_toml(args.config, args.overrides))
+    print(json.dumps(stats, indent=2, default=str))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from phiforge.demo import run_demo
 
@@ -191,6 +199,11 @@ def _parser() -> argparse.ArgumentParser:
             "multi-process: torchrun --nproc_per_node N -m phiforge.train.pretrain RECIPE ...")
     p.add_argument("recipe", help="recipe name or TOML file")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-4 run.max_steps=200")
+
+    p = add("curate", cmd_curate, "filter sharded documents: heuristics, dedup, benchmark decontamination, "
+            "edu-value classifier (local processes or Ray); writes <output>/curated and stats.json")
+    p.add_argument("config", help="TOML config ([input], [executor], [heuristics], [dedup], [decontam], [edu])")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. executor.workers=4 dedup.bands=20")
 
     add("demo", cmd_demo, "run the most complete job phiforge can do on this machine, with the embedded teacher")
     return parser
