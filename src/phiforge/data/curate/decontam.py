@@ -34,6 +34,7 @@ WORD = re.compile(r"[^\W_]+")
 TEMPLATE = re.compile(r"^\s*(question|q)\s*:\s*|\s*answer\s*:\s*$", re.IGNORECASE)
 LETTERS = "ABCDEFGH"
 MIN_PART_CHARS = 25  # a question or answer shorter than this cannot confirm a match on its own
+MIN_BLOCK_CHARS = 12  # aligned runs shorter than this (a word or two) are chance, not copying
 
 
 @dataclass
@@ -156,20 +157,24 @@ class BenchmarkIndex:
     def build(cls, config: DecontamConfig) -> BenchmarkIndex:
         by_task, skipped = load_benchmarks(config)
         items: list[dict[str, Any]] = []
-        long_grams, short_grams = [], []
+        long_grams, short_grams, word_lists = [], [], []
         too_short = Counter()
         for task, pairs in by_task.items():
             for doc_id, (question, answer) in enumerate(pairs):
-                words = normalize_words(question) + normalize_words(answer)
+                q_words, a_words = normalize_words(question), normalize_words(answer)
+                words = q_words + a_words
                 if len(words) < config.short_n:
                     too_short[task] += 1
                     continue
                 hashes = word_hashes(words)
-                items.append({"task": task, "doc": doc_id, "question": " ".join(normalize_words(question)),
-                              "answer": " ".join(normalize_words(answer))})
-                long_grams.append(np.unique(ngram_hashes(hashes, config.long_n)) if len(words) >= config.long_n
+                items.append({"task": task, "doc": doc_id, "question": " ".join(q_words),
+                              "answer": " ".join(a_words)})
+                word_lists.append(q_words)
+                long_grams.append(ngram_hashes(hashes, config.long_n) if len(words) >= config.long_n
                                   else np.zeros(0, np.uint64))
                 short_grams.append(np.unique(ngram_hashes(hashes, config.short_n)))
+        _strip_shared_text(items, word_lists, long_grams, config)
+        long_grams = [np.unique(g) for g in long_grams]
         long, common_long = _Table.build(long_grams, config.max_items_per_gram)
         short, common_short = _Table.build(short_grams, config.max_items_per_gram)
         short_counts = np.array([len(g) for g in short_grams], np.int64)
@@ -217,28 +222,53 @@ class BenchmarkIndex:
             ratios = dict(zip(ids.tolist(), (counts / self.short_counts[ids]).tolist()))
         long_hits = set(long_items.tolist())
         candidates = sorted(long_hits | {i for i, r in ratios.items() if r >= c.short_ratio})
-        for item_id in candidates:
+        best: tuple[float, float, int] | None = None
+        for item_id in candidates:  # confirm each; report the best-aligned item (template-sharing items differ)
             item = self.items[item_id]
             at = np.concatenate([long_pos[long_items == item_id], short_pos[short_items == item_id]])
             span = len(item["question"].split()) + len(item["answer"].split())
             window = " ".join(words[max(0, int(at.min()) - span):int(at.max()) + c.long_n + span])
             diff = max(_coverage(part, window) for part in (item["question"], item["answer"])
                        if len(part) >= MIN_PART_CHARS or part == item["question"])
-            if diff >= c.diff_ratio:
-                rule = f"{c.long_n}gram" if item_id in long_hits else f"{c.short_n}gram"
-                return ({"task": item["task"], "doc": item["doc"], "rule": rule,
-                         "short_ratio": round(ratios.get(item_id, 0.0), 3), "diff_ratio": round(diff, 3)}, rule)
-        return None
+            if diff >= c.diff_ratio and (best is None or (diff, ratios.get(item_id, 0.0)) > best[:2]):
+                best = (diff, ratios.get(item_id, 0.0), item_id)
+        if best is None:
+            return None
+        diff, ratio, item_id = best
+        rule = f"{c.long_n}gram" if item_id in long_hits else f"{c.short_n}gram"
+        item = self.items[item_id]
+        return ({"task": item["task"], "doc": item["doc"], "rule": rule, "short_ratio": round(ratio, 3),
+                 "diff_ratio": round(diff, 3)}, rule)
+
+
+def _strip_shared_text(items: list[dict[str, Any]], word_lists: list[list[str]], long_grams: list[np.ndarray],
+                       config: DecontamConfig) -> None:
+    """Drop from each item's question the words covered by 13-grams many items share (a task's template,
+    e.g. MMLU's "For which of these two scenarios ..."), so the diff confirm weighs only what is specific."""
+    if not long_grams:
+        return
+    keys, counts = np.unique(np.concatenate([np.unique(g) for g in long_grams]), return_counts=True)
+    common = keys[counts > config.max_items_per_gram]
+    if len(common) == 0:
+        return
+    for item, words, grams in zip(items, word_lists, long_grams):
+        hit = np.flatnonzero(np.isin(grams, common))
+        if len(hit) == 0:
+            continue
+        covered = np.zeros(len(words) + config.long_n, bool)
+        for j in hit:
+            covered[j:j + config.long_n] = True
+        item["question"] = " ".join(w for w, c in zip(words, covered) if not c)
 
 
 def _coverage(part: str, doc_text: str) -> float:
-    """Share of ``part``'s characters in blocks (> 5 chars) that align with the document text."""
+    """Share of ``part``'s characters in aligned runs of MIN_BLOCK_CHARS or more in the document text."""
     if not part:
         return 0.0
     if part in doc_text:
         return 1.0
     matcher = difflib.SequenceMatcher(None, part, doc_text, autojunk=False)
-    matched = sum(b.size for b in matcher.get_matching_blocks() if b.size > 5)
+    matched = sum(b.size for b in matcher.get_matching_blocks() if b.size >= MIN_BLOCK_CHARS)
     return matched / len(part)
 
 
