@@ -43,8 +43,8 @@ After the extract, justify your total score in at most 100 words, then finish wi
 PROMPT_SHA = hashlib.sha256(RUBRIC.encode()).hexdigest()[:16]
 
 SCORE_PATTERNS = [
-    re.compile(r"educational\s+score\s*[:=]?\s*\**\s*([0-5])(?![\d.])", re.IGNORECASE),
-    re.compile(r"\bscore\s*(?:is|of|[:=])?\s*\**\s*([0-5])(?![\d.])", re.IGNORECASE),
+    re.compile(r"educational\s+score\s*[:=]?\s*\**\s*([0-5])(?!\d|\.\d)", re.IGNORECASE),
+    re.compile(r"\bscore\s*(?:is|of|[:=])?\s*\**\s*([0-5])(?!\d|\.\d)", re.IGNORECASE),
     re.compile(r"\b([0-5])\s*(?:/|out of)\s*5\b", re.IGNORECASE),
     re.compile(r"\b([0-5])\s+points?\b(?!\s+if)", re.IGNORECASE),
 ]
