@@ -221,7 +221,7 @@ def split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[
         n_test = int(round(len(idx) * test_fraction)) if len(idx) > 1 else 0
         test += idx[:n_test].tolist()
         train += idx[n_test:].tolist()
-    return np.array(sorted(train)), np.array(sorted(test))
+    return np.array(sorted(train), dtype=np.int64), np.array(sorted(test), dtype=np.int64)
 
 
 def train_classifier(embeddings: np.ndarray, scores: np.ndarray, *, embedder: str, head: str = "linear",
