@@ -7,7 +7,7 @@ spanning the question/answer boundary are indexed too. Benchmark and training te
 
 A document is a candidate for an item when it shares any 13-gram with it, or when the share of the item's
 7-grams it contains reaches ``short_ratio``. A candidate is confirmed (and the document removed) when a
-``difflib`` alignment against the document text around the hits covers at least ``diff_ratio`` of the
+word-level ``difflib`` alignment against the document text around the hits covers at least ``diff_ratio`` of the
 item's question or of its answer (Cosmopedia's confirm step), so generic phrases do not remove documents.
 """
 
@@ -34,7 +34,7 @@ WORD = re.compile(r"[^\W_]+")
 TEMPLATE = re.compile(r"^\s*(question|q)\s*:\s*|\s*answer\s*:\s*$", re.IGNORECASE)
 LETTERS = "ABCDEFGH"
 MIN_PART_CHARS = 25  # a question or answer shorter than this cannot confirm a match on its own
-MIN_BLOCK_CHARS = 12  # aligned runs shorter than this (a word or two) are chance, not copying
+MIN_BLOCK_WORDS = 3  # aligned runs shorter than this are chance, not copying
 
 
 @dataclass
@@ -142,8 +142,10 @@ class _Table:
         if len(where) == 0:
             return empty
         slots = pos[where]
-        counts = self.ptr[slots + 1] - self.ptr[slots]
-        items = np.concatenate([self.items[self.ptr[p]:self.ptr[p + 1]] for p in slots])
+        starts, counts = self.ptr[slots], self.ptr[slots + 1] - self.ptr[slots]
+        # the concatenated CSR rows, gathered without a Python loop
+        offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+        items = self.items[offsets + np.arange(int(counts.sum()))]
         return np.repeat(where, counts), items
 
 
@@ -203,6 +205,27 @@ class BenchmarkIndex:
         return cls(config, data["items"], tables["long"], tables["short"], arrays["short_counts"], data["meta"])
 
     # -- matching
+    def match_batch(self, texts: list[str]) -> list[tuple[dict[str, Any], str] | None]:
+        """``match`` for many texts: one vectorised n-gram lookup over the whole batch finds the few texts
+        that share any n-gram with a benchmark item; only those go through the per-text check."""
+        c = self.config
+        words = [normalize_words(t) for t in texts]
+        lengths = np.array([len(w) for w in words])
+        if lengths.sum() == 0:
+            return [None] * len(texts)
+        hashes = word_hashes([w for ws in words for w in ws])
+        owner = np.repeat(np.arange(len(texts)), lengths)
+        suspect = np.zeros(len(texts), bool)
+        for n, table in ((c.short_n, self.short), (c.long_n, self.long)):
+            if len(hashes) < n or len(table.keys) == 0:
+                continue
+            grams = ngram_hashes(hashes, n)
+            inside = owner[: len(grams)] == owner[n - 1:]  # grams that do not cross a document boundary
+            pos = np.searchsorted(table.keys, grams)
+            pos[pos == len(table.keys)] = 0
+            suspect[owner[: len(grams)][inside & (table.keys[pos] == grams)]] = True
+        return [self.match(t) if s else None for t, s in zip(texts, suspect)]
+
     def match(self, text: str) -> tuple[dict[str, Any], str] | None:
         """The first confirmed benchmark item ``text`` contains, with the rule that found it, else None."""
         c = self.config
@@ -217,8 +240,12 @@ class BenchmarkIndex:
         ratios: dict[int, float] = {}
         if len(short_items):
             # an item's 7-grams found in the document, each counted once
-            keyed = np.unique(np.stack([short_items.astype(np.uint64), short_grams[short_pos]]), axis=1)
-            ids, counts = np.unique(keyed[0].astype(np.int64), return_counts=True)
+            found = short_grams[short_pos]
+            order = np.lexsort((found, short_items))
+            items_sorted, grams_sorted = short_items[order], found[order]
+            first = np.ones(len(order), bool)
+            first[1:] = (items_sorted[1:] != items_sorted[:-1]) | (grams_sorted[1:] != grams_sorted[:-1])
+            ids, counts = np.unique(items_sorted[first].astype(np.int64), return_counts=True)
             ratios = dict(zip(ids.tolist(), (counts / self.short_counts[ids]).tolist()))
         long_hits = set(long_items.tolist())
         candidates = sorted(long_hits | {i for i, r in ratios.items() if r >= c.short_ratio})
@@ -262,14 +289,20 @@ def _strip_shared_text(items: list[dict[str, Any]], word_lists: list[list[str]],
 
 
 def _coverage(part: str, doc_text: str) -> float:
-    """Share of ``part``'s characters in aligned runs of MIN_BLOCK_CHARS or more in the document text."""
+    """Share of ``part``'s characters inside runs of MIN_BLOCK_WORDS or more words that align with the text.
+
+    The alignment is ``difflib`` over words, not characters: the same verdict on copied text, and fast
+    (character-level matching is quadratic on long windows full of repeated letters).
+    """
     if not part:
         return 0.0
     if part in doc_text:
         return 1.0
-    matcher = difflib.SequenceMatcher(None, part, doc_text, autojunk=False)
-    matched = sum(b.size for b in matcher.get_matching_blocks() if b.size >= MIN_BLOCK_CHARS)
-    return matched / len(part)
+    a, b = part.split(), doc_text.split()
+    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    matched = sum(sum(len(w) + 1 for w in a[m.a:m.a + m.size])
+                  for m in matcher.get_matching_blocks() if m.size >= MIN_BLOCK_WORDS)
+    return min(1.0, matched / (len(part) + 1))
 
 
 # ---- per-process cache for workers -----------------------------------------------------------------------------

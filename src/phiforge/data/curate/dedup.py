@@ -62,12 +62,11 @@ def word_hashes(words: list[str]) -> np.ndarray:
     cache = _word_cache
     if len(cache) > 2_000_000:
         cache.clear()
-    out = []
-    for w in words:
-        h = cache.get(w)
-        if h is None:
-            h = cache[w] = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
-        out.append(h)
+    out = list(map(cache.get, words))  # the common case: every word seen before, no Python loop
+    if None in out:
+        for i, w in enumerate(words):
+            if out[i] is None:
+                out[i] = cache[w] = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
     return np.array(out, dtype=np.uint64)
 
 

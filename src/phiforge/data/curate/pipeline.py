@@ -220,8 +220,7 @@ class DecontamShard:
 
         def decide(docs: list[dict[str, Any]]) -> list[str | None]:
             out = []
-            for doc in docs:
-                found = index.match(doc["text"])
+            for doc, found in zip(docs, index.match_batch([d["text"] for d in docs])):
                 if found is None:
                     out.append(None)
                     continue
