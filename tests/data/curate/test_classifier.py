@@ -22,7 +22,7 @@ from phiforge.data.curate.classifier import (
 
 @pytest.fixture(scope="module")
 def corpus() -> tuple[list[dict], np.ndarray]:
-    docs = mixed_corpus(36, 18, seed=0)
+    docs = mixed_corpus(48, 24, seed=0)
     return docs, get_embedder(MINILM).embed([d["text"] for d in docs])
 
 
