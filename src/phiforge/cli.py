@@ -175,6 +175,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_curate(args: argparse.Namespace) -> int:
+    from phiforge.data.curate.pipeline import CurateConfig, run_curate
+
+    stats = run_curate(CurateConfig.from_toml(args.config, args.overrides))
+    print(json.dumps(stats, indent=2, default=str))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from phiforge.demo import run_demo
 
@@ -301,6 +309,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="synth TOML config (sections run, seeds, teacher, sampling, prompts, ...)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. run.num_documents=200 teacher.kind=openai")
     p.add_argument("--full-stats", action="store_true", help="also print the per-topic counts")
+
+    p = add("curate", cmd_curate, "filter sharded documents: heuristics, dedup, benchmark decontamination, "
+            "edu-value classifier (local processes or Ray); writes <output>/curated and stats.json")
+    p.add_argument("config", help="TOML config ([input], [executor], [heuristics], [dedup], [decontam], [edu])")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. executor.workers=4 dedup.bands=20")
 
     add("demo", cmd_demo, "run the most complete job phiforge can do on this machine, with the embedded teacher")
     return parser

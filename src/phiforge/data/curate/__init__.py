@@ -1,0 +1,1 @@
+"""Data curation: edu-value labels and classifier, heuristic filters, dedup, decontamination, executors."""
