@@ -110,6 +110,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_main([args.recipe, *args.overrides])
 
 
+def cmd_sft(args: argparse.Namespace) -> int:
+    from phiforge.train.sft import main as sft_main
+
+    return sft_main([args.recipe, *args.overrides])
+
+
+def cmd_dpo(args: argparse.Namespace) -> int:
+    from phiforge.train.dpo import main as dpo_main
+
+    return dpo_main([args.recipe, *args.overrides])
+
+
+def cmd_pts(args: argparse.Namespace) -> int:
+    from phiforge.train.pts import main as pts_main
+
+    return pts_main([args.recipe, *args.overrides])
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from phiforge.demo import run_demo
 
@@ -191,6 +209,16 @@ def _parser() -> argparse.ArgumentParser:
             "multi-process: torchrun --nproc_per_node N -m phiforge.train.pretrain RECIPE ...")
     p.add_argument("recipe", help="recipe name or TOML file")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-4 run.max_steps=200")
+
+    for name, fn, what in (("sft", cmd_sft, "supervised fine-tuning on chat records, loss on assistant tokens only "
+                                            "(built-in recipe: sft)"),
+                           ("dpo", cmd_dpo, "Direct Preference Optimization on prompt/chosen/rejected pairs "
+                                            "(built-in recipe: dpo)"),
+                           ("pts", cmd_pts, "Pivotal Token Search: single-token DPO pairs from p(success) jumps "
+                                            "(built-in recipe: pts)")):
+        p = add(name, fn, what)
+        p.add_argument("recipe", help="recipe name or TOML file")
+        p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.path=chat.jsonl")
 
     add("demo", cmd_demo, "run the most complete job phiforge can do on this machine, with the embedded teacher")
     return parser

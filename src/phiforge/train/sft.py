@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 
 from phiforge.train import checkpointing as ckpt
 from phiforge.train.config import TrainConfig, TrainConfigError
-from phiforge.train.distributed import DistEnv, init_distributed, is_sharded, shutdown, unwrap
+from phiforge.train.distributed import DistEnv, init_distributed, shutdown, unwrap
 from phiforge.train.pretrain import Pretrainer, next_token_loss
 
 IGNORE = -100  # target id that the cross-entropy skips
@@ -514,5 +514,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-__all__ = ["SFTConfig", "SFTTrainer", "render_conversation", "sft", "is_sharded"]
