@@ -245,7 +245,7 @@ class PrefixCachingEngine(Engine):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._cache: KVCache | None = None
-        self._held: dict[int, list[int]] = {}
+        self._held: dict[int, tuple[list[int], torch.Tensor]] = {}  # row -> (prompt, its last logits)
         self.prefill_tokens = self.reused_tokens = 0
 
     def _prefill(self, tokens: list[int], cache: KVCache, row: int) -> torch.Tensor:
@@ -253,23 +253,29 @@ class PrefixCachingEngine(Engine):
             self._cache, self._held = cache, {}
         self._held.pop(row, None)
         best_row, best = None, 0
-        for r, held in self._held.items():
+        for r, (held, _) in self._held.items():
             n = _common_prefix(held, tokens)
             if n > best:
                 best_row, best = r, n
-        self._held[row] = list(tokens)
-        reuse = min(best, len(tokens) - 1)  # the last token is always computed: its logits are needed
-        if best_row is None or reuse == 0 or self.longrope_switch:
+        if best_row is None or self.longrope_switch:
+            logits = super()._prefill(tokens, cache, row)
             self.prefill_tokens += len(tokens)
-            return super()._prefill(tokens, cache, row)
-        for layer in range(len(cache.k)):
-            cache.k[layer][row, :, :reuse] = cache.k[layer][best_row, :, :reuse]
-            cache.v[layer][row, :, :reuse] = cache.v[layer][best_row, :, :reuse]
-        self.prefill_tokens += len(tokens) - reuse
-        self.reused_tokens += reuse
-        ids = torch.tensor([tokens[reuse:]], device=self.device)
-        pos = torch.arange(reuse, len(tokens), device=self.device)
-        return self.model(ids, pos, cache=cache, cache_rows=slice(row, row + 1), last_only=True)[0, -1]
+        else:
+            for layer in range(len(cache.k)):
+                cache.k[layer][row, :, :best] = cache.k[layer][best_row, :, :best]
+                cache.v[layer][row, :, :best] = cache.v[layer][best_row, :, :best]
+            self.reused_tokens += best
+            if best == len(tokens) == len(self._held[best_row][0]):  # the same prompt: nothing to compute
+                logits = self._held[best_row][1]
+            else:
+                reuse = min(best, len(tokens) - 1)  # the last token is computed: its logits are needed
+                ids = torch.tensor([tokens[reuse:]], device=self.device)
+                pos = torch.arange(reuse, len(tokens), device=self.device)
+                logits = self.model(ids, pos, cache=cache, cache_rows=slice(row, row + 1), last_only=True)[0, -1]
+                self.prefill_tokens += len(tokens) - reuse
+                self.reused_tokens -= best - reuse
+        self._held[row] = (list(tokens), logits)
+        return logits
 
     def _decode_step(self, live: list[Any], cache: KVCache) -> dict[int, int]:
         for r, state in enumerate(live):
