@@ -189,3 +189,18 @@ def test_cli_reports_a_bad_record_by_id(base: Path, tmp_path: Path) -> None:
     assert "record only-user: the conversation has no assistant turn" in proc.stderr
     with pytest.raises(TrainConfigError, match="data.path"):
         SFTConfig.from_toml("sft", [f"model.init_from={base}"])
+
+
+@pytest.mark.slow
+def test_ddp_on_two_ranks_matches_one_process(base: Path, gsm8k_chat: Path, tmp_path: Path) -> None:
+    """The global batch's per-token mean, whatever the split: two DDP ranks give one process's losses."""
+    args = ["run.max_steps=4", "data.seq_len=256", "batch.global_sequences=8", "batch.micro_batch_size=2",
+            "optim.lr=3e-3", "log.every=1", "checkpoint.every=0"]
+    single = sft(SFTConfig.from_toml("sft", sft_overrides(base, gsm8k_chat, tmp_path / "one", *args)))
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "phiforge.train.sft", "sft", *sft_overrides(base, gsm8k_chat, tmp_path / "two", *args)]
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads(done.stdout.strip().splitlines()[-1])
+    assert two["world_size"] == 2 and two["strategy"] == "ddp"
+    assert two["losses"] == pytest.approx(single["losses"], abs=1e-4)

@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 
 from phiforge.train import checkpointing as ckpt
 from phiforge.train.config import TrainConfig, TrainConfigError
-from phiforge.train.distributed import DistEnv, init_distributed, shutdown, unwrap
+from phiforge.train.distributed import DistEnv, all_reduce_sum, init_distributed, shutdown, unwrap
 from phiforge.train.pretrain import Pretrainer, next_token_loss
 
 IGNORE = -100  # target id that the cross-entropy skips
@@ -457,15 +457,18 @@ class SFTTrainer(PostTrainer):
 
     def micro_batches(self, batch: list[Row]) -> list[tuple[RowBatch, int]]:
         size, window = self.plan.micro_batch_size, self.model_config.sliding_window
-        trained = sum(sum(t != IGNORE for t in r.targets) for r in batch)  # this rank's step: per-token mean
+        local = torch.tensor(float(sum(sum(t != IGNORE for t in r.targets) for r in batch)), device=self.env.device)
+        trained = all_reduce_sum(local, self.env).item()  # the whole step's trained tokens, over all ranks
         return [(RowBatch.from_rows(batch[m : m + size], self.env.device, window), trained)
                 for m in range(0, len(batch), size)]
 
-    def micro_loss(self, chunk: tuple[RowBatch, int]) -> torch.Tensor:
+    def micro_loss(self, chunk: tuple[RowBatch, float]) -> torch.Tensor:
         b, trained = chunk
         logits = self._autocast_forward(b.inputs, b.positions, attn_mask=b.mask)
-        # the step averages micro-batch losses: scale each so the step is the mean over trained tokens
-        return next_token_loss(logits, b.targets, reduction="sum") * self.plan.accum_steps / max(trained, 1)
+        # the loop averages micro-batches and DDP averages ranks: scale so the step's objective is the
+        # mean over every trained token of the global batch, however the rows split
+        scale = self.plan.accum_steps * self.env.world_size / max(trained, 1.0)
+        return next_token_loss(logits, b.targets, reduction="sum") * scale
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
