@@ -21,6 +21,7 @@ from phiforge.train.sft import (
     Example,
     RecordError,
     RowBatch,
+    RowSampler,
     SFTConfig,
     build_row,
     pack,
@@ -127,6 +128,21 @@ def test_packed_examples_do_not_see_each_other(name: str) -> None:
             torch.testing.assert_close(packed[start : start + len(doc.ids) - 1], alone, atol=1e-5, rtol=1e-5)
             start += len(doc.ids) - 1
     assert row.targets[:29] == docs[0].ids[1:] and row.positions[29:31] == [0, 1]
+
+
+def test_row_sampler_resumes_where_it_stopped() -> None:
+    rows = [build_row([Example([i, i + 1, i + 2], [False, True, True])]) for i in range(10)]
+    whole = [r.inputs for r in RowSampler(rows, seed=3).next_batch(8)]
+    ranks = [[r.inputs for r in RowSampler(rows, seed=3).next_batch(8, rank, 2)] for rank in (0, 1)]
+    assert ranks[0] + ranks[1] == whole  # each rank takes its own half of the same global batch
+    a = RowSampler(rows, seed=3)
+    a.next_batch(8)
+    b = RowSampler(rows, seed=3)
+    b.load_state_dict(a.state_dict())
+    assert [r.inputs for r in b.next_batch(8)] == [r.inputs for r in a.next_batch(8)]  # crosses an epoch
+    assert a.accounting()["sft"]["epochs"] == 1.6
+    with pytest.raises(TrainConfigError, match="rows"):
+        RowSampler(rows[:5], seed=3).load_state_dict(a.state_dict())
 
 
 # ---- runs -------------------------------------------------------------------------------------------------------
