@@ -150,3 +150,36 @@ def test_teacher_finds_pivots_on_gsm8k_style_arithmetic(teacher, tmp_path: Path)
     for p in pairs:
         assert len(p["chosen_ids"]) == len(p["rejected_ids"]) == 1 and p["chosen_ids"] != p["rejected_ids"]
         assert p["p_chosen"] - p["p_rejected"] >= 0.2
+
+
+def test_code_and_exact_oracles() -> None:
+    from phiforge.train.pts import code_oracle, exact_oracle
+
+    record = {"tests": ["assert add(2, 3) == 5", "assert add(-1, 1) == 0"]}
+    texts = ["```python\ndef add(a, b):\n    return a + b\n```\nDone.", "def add(a, b):\n    return a - b",
+             "import os\nos.system('true')\ndef add(a, b):\n    return a + b"]
+    assert code_oracle(record, texts, [[]] * 3) == [True, False, False]  # the sandbox refuses os.system
+    assert exact_oracle({"answer": ["Paris", "paris, france"]}, [" Paris.\nMore text", "Lyon", "Paris, France"],
+                        [[]] * 3) == [True, False, True]
+
+
+def test_cli_writes_pairs_and_a_summary(tmp_path: Path, tok) -> None:
+    import subprocess
+
+    from chat_data import tiny_model_folder
+    from gsm8k_corpus import PYTHON, subprocess_env
+
+    folder = tiny_model_folder(tmp_path / "model", tok)
+    write_jsonl(tmp_path / "q.jsonl", [{"id": "a", "question": "Capital of France?", "answer": "Paris"},
+                                       {"id": "b", "question": "Capital of Spain?", "answer": "Madrid"}])
+    cmd = [PYTHON, "-m", "phiforge.cli", "pts", "pts", f"model.path={folder}", f"data.path={tmp_path}/q.jsonl",
+           "data.oracle=exact", f"run.out_dir={tmp_path}/out", "run.progress=false", "sampling.max_new_tokens=4",
+           "search.min_samples=4", "search.max_samples=4", "model.device=cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["queries"] == 2 and summary["status"] == {"too_hard": 2} and summary["samples"] == 8
+    assert (tmp_path / "out" / "pairs.jsonl").read_text() == ""
+    bad = subprocess.run(cmd[:6] + ["data.path=missing.jsonl", "data.oracle=nope"], capture_output=True, text=True,
+                         env=subprocess_env(), timeout=300)
+    assert bad.returncode == 2 and "data.oracle 'nope'" in bad.stderr

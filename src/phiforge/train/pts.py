@@ -608,13 +608,13 @@ def pts(config: PTSConfig, model: Any = None, tokenizer: Any = None, oracle: Ora
     from phiforge.data.packing import atomic_write_bytes
 
     config.validate()
+    oracle = oracle or load_oracle(config.data.oracle)
     if model is None:
         m = config.model
         model, tokenizer = load_pretrained(m.path, dtype=None if m.dtype == "auto" else m.dtype,
                                            device=m.device or None)
         if tokenizer is None:
             raise TrainConfigError(f"model.path {m.path}: no tokenizer beside the weights")
-    oracle = oracle or load_oracle(config.data.oracle)
     queries, skipped = build_queries(config, tokenizer)
     out = Path(config.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
