@@ -214,3 +214,15 @@ def test_end_to_end_sft_pts_dpo_export(base: Path, tmp_path: Path, tok) -> None:
         before_p = torch.softmax(before(ids)[0, -1], -1)
     assert after_p[red[0]] - after_p[blue[0]] > before_p[red[0]] - before_p[blue[0]]  # DPO moved towards red
     assert wants_red({}, ["red"], [[]]) == [True]
+
+
+def test_cli_names_a_pair_without_preference(base: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    from gsm8k_corpus import PYTHON, subprocess_env
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"id": "tie", "prompt": "Q", "chosen": "A", "rejected": "A"}])
+    cmd = [PYTHON, "-m", "phiforge.cli", "dpo", "dpo", f"model.init_from={base}", f"data.path={data}",
+           "data.seq_len=64", "data.skip_bad_records=false", *quiet(tmp_path / "run")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert done.returncode == 2 and "record tie: chosen equals rejected" in done.stderr, done.stderr[-2000:]
