@@ -134,13 +134,13 @@ def test_resume_skips_finished_queries_and_drops_a_torn_line(model, tok, tmp_pat
 @pytest.mark.slow
 def test_teacher_finds_pivots_on_gsm8k_style_arithmetic(teacher, tmp_path: Path) -> None:
     model, tok = teacher
-    questions = [(a, b) for a, b in [(23, 48), (67, 28), (45, 37), (19, 64), (38, 57), (76, 18), (29, 43), (58, 35)]]
+    questions = [(23, 48), (67, 28), (45, 37), (19, 64)]
     write_jsonl(tmp_path / "q.jsonl", [{"id": f"add-{a}-{b}", "question": f"What is {a} + {b}?",
                                         "answer": f"#### {a + b}"} for a, b in questions])
     config = PTSConfig.from_toml("pts", [f"model.path={tmp_path}", f"data.path={tmp_path}/q.jsonl",
                                          f"run.out_dir={tmp_path}/out", "run.progress=false",
-                                         "sampling.max_new_tokens=48", "search.max_samples=16",
-                                         "search.queries_per_batch=8", "search.min_prob=0.1",
+                                         "sampling.max_new_tokens=32", "search.max_samples=16",
+                                         "search.queries_per_batch=4", "search.min_prob=0.1",
                                          "search.max_prob=0.9"])
     summary = pts(config, model=model, tokenizer=tok)
     print(json.dumps({k: summary[k] for k in ("status", "pairs", "pivots", "estimates", "samples", "seconds",
