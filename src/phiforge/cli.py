@@ -183,6 +183,24 @@ def cmd_curate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sft(args: argparse.Namespace) -> int:
+    from phiforge.train.sft import main as sft_main
+
+    return sft_main([args.recipe, *args.overrides])
+
+
+def cmd_dpo(args: argparse.Namespace) -> int:
+    from phiforge.train.dpo import main as dpo_main
+
+    return dpo_main([args.recipe, *args.overrides])
+
+
+def cmd_pts(args: argparse.Namespace) -> int:
+    from phiforge.train.pts import main as pts_main
+
+    return pts_main([args.recipe, *args.overrides])
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from phiforge.demo import run_demo
 
@@ -314,6 +332,16 @@ def _parser() -> argparse.ArgumentParser:
             "edu-value classifier (local processes or Ray); writes <output>/curated and stats.json")
     p.add_argument("config", help="TOML config ([input], [executor], [heuristics], [dedup], [decontam], [edu])")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. executor.workers=4 dedup.bands=20")
+
+    for name, fn, what in (("sft", cmd_sft, "supervised fine-tuning on chat records, loss on assistant tokens only "
+                                            "(built-in recipe: sft)"),
+                           ("dpo", cmd_dpo, "Direct Preference Optimization on prompt/chosen/rejected pairs "
+                                            "(built-in recipe: dpo)"),
+                           ("pts", cmd_pts, "Pivotal Token Search: single-token DPO pairs from p(success) jumps "
+                                            "(built-in recipe: pts)")):
+        p = add(name, fn, what)
+        p.add_argument("recipe", help="recipe name or TOML file")
+        p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.path=chat.jsonl")
 
     add("demo", cmd_demo, "run the most complete job phiforge can do on this machine, with the embedded teacher")
     return parser

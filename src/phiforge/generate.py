@@ -241,7 +241,7 @@ class Engine:
         ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=self.device)
         hidden = self.model(ids, cache=cache, cache_rows=slice(rows[0], rows[-1] + 1), return_hidden=True)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        return self.model.lm_head(hidden[torch.arange(len(prompts), device=self.device), last])
+        return self.model.logits(hidden[torch.arange(len(prompts), device=self.device), last])
 
     def _decode_step(self, live: list[_Live | None], cache: KVCache) -> dict[int, int]:
         """One token for every live row; rows crossing LongRoPE's switch point are re-prefilled alone."""

@@ -374,12 +374,13 @@ class PhiForgeModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, cache_rows: slice = slice(None), last_only: bool = False,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] (or final hidden states) for token ids [B, T].
 
         ``input_pos`` [T] or [B, T]: absolute positions (default 0..T-1); with a ``cache`` they say where
         each row's new keys go, and ``cache_rows`` picks the rows of the cache these inputs belong to.
         ``last_only`` computes logits for the last position only (prefill for generation).
+        ``attn_mask`` [B, 1, T, keys] (True = may attend) replaces the causal mask: packed documents.
         """
         B, T = input_ids.shape
         if input_pos is None:
@@ -392,7 +393,7 @@ class PhiForgeModel(nn.Module):
             x = x * c.embedding_multiplier
         cos, sin = self.rope(positions, x.dtype)
         num_keys = span if cache is not None else T
-        mask = self.attention_mask(positions, num_keys)
+        mask = attn_mask if attn_mask is not None else self.attention_mask(positions, num_keys)
         sparse = blocksparse_mask(c, positions, num_keys) if c.blocksparse_block_size else None
         for i, block in enumerate(self.blocks):
             view = CacheView(cache, i, cache_rows, positions, span) if cache is not None else None

@@ -148,15 +148,43 @@ class Pretrainer:
         self.model_config = resolve_model_config(config)
         if self.resume_from is not None:
             ckpt.check_resumable(self.resume_from, self.model_config)
-        d = config.data
-        self.mixture = build_mixture(d.sources, d.seq_len, config.run.seed, val_fraction=d.val_fraction,
-                                     vocab_size=self.model_config.vocab_size)
-        self.validation = build_validation(self.mixture, d.val_sources, config.log.eval_sequences,
-                                           self.model_config.vocab_size)
+        self.mixture, self.validation = self.build_data()
         self.plan = plan_batches(config, env.world_size)
         r = config.run
         self.total_steps = r.max_steps or math.ceil(r.max_tokens / self.plan.tokens_per_step)
         self.autocast_dtype = AUTOCAST[r.precision]
+
+    # ---- hooks for post-training stages (SFT, DPO): their data, loss and export ---------------------------
+    def build_data(self) -> tuple[Any, Any]:
+        """(training batches, validation): anything with next_batch/accounting/state_dict/load_state_dict."""
+        d = self.config.data
+        mixture = build_mixture(d.sources, d.seq_len, self.config.run.seed, val_fraction=d.val_fraction,
+                                vocab_size=self.model_config.vocab_size)
+        return mixture, build_validation(mixture, d.val_sources, self.config.log.eval_sequences,
+                                         self.model_config.vocab_size)
+
+    def micro_batches(self, batch: Any) -> list[Any]:
+        """This rank's share of one step, cut into micro-batches."""
+        ids = torch.from_numpy(batch).to(self.env.device, non_blocking=True)
+        size = self.plan.micro_batch_size
+        return [ids[m * size : (m + 1) * size] for m in range(self.plan.accum_steps)]
+
+    def micro_loss(self, chunk: Any) -> torch.Tensor:
+        """The loss of one micro-batch; the step minimises the mean over micro-batches."""
+        return self._loss(chunk)
+
+    def extra_metrics(self) -> dict[str, Any]:
+        """More numbers for the next metrics record (called on every rank at the same steps)."""
+        return {}
+
+    def describe_data(self) -> Any:
+        return describe_sources(self.mixture)
+
+    def export(self) -> Path:
+        """The final model as a Hugging Face folder (collective)."""
+        cfg = self.config
+        return ckpt.export_hf(self.model, self.env, self.out_dir / "final", tokenizer=cfg.data.tokenizer,
+                              dtype=cfg.checkpoint.export_dtype or None)
 
     # ---- setup -----------------------------------------------------------------------------------------
     def _say(self, message: str) -> None:
@@ -233,14 +261,12 @@ class Pretrainer:
 
     def train_step(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over this rank's micro-batches, clip, step. Returns (mean loss, grad norm)."""
-        plan = self.plan
-        ids = torch.from_numpy(batch).to(self.env.device, non_blocking=True)
+        chunks = self.micro_batches(batch)
         total = torch.zeros((), device=self.env.device)
-        for m in range(plan.accum_steps):
-            chunk = ids[m * plan.micro_batch_size : (m + 1) * plan.micro_batch_size]
-            with self._no_sync(last=m == plan.accum_steps - 1):
-                loss = self._loss(chunk)
-                scaled = loss / plan.accum_steps
+        for m, chunk in enumerate(chunks):
+            with self._no_sync(last=m == len(chunks) - 1):
+                loss = self.micro_loss(chunk)
+                scaled = loss / len(chunks)
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += loss.detach()
         norm = self._clip_gradients()
@@ -250,7 +276,7 @@ class Pretrainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / plan.accum_steps, norm
+        return total / len(chunks), norm
 
     def _clip_gradients(self) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -329,7 +355,7 @@ class Pretrainer:
             "parameters": unwrap(self.model).num_parameters() if not is_sharded(self.model) else None,
             "world_size": self.env.world_size, "batch": dataclasses.asdict(self.plan),
             "total_steps": self.total_steps, "peak_flops_per_device": self.peak,
-            "sources": describe_sources(self.mixture)})
+            "sources": self.describe_data()})
 
     def _loop(self, start: int, tokens: int) -> tuple[int, float]:
         """Steps start..total; returns the tokens seen and the seconds spent training (not evaluating/saving)."""
@@ -376,6 +402,7 @@ class Pretrainer:
                   "tokens_per_s": rate, "mfu": mfu, "sources": self.mixture.accounting()}
         if self.scaler is not None:
             record["loss_scale"] = self.scaler.get_scale()
+        record.update(self.extra_metrics())
         self.logger.log(record)
         self.losses.append(loss)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", mfu=f"{mfu:.1%}")
@@ -401,10 +428,7 @@ class Pretrainer:
             self._evaluate_and_log(total)
         if start < total or self.last_checkpoint is None:
             self.last_checkpoint = self._save(total, tokens)
-        export = None
-        if cfg.checkpoint.export:
-            export = ckpt.export_hf(self.model, self.env, self.out_dir / "final", tokenizer=cfg.data.tokenizer,
-                                    dtype=cfg.checkpoint.export_dtype or None)
+        export = self.export() if cfg.checkpoint.export else None
         rate = (total - start) * self.plan.tokens_per_step / train_time if train_time else 0.0
         summary = {
             "out_dir": str(self.out_dir), "start_step": start, "steps": total, "tokens": tokens,
