@@ -25,10 +25,9 @@ from common import machine, transformers_view
 
 from phiforge.checkpoint import load_pretrained
 from phiforge.data.synth import SynthConfig, run_synth
-from phiforge.data.synth.engine import SynthEngine
 from phiforge.data.synth.pipeline import Planner
 from phiforge.data.synth.teachers import LocalTeacher, Request, Sampling
-from phiforge.generate import SamplingParams
+from phiforge.generate import Engine, SamplingParams
 
 TEACHER = "smollm2-135m-instruct"
 SAMPLING = {"temperature": 0.7, "top_k": 50, "top_p": 0.95}
@@ -39,7 +38,7 @@ def synth_prompts(local: LocalTeacher, n: int) -> list[list[int]]:
     return [local.encode(Request(planner.draft(i).prompt, seed=i, sampling=Sampling())) for i in range(n)]
 
 
-def ours(engine: SynthEngine, prompts: list[list[int]], tokens: int) -> dict:
+def ours(engine: Engine, prompts: list[list[int]], tokens: int) -> dict:
     params = [SamplingParams(max_new_tokens=tokens, seed=i, **SAMPLING) for i in range(len(prompts))]
     start = time.perf_counter()
     results = engine.generate(prompts, params)
@@ -87,7 +86,7 @@ def main() -> None:
     result = {"benchmark": "synth", **machine(), "load_average_before": os.getloadavg()[0], "teacher": TEACHER,
               "dtype": "bfloat16", "prompts": len(prompts), "new_tokens": args.new_tokens, "sampling": SAMPLING,
               "mean_prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1)}
-    engine = SynthEngine(model, tokenizer, max_batch_size=args.batch)
+    engine = Engine(model, tokenizer, max_batch_size=args.batch)
     ours(engine, prompts[:4], 4)  # warm-up
     result["phiforge"] = {"batch": args.batch, **ours(engine, prompts, args.new_tokens)}
     print(json.dumps({"phiforge": result["phiforge"]}), flush=True)

@@ -160,3 +160,23 @@ def test_bad_recipes_fail_before_any_work(tmp_path: Path, documents: Path) -> No
     assert not (tmp_path / "run").exists()
     with pytest.raises(RecipeError, match="no such recipe file"):
         load_recipe(tmp_path / "missing.toml")
+
+
+def test_tiny_textbooks_recipe_end_to_end_at_a_small_size(tmp_path: Path, teacher_path: Path) -> None:
+    """The built-in recipe `make demo` runs, shrunk: the embedded teacher writes, curate filters, a tokenizer
+    and a tiny phi are trained on what survives, then eval and the report."""
+    overrides = [f"run.out_dir={tmp_path / 'run'}", "synth.run.num_documents=16", "synth.run.shard_size=8",
+                 "synth.sampling.max_new_tokens=120", "tokenizer.vocab_size=300",
+                 'pretrain.overrides=["run.max_steps=12", "log.eval_every=6", "checkpoint.every=6", '
+                 '"batch.global_sequences=4", "batch.micro_batch_size=4"]',
+                 "eval.tasks=[]", "eval.sample_tokens=8", "tokenize.heldout_fraction=0.2"]
+    state = Runner(load_recipe("tiny-textbooks", overrides), progress=False, log=lambda _: None).run()
+    assert all(v["status"] == "done" for v in state["stages"].values()), state
+    run = tmp_path / "run"
+    synth = json.loads((run / "synth" / "stats.json").read_text())
+    curate = json.loads((run / "curate" / "stats.json").read_text())
+    print(json.dumps({"synth": {k: synth.get(k) for k in ("documents", "kept", "rejected")},
+                      "curate": curate.get("output")}))
+    assert list((run / "curate" / "curated").glob("*.jsonl"))
+    assert "heldout_loss" in json.loads((run / "eval" / "results.json").read_text())["extra"]
+    assert (run / "report.html").stat().st_size > 10_000

@@ -86,6 +86,7 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size  # None: the engine picks (see batch_size)
+        self.on_finish: Callable[[int, Completion], None] | None = None  # called as each request ends
         self.kv_budget_bytes = kv_budget_bytes
         self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings,
                                model.config.max_position_embeddings)
@@ -293,14 +294,15 @@ class Engine:
         result = state.result
         result.finish_reason = reason
         result.seconds = time.perf_counter() - state.started
-        if self.tokenizer is None:
-            return
-        ids = result.token_ids
-        if reason == "stop" and ids and ids[-1] in state.params.stop_token_ids:
-            ids = ids[:-1]  # the stop token is reported in token_ids but not in the text
-        text = self.tokenizer.decode(ids)
-        cut = min((text.find(s) for s in state.params.stop_strings if s in text), default=-1)
-        result.text = text[:cut] if cut >= 0 else text
+        if self.tokenizer is not None:
+            ids = result.token_ids
+            if reason == "stop" and ids and ids[-1] in state.params.stop_token_ids:
+                ids = ids[:-1]  # the stop token is reported in token_ids but not in the text
+            text = self.tokenizer.decode(ids)
+            cut = min((text.find(s) for s in state.params.stop_strings if s in text), default=-1)
+            result.text = text[:cut] if cut >= 0 else text
+        if self.on_finish is not None:  # e.g. the synth writer persists a document while others decode
+            self.on_finish(state.index, result)
 
     # ---- sampling ---------------------------------------------------------------------------------
     def _sample(self, logits: torch.Tensor, states: list[_Live]) -> torch.Tensor:
@@ -311,8 +313,9 @@ class Engine:
             logits = _apply_repetition_penalty(logits, [s.tokens for s in states], penalties)
         out = logits.argmax(dim=-1)
         sampled = [i for i, s in enumerate(states) if s.params.temperature > 0]
-        for i in sampled:
-            out[i] = sample_token(logits[i], states[i].params, states[i].generator)
+        if sampled:  # all sampled rows filtered together; each draws from its own generator
+            drawn = draw(logits[sampled], [states[i].params for i in sampled], [states[i].generator for i in sampled])
+            out[sampled] = drawn.to(out.device)
         scored = [i for i, s in enumerate(states) if s.params.logprobs is not None]
         if scored:
             _record_logprobs(torch.log_softmax(logits[scored], dim=-1), out[scored], [states[i] for i in scored])
@@ -340,19 +343,24 @@ def _apply_repetition_penalty(logits: torch.Tensor, histories: list[list[int]],
     return logits
 
 
-def sample_token(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    """Temperature, then top-k, top-p and min-p filtering, then one draw from the request's generator."""
-    logits = logits / p.temperature
-    if p.top_k and p.top_k < logits.numel():
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if p.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        beyond = sorted_probs.cumsum(0) - sorted_probs > p.top_p  # keep the smallest set reaching top_p
-        probs = probs.scatter(0, order[beyond], 0.0)
-    if p.min_p > 0:
-        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-    # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p, using only this request's noise
-    noise = torch.empty(probs.shape, dtype=torch.float32).exponential_(generator=generator).to(probs.device)
-    return int((probs / noise).argmax())
+def draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of ``logits`` [N, V] under each row's temperature, top-k, top-p and min-p."""
+    device = logits.device
+    logits = logits / torch.tensor([p.temperature for p in params], device=device)[:, None]
+    vocab = logits.shape[-1]
+    ks = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
+    width = int(ks.max())  # candidates per row, best first; a full sort only when some row has no top-k
+    if width < vocab:
+        values, order = torch.topk(logits, width, dim=-1)
+    else:
+        values, order = logits.sort(dim=-1, descending=True)
+    values = values.masked_fill(torch.arange(width, device=device)[None] >= ks[:, None], float("-inf"))
+    probs = torch.softmax(values, dim=-1)
+    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+    probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)  # the smallest prefix reaching top_p
+    min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
+    probs = probs.masked_fill(probs < min_p * probs[:, :1], 0.0)
+    cdf = probs.cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(device)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=width - 1)
+    return order.gather(1, pick)[:, 0]

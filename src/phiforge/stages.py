@@ -23,11 +23,45 @@ def _documents(ctx: RunContext) -> list[Path]:
     """The corpus to train on: [run] documents (a .jsonl file or folder of them) when given, else the
     curate stage's kept shards."""
     given = ctx.recipe.get("run", {}).get("documents")
-    folder = Path(given) if given else ctx.folder("curate") / "kept"
+    folder = Path(given) if given else ctx.folder("curate") / "curated"
     files = [folder] if folder.is_file() else sorted(folder.glob("*.jsonl"))
     if not files:
         raise RecipeError(f"{folder}: no .jsonl documents" + ("" if given else " (did curate run?)"))
     return files
+
+
+# ---- synth, curate ---------------------------------------------------------------------------------------
+def synth_config(s: dict[str, Any], out_dir: Path | None = None, progress: bool = True):  # noqa: ANN201
+    from phiforge.data.synth.pipeline import SynthConfig
+
+    raw = json.loads(json.dumps(s))  # a deep copy the config builder may consume
+    raw.setdefault("run", {}).update({"out_dir": str(out_dir or "runs/synth"), "progress": progress})
+    return SynthConfig.from_dict(raw)
+
+
+def stage_synth(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    from phiforge.data.synth.pipeline import run_synth
+
+    return run_synth(synth_config(s, ctx.folder("synth"), ctx.progress))
+
+
+def curate_config(s: dict[str, Any], ctx: RunContext | None = None):  # noqa: ANN201
+    from phiforge.data.curate.pipeline import CurateConfig
+
+    raw = json.loads(json.dumps(s))
+    if ctx is not None:
+        raw["output"] = str(ctx.folder("curate"))
+        raw.setdefault("input", {})["paths"] = [str(ctx.folder("synth") / "shard-*.jsonl")]
+    else:  # checking the section before the run: stand-ins for the folders the run will fill
+        raw.setdefault("output", "runs/curate")
+        raw.setdefault("input", {}).setdefault("paths", ["synth/shard-*.jsonl"])
+    return CurateConfig.from_dict(raw)
+
+
+def stage_curate(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    from phiforge.data.curate.pipeline import run_curate
+
+    return run_curate(curate_config(s, ctx))
 
 
 # ---- tokenizer, tokenize -------------------------------------------------------------------------------
@@ -179,7 +213,11 @@ def check_pretrain(section: dict[str, Any]) -> None:
 
 
 # name -> (run, the section's keys with their defaults, an optional deeper check run before any stage starts)
-STAGES: dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any], Callable[[dict[str, Any]], None] | None]] = {
+STAGES: dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any] | None,
+                         Callable[[dict[str, Any]], object] | None]] = {
+    # synth and curate check their sections with their own config loaders (which name unknown keys)
+    "synth": (stage_synth, None, synth_config),
+    "curate": (stage_curate, None, curate_config),
     "tokenizer": (stage_tokenizer, {"vocab_size": 4096, "chat_format": "", "min_frequency": 2}, None),
     "tokenize": (stage_tokenize, {"heldout_fraction": 0.05, "workers": 1}, None),
     "pretrain": (stage_pretrain, {"recipe": "tiny", "overrides": []}, check_pretrain),
@@ -192,10 +230,10 @@ STAGES: dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any], Callable[
 def prepare_section(stage: str, section: dict[str, Any]) -> dict[str, Any]:
     """The section over the stage's defaults; unknown keys and invalid values fail here, before any work."""
     _, defaults, check = STAGES[stage]
-    unknown = sorted(set(section) - set(defaults))
+    unknown = sorted(set(section) - set(defaults)) if defaults is not None else []
     if unknown:
         raise RecipeError(f"[{stage}] unknown key(s) {unknown}; valid keys are {sorted(defaults)}")
-    merged = {**defaults, **section}
+    merged = {**(defaults or {}), **section}
     if check is not None:
         try:
             check(merged)

@@ -128,21 +128,11 @@ class TrainConfig:
     @classmethod
     def from_toml(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
         """A TOML file, or the name of a built-in recipe (phiforge/recipes/NAME.toml), plus overrides."""
-        file = resolve_recipe(path)
-        try:
-            raw = tomllib.loads(file.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise TrainConfigError(f"{file}: not valid TOML ({err})") from None
-        return cls.from_dict(raw, overrides)
+        return build_config(cls, read_toml(resolve_recipe(path)), overrides)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
-        raw = copy.deepcopy(raw)
-        for item in overrides or []:
-            apply_override(raw, item)
-        config = _build(cls, raw, "")
-        config.validate()
-        return config
+        return build_config(cls, raw, overrides)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -200,6 +190,29 @@ def resolve_recipe(path: str | Path) -> Path:
     if builtin.is_file():
         return builtin
     raise TrainConfigError(f"{path}: no such file, and not a built-in recipe ({', '.join(recipe_names())})")
+
+
+# ---- loading any stage's config (train, sft, dpo, pts, synth, curate) ----------------------------------
+def read_toml(path: str | Path, error: type[Exception] = TrainConfigError) -> dict[str, Any]:
+    """The parsed file; a missing file or a syntax error is ``error`` naming the file."""
+    file = Path(path)
+    try:
+        return tomllib.loads(file.read_text())
+    except FileNotFoundError:
+        raise error(f"{file}: no such config file (TOML)") from None
+    except tomllib.TOMLDecodeError as err:
+        raise error(f"{file}: not valid TOML ({err})") from None
+
+
+def build_config(cls: type, raw: dict[str, Any], overrides: list[str] | None = None) -> Any:
+    """``cls`` (a dataclass of sections) from a raw TOML dict plus ``section.key=value`` overrides, every key
+    and type checked, then ``cls.validate()``."""
+    raw = copy.deepcopy(raw)
+    for item in overrides or []:
+        apply_override(raw, item)
+    config = _build(cls, raw, "")
+    config.validate()
+    return config
 
 
 # ---- overrides ---------------------------------------------------------------------------------------

@@ -40,12 +40,7 @@ import torch
 
 from phiforge.generate import Engine, SamplingParams
 from phiforge.model import KVCache
-from phiforge.train.config import TrainConfigError, _build, apply_override, resolve_recipe
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+from phiforge.train.config import TrainConfigError, build_config, read_toml, resolve_recipe
 
 
 # ---- config ---------------------------------------------------------------------------------------------
@@ -108,16 +103,7 @@ class PTSConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: list[str] | None = None) -> PTSConfig:
-        file = resolve_recipe(path)
-        try:
-            raw = tomllib.loads(file.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise TrainConfigError(f"{file}: not valid TOML ({err})") from None
-        for item in overrides or []:
-            apply_override(raw, item)
-        config = _build(cls, raw, "")
-        config.validate()
-        return config
+        return build_config(cls, read_toml(resolve_recipe(path)), overrides)
 
     def validate(self) -> None:
         s = self.search
@@ -248,7 +234,11 @@ class PrefixCachingEngine(Engine):
         self._held: dict[int, tuple[list[int], torch.Tensor]] = {}  # row -> (prompt, its last logits)
         self.prefill_tokens = self.reused_tokens = 0
 
-    def _prefill(self, tokens: list[int], cache: KVCache, row: int) -> torch.Tensor:
+    def _prefill(self, rows: list[int], prompts: list[list[int]], cache: KVCache) -> torch.Tensor:
+        # row by row: a row admitted together with its twins copies what the first of them computed
+        return torch.stack([self._prefill_row(tokens, cache, row) for row, tokens in zip(rows, prompts)])
+
+    def _prefill_row(self, tokens: list[int], cache: KVCache, row: int) -> torch.Tensor:
         if cache is not self._cache:
             self._cache, self._held = cache, {}
         self._held.pop(row, None)
@@ -258,7 +248,7 @@ class PrefixCachingEngine(Engine):
             if n > best:
                 best_row, best = r, n
         if best_row is None or self.longrope_switch:
-            logits = super()._prefill(tokens, cache, row)
+            logits = super()._prefill([row], [tokens], cache)[0]
             self.prefill_tokens += len(tokens)
         else:
             for layer in range(len(cache.k)):
@@ -271,7 +261,8 @@ class PrefixCachingEngine(Engine):
                 reuse = min(best, len(tokens) - 1)  # the last token is computed: its logits are needed
                 ids = torch.tensor([tokens[reuse:]], device=self.device)
                 pos = torch.arange(reuse, len(tokens), device=self.device)
-                logits = self.model(ids, pos, cache=cache, cache_rows=slice(row, row + 1), last_only=True)[0, -1]
+                hidden = self.model(ids, pos, cache=cache, cache_rows=slice(row, row + 1), return_hidden=True)
+                logits = self.model.logits(hidden[0, -1])
                 self.prefill_tokens += len(tokens) - reuse
                 self.reused_tokens -= best - reuse
         self._held[row] = (list(tokens), logits)

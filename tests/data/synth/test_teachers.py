@@ -114,7 +114,7 @@ def test_client_errors_are_not_retried(tmp_path: Path) -> None:
 
 # ---- the local engine's batched sampler ----------------------------------------------------------------------
 def test_batched_draw_matches_the_filtered_distribution() -> None:
-    from phiforge.data.synth.engine import draw
+    from phiforge.generate import draw
 
     logits = torch.log(torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04]))
     cases = {SamplingParams(temperature=1.0, top_k=3): [0.5, 0.3125, 0.1875, 0, 0, 0],
@@ -129,7 +129,7 @@ def test_batched_draw_matches_the_filtered_distribution() -> None:
 
 
 def test_batched_draw_depends_only_on_the_rows_own_generator() -> None:
-    from phiforge.data.synth.engine import draw
+    from phiforge.generate import draw
 
     torch.manual_seed(0)
     logits = torch.randn(5, 1000)

@@ -37,11 +37,6 @@ from phiforge.data.curate.executor import (
 from phiforge.data.jsonl import DOCUMENT_SUFFIXES, iter_lines, write_jsonl
 from phiforge.data.packing import atomic_write_bytes, atomic_write_json
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 
 @dataclass
 class InputSection:
@@ -82,23 +77,15 @@ class CurateConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: list[str] | None = None) -> CurateConfig:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise CurateError(f"{path}: no such config file") from None
-        except tomllib.TOMLDecodeError as err:
-            raise CurateError(f"{path}: not valid TOML ({err})") from None
-        return cls.from_dict(raw, overrides)
+        from phiforge.train.config import read_toml
+
+        return cls.from_dict(read_toml(path, CurateError), overrides)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], overrides: list[str] | None = None) -> CurateConfig:
-        from phiforge.train.config import _build, apply_override  # the training config's checked loader
+        from phiforge.train.config import build_config  # the training config's checked loader
 
-        for item in overrides or []:
-            apply_override(raw, item)
-        config = _build(cls, raw, "")
-        config.validate()
-        return config
+        return build_config(cls, raw, overrides)
 
     def validate(self) -> None:
         checks = [(bool(self.output), "output: set the output folder (output = \"runs/curated\")"),

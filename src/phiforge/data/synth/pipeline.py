@@ -6,7 +6,6 @@ machinery as ``phiforge train`` (unknown keys are errors that list the valid one
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -22,12 +21,7 @@ from phiforge.data.synth import seeds as S
 from phiforge.data.synth.teachers import LocalTeacher, OpenAITeacher, RequestCache, Sampling, Teacher
 from phiforge.data.synth.techniques import Draft, StepContext, check_steps, run_steps
 from phiforge.data.synth.writer import OutputError, ShardWriter, summarize
-from phiforge.train.config import _build, apply_override
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+from phiforge.train.config import build_config, read_toml
 
 
 @dataclass
@@ -111,23 +105,11 @@ class SynthConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: list[str] | None = None) -> SynthConfig:
-        file = Path(path)
-        if not file.is_file():
-            raise ValueError(f"{file}: no such synth config file (TOML)")
-        try:
-            raw = tomllib.loads(file.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"{file}: not valid TOML ({err})") from None
-        return cls.from_dict(raw, overrides)
+        return build_config(cls, read_toml(path, ValueError), overrides)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], overrides: list[str] | None = None) -> SynthConfig:
-        raw = copy.deepcopy(raw)
-        for item in overrides or []:
-            apply_override(raw, item)
-        config = _build(cls, raw, "")
-        config.validate()
-        return config
+        return build_config(cls, raw, overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

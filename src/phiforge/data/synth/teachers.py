@@ -143,7 +143,7 @@ class LocalTeacher(Teacher):
                  device: str = "", max_batch_size: int = 64, chat: bool = True, name: str = "") -> None:
         super().__init__()
         from phiforge.checkpoint import load_pretrained
-        from phiforge.data.synth.engine import SynthEngine
+        from phiforge.generate import Engine
 
         if isinstance(model, (str, Path)):
             name = name or str(model)
@@ -154,7 +154,7 @@ class LocalTeacher(Teacher):
         self.dtype = str(model.embed.weight.dtype).removeprefix("torch.")
         self.model, self.tokenizer = model, tokenizer
         self.chat = chat and tokenizer.chat_template is not None
-        self.engine = SynthEngine(model, tokenizer, max_batch_size=max_batch_size)
+        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size)
 
     def identity(self) -> dict[str, Any]:
         return {"kind": "local", "model": self.name, "dtype": self.dtype, "chat": self.chat}
