@@ -95,7 +95,7 @@ def test_cli_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixtu
         assert main(["synth", str(config), *overrides]) == 2
         assert message in capsys.readouterr().err
     assert main(["synth", str(tmp_path / "missing.toml")]) == 2
-    assert "missing.toml: no such synth config file" in capsys.readouterr().err
+    assert "missing.toml: no such config file (TOML)" in capsys.readouterr().err
 
 
 def test_cleanup_strips_stock_openings_and_closings() -> None:
