@@ -304,10 +304,10 @@ def test_train_bpe_from_files_matches_in_memory(corpus: dict[str, list[str]], tm
 def test_bad_corpus_records_name_file_and_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n\n{"content": "no text field"}\n', encoding="utf-8")
-    with pytest.raises(CorpusError, match=r"bad.jsonl:3: expected a JSON object with a string field 'text'"):
+    with pytest.raises(CorpusError, match=r"bad.jsonl line 3: missing field 'text'"):
         train_bpe_from_files([bad], 300)
     bad.write_text('{"text": "ok"}\n{not json\n', encoding="utf-8")
-    with pytest.raises(CorpusError, match=r"bad.jsonl:2: invalid JSON"):
+    with pytest.raises(CorpusError, match=r"bad.jsonl line 2: malformed JSON"):
         train_bpe_from_files([bad], 300)
     with pytest.raises(CorpusError, match="unsupported corpus file"):
         train_bpe_from_files([tmp_path / "data.parquet"], 300)

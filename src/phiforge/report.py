@@ -30,9 +30,9 @@ def _read_json(path: Path) -> Any:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from phiforge.data.jsonl import iter_jsonl
+
+    return [line.record for line in iter_jsonl(path) if line.record is not None] if path.is_file() else []
 
 
 def _png(fig) -> str:  # noqa: ANN001

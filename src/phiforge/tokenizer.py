@@ -454,17 +454,13 @@ def _open_text(path: Path) -> Any:
 
 
 def _jsonl_texts(path: Path) -> Iterator[str]:
-    with _open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CorpusError(f"{path}:{lineno}: invalid JSON ({exc}); expected one JSON object per line") from exc
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise CorpusError(f"{path}:{lineno}: expected a JSON object with a string field 'text'")
-            yield record["text"]
+    from phiforge.data.jsonl import iter_jsonl, text_error
+
+    for line in iter_jsonl(path):
+        problem = line.error or text_error(line.record, "text")
+        if problem:  # a tokenizer trained on a silently shortened corpus is worse than a stop
+            raise CorpusError(f"{line.where}: {problem}")
+        yield line.record["text"]
 
 
 def iter_corpus(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:

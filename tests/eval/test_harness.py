@@ -57,7 +57,7 @@ def test_bad_record_values_name_the_record(tmp_path: Path) -> None:
     assert f"task arc_easy: {path} line 2: ValueError" in message
     path.write_text('{"question": "q", oops}\n')
     message = _fail(EvalConfig(tasks=["arc_easy"], data={"arc_easy": str(path)}))
-    assert f"task arc_easy: {path} line 1: not valid JSON" in message
+    assert f"task arc_easy: {path} line 1: malformed JSON" in message
     lst = tmp_path / "piqa"
     lst.mkdir()
     (lst / "valid.jsonl").write_text(json.dumps({"goal": "g", "sol1": "a", "sol2": "b"}) + "\n")

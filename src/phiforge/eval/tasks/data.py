@@ -6,7 +6,6 @@ Every error names the task, the file and the record (1-based line for JSONL), as
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -86,20 +85,13 @@ def read_records(task: str, path: Path) -> list[dict[str, Any]]:
 
 
 def _read_jsonl(task: str, path: Path) -> list[dict[str, Any]]:
-    opener = gzip.open if path.name.endswith(".gz") else open
+    from phiforge.data.jsonl import iter_jsonl
+
     records = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskDataError(f"task {task}: {path} line {line_no}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise TaskDataError(f"task {task}: {path} line {line_no}: expected a JSON object")
-            record["__line__"] = line_no
-            records.append(record)
+    for line in iter_jsonl(path):
+        if line.error:  # a benchmark with a lost item would score a different test: stop
+            raise TaskDataError(f"task {task}: {line.where}: {line.error}")
+        records.append({**line.record, "__line__": line.line})
     return records
 
 
