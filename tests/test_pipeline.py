@@ -180,3 +180,13 @@ def test_tiny_textbooks_recipe_end_to_end_at_a_small_size(tmp_path: Path, teache
     assert list((run / "curate" / "curated").glob("*.jsonl"))
     assert "heldout_loss" in json.loads((run / "eval" / "results.json").read_text())["extra"]
     assert (run / "report.html").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("recipe", ["tiny-textbooks", "phi-1.5", "phi-1.5-web", "phi-4"])
+def test_builtin_run_recipes_pass_a_dry_run(recipe: str, tmp_path: Path) -> None:
+    plan = Runner(load_recipe(recipe, [f"run.out_dir={tmp_path / 'r'}"]), progress=False).dry_run()
+    assert list(plan["stages"]) == ["synth", "curate", "tokenizer", "tokenize", "pretrain", "eval", "report"]
+    assert all(stage["action"] == "run" for stage in plan["stages"].values())
+    assert not (tmp_path / "r").exists()  # a dry run writes nothing
+    with pytest.raises(RecipeError, match=r"not evaluation tasks"):
+        Runner(load_recipe(recipe, ['eval.tasks=["piqa", "nope"]']), progress=False)

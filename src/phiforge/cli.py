@@ -123,7 +123,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from phiforge.pipeline import Runner, load_recipe
 
     plan = load_recipe(args.recipe, args.overrides)
-    state = Runner(plan, from_stage=args.from_stage, only=args.only, progress=not args.no_progress).run()
+    runner = Runner(plan, from_stage=args.from_stage, only=args.only, progress=not args.no_progress)
+    if args.dry_run:
+        print(json.dumps(runner.dry_run(), indent=2))
+        return 0
+    state = runner.run()
     print(json.dumps({"run": str(plan.root), "report": str(plan.root / "report.html"), **state}, indent=2))
     return 0
 
@@ -296,6 +300,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. synth.run.num_documents=64")
     p.add_argument("--from", dest="from_stage", default=None, help="redo this stage and every later one")
     p.add_argument("--only", default=None, help="run just this stage (its inputs must exist)")
+    p.add_argument("--dry-run", action="store_true", help="check every section and print the plan; run nothing")
     p.add_argument("--no-progress", action="store_true")
 
     p = add("report", cmd_report, "write RUN_DIR/report.html: data, training curves, evaluation, samples")

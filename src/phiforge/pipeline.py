@@ -176,6 +176,16 @@ class Runner:
                                  "seconds": round(time.perf_counter() - start, 1)})
         return self.state
 
+    def dry_run(self) -> dict[str, Any]:
+        """What would run, with every section checked and merged over its defaults; nothing is written."""
+        stages = {}
+        for stage in self.selected:
+            info = self.state["stages"].get(stage, {})
+            done = info.get("status") == "done" and info.get("fingerprint") == self._fingerprint(stage)
+            stages[stage] = {"action": "skip" if done and stage not in self.forced else "run",
+                             "section": self.sections[stage]}
+        return {"run": str(self.plan.root), "stages": stages}
+
     def _record(self, stage: str, info: dict[str, Any]) -> None:
         self.state["stages"][stage] = {**self.state["stages"].get(stage, {}), **info}
         write_json(self.state_path, self.state)

@@ -113,7 +113,8 @@ def stage_pretrain(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     from phiforge.train import TrainConfig, train
 
     tokens = ctx.folder("tokenize")
-    overrides = [f"data.tokenizer={ctx.folder('tokenizer')}", f"data.sources.text.path={tokens / 'train'}",
+    # the corpus this run made fills the recipe's source named `source`; other sources keep their paths
+    overrides = [f"data.tokenizer={ctx.folder('tokenizer')}", f"data.sources.{s['source']}.path={tokens / 'train'}",
                  f'data.val_sources=[{{name = "heldout", path = "{tokens / "heldout"}"}}]', "data.val_fraction=0.0",
                  f"run.out_dir={ctx.folder('pretrain')}", "checkpoint.resume=auto",
                  f"log.progress={'true' if ctx.progress else 'false'}", *s["overrides"]]
@@ -209,7 +210,19 @@ def stage_report(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
 def check_pretrain(section: dict[str, Any]) -> None:
     from phiforge.train import TrainConfig
 
-    TrainConfig.from_toml(section["recipe"], list(section["overrides"]))  # unknown keys, bad values: now
+    config = TrainConfig.from_toml(section["recipe"], list(section["overrides"]))  # unknown keys, bad values: now
+    names = [src.name for src in config.data.sources]
+    if section["source"] not in names:
+        raise RecipeError(f"source = {section['source']!r}: recipe {section['recipe']} has sources {names}")
+
+
+def check_eval(section: dict[str, Any]) -> None:
+    from phiforge.eval.tasks import task_names
+
+    known = set(task_names())
+    unknown = [t for t in section["tasks"] if t not in known and not t.startswith("mmlu_")]
+    if unknown:
+        raise RecipeError(f"tasks {unknown} are not evaluation tasks; see `phiforge eval --tasks list`")
 
 
 # name -> (run, the section's keys with their defaults, an optional deeper check run before any stage starts)
@@ -220,9 +233,9 @@ STAGES: dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any] | None,
     "curate": (stage_curate, None, curate_config),
     "tokenizer": (stage_tokenizer, {"vocab_size": 4096, "chat_format": "", "min_frequency": 2}, None),
     "tokenize": (stage_tokenize, {"heldout_fraction": 0.05, "workers": 1}, None),
-    "pretrain": (stage_pretrain, {"recipe": "tiny", "overrides": []}, check_pretrain),
+    "pretrain": (stage_pretrain, {"recipe": "tiny", "source": "text", "overrides": []}, check_pretrain),
     "eval": (stage_eval, {"tasks": ["piqa"], "limit": 200, "num_fewshot": -1, "window": 128, "sample_tokens": 48,
-                          "prompts": DEFAULT_SAMPLE_PROMPTS}, None),
+                          "prompts": DEFAULT_SAMPLE_PROMPTS}, check_eval),
     "report": (stage_report, {}, None),
 }
 
