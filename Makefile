@@ -21,7 +21,7 @@ $(STAMP): $(PY) pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/phiforge demo
+	$(VENV)/bin/phiforge run tiny-textbooks
 
 test: setup
 	$(PY) -m ruff check src tests bench
