@@ -19,7 +19,7 @@ import json
 import time
 
 import torch
-from common import best_seconds, machine, random_phiforge, read_bandwidth, transformers_view
+from common import best_seconds, left_padded, machine, random_phiforge, read_bandwidth, transformers_view
 
 from phiforge.checkpoint import load_pretrained
 from phiforge.config import preset
@@ -102,9 +102,7 @@ def hf_batched(reference: torch.nn.Module, prompts: list[list[int]], tokens: int
     with torch.inference_mode():
         for i in range(0, len(prompts), batch):
             chunk = prompts[i : i + batch]
-            width = max(map(len, chunk))
-            ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            ids, mask = left_padded(chunk)
             reference.generate(ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
                                do_sample=False, pad_token_id=0)
     return len(prompts) * tokens / (time.perf_counter() - start)

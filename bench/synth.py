@@ -21,7 +21,7 @@ import tempfile
 import time
 
 import torch
-from common import machine, transformers_view
+from common import left_padded, machine, transformers_view
 
 from phiforge.checkpoint import load_pretrained
 from phiforge.data.synth import SynthConfig, run_synth
@@ -53,9 +53,8 @@ def theirs(reference: torch.nn.Module, prompts: list[list[int]], tokens: int, ba
     with torch.inference_mode():
         for i in range(0, len(prompts), batch):
             chunk = prompts[i : i + batch]
-            width = max(map(len, chunk))
-            ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            ids, mask = left_padded(chunk)
+            width = ids.shape[1]
             out = reference.generate(ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
                                      do_sample=True, pad_token_id=0, **SAMPLING)
             new += (out.shape[1] - width) * len(chunk)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from phiforge.checkpoint import write_json
-from phiforge.train.config import apply_override, tomllib
+from phiforge.train.config import apply_override, resolve_recipe, tomllib
 
 RECIPES_DIR = Path(__file__).parent / "recipes" / "runs"
 ORDER = ("synth", "curate", "tokenizer", "tokenize", "pretrain", "sft", "eval", "report")
@@ -64,20 +64,9 @@ class Plan:
     stages: list[str] = field(default_factory=list)
 
 
-def resolve_recipe(name: str | Path) -> Path:
-    path = Path(name)
-    if path.is_file():
-        return path
-    builtin = RECIPES_DIR / f"{name}.toml"
-    if builtin.is_file():
-        return builtin
-    names = sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
-    raise RecipeError(f"{name}: no such recipe file, and not a built-in run recipe ({', '.join(names)})")
-
-
 def load_recipe(name: str | Path, overrides: list[str] | None = None) -> Plan:
     """Parse and check a run recipe: [run] name/out_dir/stages plus one section per stage."""
-    path = resolve_recipe(name)
+    path = resolve_recipe(name, RECIPES_DIR, RecipeError)
     text = path.read_text(encoding="utf-8")
     try:
         recipe = tomllib.loads(text)

@@ -82,7 +82,8 @@ def build_trees(pairs: Sequence[Pair], max_length: int) -> list[_Tree]:
     return trees
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest shared start of two token lists."""
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
@@ -107,7 +108,7 @@ def plan_batches(trees: list[_Tree], batch_tokens: int, min_prefix: int = 16) ->
     total, shared = 0, 0
     for tree in sorted(trees, key=lambda t: t.context):
         if current:
-            common = min(shared, _common_prefix(current[0].context, tree.context))
+            common = min(shared, common_prefix(current[0].context, tree.context))
             common = common if common >= min_prefix else 0
             over = total + len(tree.tokens) - (len(current) + 1) * common > batch_tokens
             # a batch whose trees share a real prefix (MMLU header + shots) ends where that prefix changes
@@ -131,7 +132,7 @@ def _finish_batch(trees: list[_Tree], min_prefix: int) -> _Batch:
     first = trees[0].context
     n = min(t.context_len for t in trees) - 1
     for t in trees[1:]:
-        n = min(n, _common_prefix(first, t.context))
+        n = min(n, common_prefix(first, t.context))
     if n < min_prefix or len(trees) < 2:
         return _Batch([], trees)
     cut = [_drop_prefix(t, n) for t in trees]

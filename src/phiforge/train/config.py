@@ -182,14 +182,17 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
 
 
-def resolve_recipe(path: str | Path) -> Path:
+def resolve_recipe(path: str | Path, folder: Path = RECIPES_DIR,
+                   error: type[Exception] = TrainConfigError) -> Path:
+    """A TOML file, or the name of a built-in recipe in ``folder``."""
     file = Path(path)
     if file.is_file():
         return file
-    builtin = RECIPES_DIR / f"{path}.toml"
+    builtin = folder / f"{path}.toml"
     if builtin.is_file():
         return builtin
-    raise TrainConfigError(f"{path}: no such file, and not a built-in recipe ({', '.join(recipe_names())})")
+    names = sorted(p.stem for p in folder.glob("*.toml"))
+    raise error(f"{path}: no such recipe file, and not a built-in recipe ({', '.join(names)})")
 
 
 # ---- loading any stage's config (train, sft, dpo, pts, synth, curate) ----------------------------------

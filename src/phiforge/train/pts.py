@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from phiforge.eval.scoring import common_prefix
 from phiforge.generate import Engine, SamplingParams
 from phiforge.model import KVCache
 from phiforge.train.config import TrainConfigError, build_config, read_toml, resolve_recipe
@@ -244,7 +245,7 @@ class PrefixCachingEngine(Engine):
         self._held.pop(row, None)
         best_row, best = None, 0
         for r, (held, _) in self._held.items():
-            n = _common_prefix(held, tokens)
+            n = common_prefix(held, tokens)
             if n > best:
                 best_row, best = r, n
         if best_row is None or self.longrope_switch:
@@ -273,14 +274,6 @@ class PrefixCachingEngine(Engine):
             if state is None:
                 self._held.pop(r, None)
         return super()._decode_step(live, cache)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 @dataclass
