@@ -7,11 +7,12 @@ import torch
 from conftest import randomize_
 from safetensors.torch import load_file, save_file
 
+from phiforge import kernels
 from phiforge.checkpoint import CheckpointError, load_model
 from phiforge.config import preset
 from phiforge.generate import Engine, SamplingParams
 from phiforge.model import build_model
-from phiforge.quantize import QuantizedLinear, quantize_model, save_quantized
+from phiforge.quantize import NATIVE_GEMV_ROWS, QuantizedLinear, quantize_model, save_quantized
 
 NAMES = ["tiny-phi", "tiny-phi3", "tiny-llama", "tiny-phi4-mini"]
 
@@ -21,14 +22,20 @@ def _model(name: str) -> torch.nn.Module:
     return randomize_(build_model(config, dtype=torch.bfloat16), seed=0).eval()
 
 
-@pytest.mark.parametrize(("bits", "kernel"), [(8, "int8pack"), (4, "int4pack")])
-def test_kernel_matches_dequantized_weights(bits: int, kernel: str) -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["native", "aten"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kernel_matches_dequantized_weights(bits: int, native: bool, monkeypatch) -> None:
+    if native and not kernels.available():
+        pytest.skip("no C compiler: the native kernels are not built here")
+    if not native:  # the PyTorch kernels, as on a machine without a compiler
+        monkeypatch.setattr(kernels, "available", lambda: False)
     linear = torch.nn.Linear(256, 96, bias=True).to(torch.bfloat16)
     q = QuantizedLinear.from_linear(linear, bits, group_size=32)
-    assert q.kernel == kernel
-    x = torch.randn(5, 256, dtype=torch.bfloat16)
-    want = x.float() @ q.dequantized().T + linear.bias.float()
-    torch.testing.assert_close(q(x).float(), want, atol=0.05, rtol=0.02)
+    assert q.kernel == ("native" if native else f"int{bits}pack")
+    for rows in (1, 5, NATIVE_GEMV_ROWS + 3):  # the GEMV, and the dequantize + GEMM path for larger batches
+        x = torch.randn(rows, 256, dtype=torch.bfloat16)
+        want = x.float() @ q.dequantized().T + linear.bias.float()
+        torch.testing.assert_close(q(x).float(), want, atol=0.05, rtol=0.02)
     # and the codes stay close to the original weights: int8 error <= half a step of the row scale
     err = (q.dequantized() - linear.weight.float()).abs().max()
     assert err <= (linear.weight.float().abs().max() / (127 if bits == 8 else 7.5)) * 0.51 + 1e-3

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from phiforge import kernels
 from phiforge.config import ModelConfig
 
 ACTIVATIONS = {
@@ -68,6 +69,21 @@ def blocksparse_mask(config: ModelConfig, positions: torch.Tensor, num_keys: int
     causal = keys <= positions[..., None]  # [B, T, keys]
     local = qb - kb < c.blocksparse_local_blocks
     return causal[:, None] & (local[:, None] | vertical[None, :, None])
+
+
+class Linear(nn.Linear):
+    """nn.Linear with a faster path for one bf16 row on the CPU (a decode step of one sequence), which is
+    bound by reading the weight: the native GEMV (bias fused) where built, else torch.mv, which streams the
+    weight ~1.4x faster than F.linear's GEMM here."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features and x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 \
+                and x.device.type == "cpu" and not torch.is_grad_enabled():
+            if kernels.available():
+                return kernels.bf16_gemv(x, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
+            y = torch.mv(self.weight, x.reshape(-1))
+            return (y + self.bias if self.bias is not None else y).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
@@ -226,6 +242,7 @@ class KVCache:
                        for d in dense]
         self.batch_size, self.capacity = batch_size, capacity
         self._slots: tuple[torch.Tensor, torch.Tensor] | None = None  # (positions, slots) of the current step
+        self._bounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (positions, lo, hi)
 
     def nbytes(self) -> int:
         """Bytes held by the cache (all layers, all rows)."""
@@ -250,6 +267,14 @@ class KVCache:
             k_cache[:, :, start : start + k.shape[2]] = k
             v_cache[:, :, start : start + k.shape[2]] = v
         return k_cache[:, :, :span], v_cache[:, :, :span]
+
+    def key_bounds(self, positions: torch.Tensor, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys [lo, hi) each row's single query sees: causal, within the sliding window (attention_mask's rule)."""
+        if self._bounds is None or self._bounds[0] is not positions:
+            hi = positions[:, -1] + 1
+            lo = (hi - window).clamp(min=0) if window is not None else torch.zeros_like(hi)
+            self._bounds = (positions, lo, hi)
+        return self._bounds[1], self._bounds[2]
 
     def decode_slots(self, positions: torch.Tensor, kv_heads: int) -> torch.Tensor:
         """Flat row indices of (row b, head h, position p_b) in a [B*KV*capacity, head_dim] view of the cache.
@@ -280,8 +305,8 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.qkv = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.attn_bias)
-        self.proj = nn.Linear(config.q_size, config.hidden_size, bias=config.attn_bias)
+        self.qkv = Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.attn_bias)
+        self.proj = Linear(config.q_size, config.hidden_size, bias=config.attn_bias)
         if config.qk_layernorm:
             self.q_norm = nn.LayerNorm(config.head_dim, eps=config.norm_eps)
             self.k_norm = nn.LayerNorm(config.head_dim, eps=config.norm_eps)
@@ -304,8 +329,17 @@ class Attention(nn.Module):
         q, k = apply_rotary(qk, cos, sin).split((c.num_heads, c.num_kv_heads), dim=1)  # q and k in one pass
         if cache is not None:
             k, v = cache.write(k, v)
+        if cache is not None and T == 1 and self._native_decode(q, cache):
+            lo, hi = cache.cache.key_bounds(cache.positions, c.sliding_window)
+            return self.proj(kernels.decode_attention(q, k, v, lo, hi, c.attn_scale or c.head_dim**-0.5))
         y = self._sdpa(q, k, v, mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, c.q_size))
+
+    def _native_decode(self, q: torch.Tensor, cache: CacheView) -> bool:
+        """One query per row on the CPU over a dense cache: the native kernel reads each key once for all
+        query heads of its group (SDPA's CPU kernel re-reads it per head)."""
+        return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32) and not self.training
+                and not self.config.is_sparse_layer(cache.layer) and kernels.available())
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         dtype = q.dtype
@@ -323,8 +357,8 @@ class MLP(nn.Module):
         super().__init__()
         width = config.intermediate_size
         self.gated = config.gated_mlp
-        self.fc = nn.Linear(config.hidden_size, 2 * width if self.gated else width, bias=config.mlp_bias)
-        self.proj = nn.Linear(width, config.hidden_size, bias=config.mlp_bias)
+        self.fc = Linear(config.hidden_size, 2 * width if self.gated else width, bias=config.mlp_bias)
+        self.proj = Linear(width, config.hidden_size, bias=config.mlp_bias)
         limit = config.gegelu_limit
         self.act = ACTIVATIONS.get(config.hidden_act)
         self.gegelu = (lambda h: gegelu(h, limit)) if config.hidden_act == "gegelu" else None
@@ -367,7 +401,7 @@ class PhiForgeModel(nn.Module):
         self.embed_drop = nn.Dropout(config.embd_pdrop)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm_f = make_norm(config, config.hidden_size)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rope = RotaryEmbedding(config)

@@ -1,11 +1,13 @@
 """Weight-only int8 / int4 quantization of a PhiForgeModel, and its safetensors checkpoints.
 
-  int8: symmetric, one scale per output row          -> aten._weight_int8pack_mm
-  int4: asymmetric, a scale and zero per group of K   -> aten._weight_int4pack_mm_for_cpu (CPU),
-                                                          aten._weight_int4pack_mm (CUDA)
+  int8: symmetric, one scale per output row
+  int4: asymmetric, a scale and zero per group of K
 Decode reads every weight once per token, so fewer bytes per weight is more tokens per second.
 On disk the packing is portable (int8 rows; two int4 codes per byte, low nibble first, plus scales
-and zeros); the device-specific tile layout is made at load time.
+and zeros). Kernels, fastest first:
+  CPU   phiforge.kernels (native GEMV on the portable layout itself; larger batches dequantize to bf16
+        and use the bf16 GEMM), else aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu
+  CUDA  aten._weight_int8pack_mm / _weight_int4pack_mm (tile layout made at load time)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from phiforge import kernels
 from phiforge.checkpoint import (
     SINGLE_NAME,
     CheckpointError,
@@ -33,6 +36,8 @@ from phiforge.checkpoint import (
 )
 from phiforge.config import ModelConfig
 from phiforge.model import PhiForgeModel
+
+NATIVE_GEMV_ROWS = 8  # up to this many rows the native GEMV streams the codes; beyond, dequantize + bf16 GEMM
 
 
 class QuantizedLinear(nn.Module):
@@ -65,7 +70,12 @@ class QuantizedLinear(nn.Module):
         device = stored["qweight"].device
         for key, value in stored.items():
             self.register_buffer(f"_{key}", value, persistent=False)
-        if self.bits == 8:
+        if device.type == "cpu" and kernels.available():  # reads the portable layout as it is
+            self.register_buffer("_scales", stored["scales"].to(torch.bfloat16), persistent=False)
+            if self.bits == 4:
+                self.register_buffer("_zeros", stored["zeros"].to(torch.bfloat16), persistent=False)
+            self.kernel = "native"
+        elif self.bits == 8:
             self.register_buffer("w_int8", stored["qweight"], persistent=False)
             self.register_buffer("w_scales", stored["scales"].to(self.dtype), persistent=False)
             self.kernel = "int8pack"
@@ -115,9 +125,22 @@ class QuantizedLinear(nn.Module):
         op = aten._weight_int4pack_mm_for_cpu if x2d.device.type == "cpu" else aten._weight_int4pack_mm
         return op(x2d.to(torch.bfloat16), self.w_int4, self.group_size, self.w_scale_zero)
 
+    def _native(self, x2d: torch.Tensor) -> torch.Tensor:
+        q, scales = self._qweight, self._scales
+        if x2d.shape[0] <= NATIVE_GEMV_ROWS:  # bias fused, output in x's dtype
+            if self.bits == 8:
+                return kernels.int8_gemv(x2d, q, scales, self.bias)
+            return kernels.int4_gemv(x2d, q, scales, self._zeros, self.group_size, self.bias)
+        w = kernels.int8_dequant(q, scales) if self.bits == 8 else kernels.int4_dequant(q, scales, self._zeros,
+                                                                                           self.group_size)
+        bias = self.bias.to(torch.bfloat16) if self.bias is not None else None
+        return F.linear(x2d.to(torch.bfloat16), w, bias).to(x2d.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])
+        if self.kernel == "native":
+            return self._native(x2d).view(*shape[:-1], self.out_features)
         if self.kernel == "int8pack":
             y = torch.ops.aten._weight_int8pack_mm(x2d.to(self.dtype), self.w_int8, self.w_scales)
         elif self.kernel == "int4pack":

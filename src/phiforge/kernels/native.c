@@ -1,0 +1,472 @@
+/* phiforge's CPU kernels for the decode hot path, built once per machine by phiforge/kernels/__init__.py.
+ *
+ * A decode step reads every weight once and does two flops per weight, so it is bound by memory
+ * bandwidth; these kernels read the packed weights exactly once, convert in registers and use both
+ * FMA ports. Each has an AVX-512 path (x86 with AVX512F/BW, plus AVX512-BF16 for int4) and a plain C
+ * path that -O3 vectorizes for whatever -march=native offers. Threads: OpenMP, sharing the libgomp
+ * torch already loaded (same soname), so the two thread pools never compete.
+ *
+ * Layouts (the portable ones quantize.py saves):
+ *   int8  w [N, K] int8, one bf16 scale per row:             W = w * s[n]
+ *   int4  w [N, K/2] bytes, low nibble = even k, high = odd k; per group of G along K a bf16 scale
+ *         and zero:                                          W = (code - 8) * s + z
+ *   bf16  w [N, K] bf16 (the plain weight, one-row decode of half-precision models)
+ *   Activations x [M, K], bias [N] and y [M, N] share one dtype, bf16 or fp32 (act_bf16), so a layer is one
+ *   call: no conversions or bias add around it.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define PF_AVX512 1
+#ifndef PF_AHEAD
+#define PF_AHEAD 8192
+#endif
+#endif
+
+static inline float bf16_to_f32(uint16_t v) {
+  union { uint32_t u; float f; } c;
+  c.u = (uint32_t)v << 16;
+  return c.f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
+  union { uint32_t u; float f; } c;
+  c.f = f;
+  if ((c.u & 0x7fffffff) > 0x7f800000) return (uint16_t)((c.u >> 16) | 0x40); /* NaN stays NaN */
+  return (uint16_t)((c.u + 0x7fff + ((c.u >> 16) & 1)) >> 16);
+}
+
+/* activations: x to fp32 scratch (caller frees), y[i] = v + bias[n] stored in the activation dtype */
+static float *load_acts(const void *x, int act_bf16, size_t n) {
+  float *out = malloc(n * 4);
+  for (size_t i = 0; i < n; i++) out[i] = act_bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+  return out;
+}
+
+static inline void store_act(void *y, int act_bf16, size_t i, float v, const void *bias, int n) {
+  if (bias) v += act_bf16 ? bf16_to_f32(((const uint16_t *)bias)[n]) : ((const float *)bias)[n];
+  if (act_bf16) ((uint16_t *)y)[i] = f32_to_bf16(v);
+  else ((float *)y)[i] = v;
+}
+
+int pf_features(void) { /* bit 0: AVX-512 paths, bit 1: AVX512-BF16 paths (bf16 and int4 g32) */
+  int f = 0;
+#ifdef PF_AVX512
+  f |= 1;
+#endif
+#ifdef __AVX512BF16__
+  f |= 2;
+#endif
+  return f;
+}
+
+/* ---- int8 rows ------------------------------------------------------------------------------------ */
+static float dot_int8(const int8_t *w, const float *x, int K) {
+  int k = 0;
+  float acc = 0.f;
+#ifdef PF_AVX512
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (; k + 64 <= K; k += 64) {
+    _mm_prefetch((const char *)(w + k + PF_AHEAD), _MM_HINT_T0);
+    a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k)))),
+                         _mm512_loadu_ps(x + k), a0);
+    a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k + 16)))),
+                         _mm512_loadu_ps(x + k + 16), a1);
+    a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k + 32)))),
+                         _mm512_loadu_ps(x + k + 32), a2);
+    a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k + 48)))),
+                         _mm512_loadu_ps(x + k + 48), a3);
+  }
+  acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#endif
+  for (; k < K; k++) acc += (float)w[k] * x[k];
+  return acc;
+}
+
+void pf_int8_gemv(const int8_t *w, const uint16_t *scale, const void *x_act, const void *bias, void *y, int act_bf16,
+                  int M, int N, int K, int threads) {
+  float *x = load_acts(x_act, act_bf16, (size_t)M * K);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int n = 0; n < N; n++) {
+    const int8_t *row = w + (size_t)n * K;
+    float s = bf16_to_f32(scale[n]);
+    for (int m = 0; m < M; m++) store_act(y, act_bf16, (size_t)m * N + n, s * dot_int8(row, x + (size_t)m * K, K), bias, n);
+  }
+  free(x);
+}
+
+/* ---- bf16 rows (one-row decode of a bf16 model) ----------------------------------------------------- */
+static float dot_bf16(const uint16_t *w, const float *x32, const uint16_t *x16, int K) {
+  int k = 0;
+  float acc = 0.f;
+#ifdef __AVX512BF16__
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+  for (; k + 64 <= K; k += 64) {
+    _mm_prefetch((const char *)(w + k + PF_AHEAD / 2), _MM_HINT_T0);
+    _mm_prefetch((const char *)(w + k + PF_AHEAD / 2 + 32), _MM_HINT_T0);
+    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(x16 + k));
+    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + k + 32), (__m512bh)_mm512_loadu_si512(x16 + k + 32));
+  }
+  acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#endif
+  for (; k < K; k++) acc += bf16_to_f32(w[k]) * x32[k];
+  return acc;
+}
+
+#ifdef __AVX512BF16__
+/* four rows at once: four independent streams keep more cache-line misses in flight than one */
+static void dot4_bf16(const uint16_t *w, size_t K, const uint16_t *x16, float *out) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (size_t k = 0; k < K; k += 32) {
+    __m512bh x = (__m512bh)_mm512_loadu_si512(x16 + k);
+    _mm_prefetch((const char *)(w + k + PF_AHEAD / 2), _MM_HINT_T0);
+    _mm_prefetch((const char *)(w + K + k + PF_AHEAD / 2), _MM_HINT_T0);
+    _mm_prefetch((const char *)(w + 2 * K + k + PF_AHEAD / 2), _MM_HINT_T0);
+    _mm_prefetch((const char *)(w + 3 * K + k + PF_AHEAD / 2), _MM_HINT_T0);
+    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + k), x);
+    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + K + k), x);
+    a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w + 2 * K + k), x);
+    a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w + 3 * K + k), x);
+  }
+  out[0] = _mm512_reduce_add_ps(a0); out[1] = _mm512_reduce_add_ps(a1);
+  out[2] = _mm512_reduce_add_ps(a2); out[3] = _mm512_reduce_add_ps(a3);
+}
+#endif
+
+void pf_bf16_gemv(const uint16_t *w, const void *x_act, const void *bias, void *y, int act_bf16, int M, int N, int K,
+                  int threads) {
+  float *x = load_acts(x_act, act_bf16, (size_t)M * K);
+  uint16_t *x16 = malloc((size_t)M * K * 2);
+  for (size_t i = 0; i < (size_t)M * K; i++) x16[i] = f32_to_bf16(x[i]);
+  int quads = 0;
+#ifdef __AVX512BF16__
+  if (K % 32 == 0) quads = N / 4;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int r = 0; r < quads; r++)
+    for (int m = 0; m < M; m++) {
+      float d[4];
+      dot4_bf16(w + (size_t)4 * r * K, K, x16 + (size_t)m * K, d);
+      for (int i = 0; i < 4; i++) store_act(y, act_bf16, (size_t)m * N + 4 * r + i, d[i], bias, 4 * r + i);
+    }
+#endif
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int n = 4 * quads; n < N; n++)
+    for (int m = 0; m < M; m++)
+      store_act(y, act_bf16, (size_t)m * N + n,
+                dot_bf16(w + (size_t)n * K, x + (size_t)m * K, x16 + (size_t)m * K, K), bias, n);
+  free(x);
+  free(x16);
+}
+
+void pf_int8_dequant(const int8_t *w, const uint16_t *scale, uint16_t *out, int N, int K, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int n = 0; n < N; n++) {
+    float s = bf16_to_f32(scale[n]);
+    for (int k = 0; k < K; k++) out[(size_t)n * K + k] = f32_to_bf16((float)w[(size_t)n * K + k] * s);
+  }
+}
+
+/* ---- int4 groups ---------------------------------------------------------------------------------- */
+/* x split once per call: even and odd elements (bf16 for the dot-product instructions, fp32 for the plain
+   path) and the sum of each group of the bf16-rounded x, which carries the zero points. */
+typedef struct {
+  uint16_t *even16, *odd16;
+  float *even32, *odd32, *group_sum;
+} SplitX;
+
+static void split_x(const float *x, int M, int K, int G, SplitX *s) {
+  size_t half = (size_t)M * (K / 2), groups = (size_t)M * (K / G);
+  s->even16 = malloc(half * 2);
+  s->odd16 = malloc(half * 2);
+  s->even32 = malloc(half * 4);
+  s->odd32 = malloc(half * 4);
+  s->group_sum = malloc(groups * 4);
+  for (size_t i = 0; i < half; i++) {
+    s->even16[i] = f32_to_bf16(x[2 * i]);
+    s->odd16[i] = f32_to_bf16(x[2 * i + 1]);
+    s->even32[i] = bf16_to_f32(s->even16[i]);
+    s->odd32[i] = bf16_to_f32(s->odd16[i]);
+  }
+  for (size_t g = 0; g < groups; g++) {
+    float t = 0.f;
+    for (int j = 0; j < G / 2; j++) t += s->even32[g * (G / 2) + j] + s->odd32[g * (G / 2) + j];
+    s->group_sum[g] = t;
+  }
+}
+
+static void free_split(SplitX *s) {
+  free(s->even16); free(s->odd16); free(s->even32); free(s->odd32); free(s->group_sum);
+}
+
+/* sum over groups of z*gx - 8*s*gx: the zero points' and the code offset's share of the dot product */
+static float int4_offsets(const uint16_t *sc, const uint16_t *ze, const float *gx, int groups, float code_offset) {
+  float corr = 0.f;
+  int q = 0;
+#ifdef PF_AVX512
+  __m512 cv = _mm512_setzero_ps(), off = _mm512_set1_ps(code_offset);
+  for (; q + 16 <= groups; q += 16) {
+    __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(sc + q))), 16));
+    __m512 z = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(ze + q))), 16));
+    cv = _mm512_fmadd_ps(_mm512_loadu_ps(gx + q), _mm512_fnmadd_ps(off, s, z), cv);
+  }
+  corr = _mm512_reduce_add_ps(cv);
+#endif
+  for (; q < groups; q++) corr += gx[q] * (bf16_to_f32(ze[q]) - code_offset * bf16_to_f32(sc[q]));
+  return corr;
+}
+
+#ifdef __AVX512BF16__
+/* One row, groups of 32 (16 bytes each), two groups per 32-byte step. A nibble c OR-ed into 0x4300 is the
+   bf16 number 128 + c, so the codes become bf16 with two integer ops and vdpbf16ps multiplies them by x
+   in pairs; the extra 128 * sum(x) is folded into the offsets (code_offset 136 = 128 + 8). */
+static inline __m512 chunk_int4_g32(const uint8_t *row, const uint16_t *sc, const uint16_t *e, const uint16_t *o,
+                                     int j, int q, __m512 acc) {
+  const __m512i nibble = _mm512_set1_epi16(0x0f), bias = _mm512_set1_epi16(0x4300);
+  __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(row + j)));
+  __m512i lo = _mm512_or_si512(_mm512_and_si512(b, nibble), bias);
+  __m512i hi = _mm512_or_si512(_mm512_srli_epi16(b, 4), bias);
+  __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)lo, (__m512bh)_mm512_loadu_si512(e + j));
+  d = _mm512_dpbf16_ps(d, (__m512bh)hi, (__m512bh)_mm512_loadu_si512(o + j));
+  /* lanes 0-7 hold group q, lanes 8-15 group q+1: their scales, as fp32, from one 32-bit load */
+  __m512i pair = _mm512_set1_epi32(*(const int32_t *)(sc + q));
+  __m512 s = _mm512_castsi512_ps(_mm512_mask_blend_epi32(0xff00, _mm512_slli_epi32(pair, 16),
+                                                         _mm512_and_si512(pair, _mm512_set1_epi32((int)0xffff0000))));
+  return _mm512_fmadd_ps(s, d, acc);
+}
+
+/* 16 groups (8 chunks, 256 bytes) at a time: their scales become one fp32 vector and each chunk's pair
+   of scales is a single permute, instead of a broadcast, a shift, a mask and a blend */
+static float row_int4_g32(const uint8_t *row, const uint16_t *sc, const uint16_t *e, const uint16_t *o, int K) {
+  const __m512i nibble = _mm512_set1_epi16(0x0f), bias = _mm512_set1_epi16(0x4300);
+  const __m512i pair_step = _mm512_set1_epi32(2);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
+  int j = 0, q = 0;
+  for (; j + 256 <= K / 2; j += 256, q += 16) {
+    _mm_prefetch((const char *)(row + j + PF_AHEAD), _MM_HINT_T0);
+    _mm_prefetch((const char *)(row + j + PF_AHEAD + 64), _MM_HINT_T0);
+    _mm_prefetch((const char *)(row + j + PF_AHEAD + 128), _MM_HINT_T0);
+    _mm_prefetch((const char *)(row + j + PF_AHEAD + 192), _MM_HINT_T0);
+    __m512 scales = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(sc + q))), 16));
+    __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    for (int c = 0; c < 8; c++, idx = _mm512_add_epi32(idx, pair_step)) {
+      int jj = j + 32 * c;
+      __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(row + jj)));
+      __m512i lo = _mm512_ternarylogic_epi32(b, nibble, bias, 0xEA); /* (b & nibble) | bias */
+      __m512i hi = _mm512_or_si512(_mm512_srli_epi16(b, 4), bias);
+      __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)lo, (__m512bh)_mm512_loadu_si512(e + jj));
+      d = _mm512_dpbf16_ps(d, (__m512bh)hi, (__m512bh)_mm512_loadu_si512(o + jj));
+      if (c & 1) acc1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, scales), d, acc1);
+      else acc0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, scales), d, acc0);
+    }
+  }
+  for (; j < K / 2; j += 32, q += 2) acc0 = chunk_int4_g32(row, sc, e, o, j, q, acc0);
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+#endif
+
+/* the plain path, any G: codes times fp32 x, scaled per group (code_offset 8) */
+static float row_int4_plain(const uint8_t *row, const uint16_t *sc, const float *e, const float *o, int K, int G) {
+  float acc = 0.f;
+  for (int q = 0; q < K / G; q++) {
+    const uint8_t *b = row + q * (G / 2);
+    const float *eq = e + q * (G / 2), *oq = o + q * (G / 2);
+    float d = 0.f;
+    for (int j = 0; j < G / 2; j++) d += (float)(b[j] & 15) * eq[j] + (float)(b[j] >> 4) * oq[j];
+    acc += bf16_to_f32(sc[q]) * d;
+  }
+  return acc;
+}
+
+void pf_int4_gemv(const uint8_t *w, const uint16_t *scale, const uint16_t *zero, const void *x_act, const void *bias,
+                  void *y, int act_bf16, int M, int N, int K, int G, int threads) {
+  SplitX s;
+  float *x = load_acts(x_act, act_bf16, (size_t)M * K);
+  split_x(x, M, K, G, &s);
+  free(x);
+  int groups = K / G, fast = 0;
+#ifdef __AVX512BF16__
+  fast = G == 32 && K % 64 == 0;
+#endif
+  float offset = fast ? 136.f : 8.f;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int n = 0; n < N; n++) {
+    const uint8_t *row = w + (size_t)n * (K / 2);
+    const uint16_t *sc = scale + (size_t)n * groups, *ze = zero + (size_t)n * groups;
+    for (int m = 0; m < M; m++) {
+      size_t xo = (size_t)m * (K / 2);
+      float d;
+#ifdef __AVX512BF16__
+      if (fast) d = row_int4_g32(row, sc, s.even16 + xo, s.odd16 + xo, K);
+      else
+#endif
+        d = row_int4_plain(row, sc, s.even32 + xo, s.odd32 + xo, K, G);
+      store_act(y, act_bf16, (size_t)m * N + n, d + int4_offsets(sc, ze, s.group_sum + (size_t)m * groups, groups, offset),
+                bias, n);
+    }
+  }
+  free_split(&s);
+}
+
+void pf_int4_dequant(const uint8_t *w, const uint16_t *scale, const uint16_t *zero, uint16_t *out, int N, int K,
+                     int G, int threads) {
+  int groups = K / G;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int n = 0; n < N; n++) {
+    for (int k = 0; k < K; k++) {
+      uint8_t b = w[(size_t)n * (K / 2) + k / 2];
+      int code = (k & 1) ? b >> 4 : b & 15;
+      float s = bf16_to_f32(scale[(size_t)n * groups + k / G]), z = bf16_to_f32(zero[(size_t)n * groups + k / G]);
+      out[(size_t)n * K + k] = f32_to_bf16((float)(code - 8) * s + z);
+    }
+  }
+}
+
+/* ---- decode attention ----------------------------------------------------------------------------- */
+/* One new query per sequence: q [B, H, D] (strides qb, qh; contiguous D); keys/values in the cache at
+   k + b*sb + h*sh + t*st; q, k, v and out all bf16 if bf16 else fp32; sequence b attends keys
+   lo[b] <= t < hi[b]. Query heads h*G .. h*G+G-1 share kv head h, so each key and value row is read once
+   for all G of them. out [B, H, D] contiguous, i.e. already the [B, 1, H*D] the output projection takes. */
+static inline void load_row(const void *base, size_t off, int bf16, int D, float *dst) {
+  if (bf16) {
+    const uint16_t *p = (const uint16_t *)base + off;
+    for (int d = 0; d < D; d++) dst[d] = bf16_to_f32(p[d]);
+  } else {
+    memcpy(dst, (const float *)base + off, (size_t)D * 4);
+  }
+}
+
+#ifdef PF_AVX512
+static inline __m512 load16(const void *base, size_t off, int bf16) {
+  if (bf16)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + off))), 16));
+  return _mm512_loadu_ps((const float *)base + off);
+}
+
+/* exp for softmax: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6 polynomial (~1 ulp) */
+static inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+#define PF_MAX_G 16
+#define PF_MAX_DV 16 /* head_dim up to 256 */
+/* the vector path: D % 16 == 0, G <= PF_MAX_G */
+static void attend_avx512(const float *qf, const void *k, const void *v, int bf16, size_t base, int64_t lo, int n,
+                          int64_t st, int G, int D, float scale, float *scores, float *of) {
+  int dv = D / 16;
+  for (int t = 0; t < n; t++) {
+    size_t off = base + (size_t)(lo + t) * st;
+    __m512 kr[PF_MAX_DV];
+    for (int j = 0; j < dv; j++) kr[j] = load16(k, off + 16 * j, bf16);
+    for (int g = 0; g < G; g++) {
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qf + g * D), kr[0]);
+      for (int j = 1; j < dv; j++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * D + 16 * j), kr[j], acc);
+      scores[(size_t)g * n + t] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+  for (int g = 0; g < G; g++) { /* softmax, vectorized */
+    float *sg = scores + (size_t)g * n, mx = -INFINITY, sum = 0.f;
+    for (int t = 0; t < n; t++) mx = sg[t] > mx ? sg[t] : mx;
+    __m512 m = _mm512_set1_ps(mx), total = _mm512_setzero_ps();
+    int t = 0;
+    for (; t + 16 <= n; t += 16) {
+      __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + t), m));
+      _mm512_storeu_ps(sg + t, e);
+      total = _mm512_add_ps(total, e);
+    }
+    if (t < n) {
+      __mmask16 tail = (__mmask16)((1u << (n - t)) - 1);
+      __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sg + t), m));
+      _mm512_mask_storeu_ps(sg + t, tail, e);
+      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(tail, e));
+    }
+    sum = _mm512_reduce_add_ps(total);
+    for (t = 0; t < n; t++) sg[t] /= sum;
+  }
+  __m512 acc[PF_MAX_G * PF_MAX_DV];
+  for (int i = 0; i < G * dv; i++) acc[i] = _mm512_setzero_ps();
+  for (int t = 0; t < n; t++) {
+    size_t off = base + (size_t)(lo + t) * st;
+    for (int j = 0; j < dv; j++) {
+      __m512 vr = load16(v, off + 16 * j, bf16);
+      for (int g = 0; g < G; g++) acc[g * dv + j] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(size_t)g * n + t]), vr, acc[g * dv + j]);
+    }
+  }
+  for (int g = 0; g < G; g++)
+    for (int j = 0; j < dv; j++) _mm512_storeu_ps(of + g * D + 16 * j, acc[g * dv + j]);
+}
+#endif
+
+/* the plain path, any D and G */
+static void attend_plain(const float *qf, const void *k, const void *v, int bf16, size_t base, int64_t lo, int n,
+                         int64_t st, int G, int D, float scale, float *scores, float *row, float *of) {
+  for (int t = 0; t < n; t++) {
+    load_row(k, base + (size_t)(lo + t) * st, bf16, D, row);
+    for (int g = 0; g < G; g++) {
+      float acc = 0.f;
+      for (int d = 0; d < D; d++) acc += qf[(size_t)g * D + d] * row[d];
+      scores[(size_t)g * n + t] = acc * scale;
+    }
+  }
+  for (int g = 0; g < G; g++) {
+    float *sg = scores + (size_t)g * n, mx = -INFINITY, sum = 0.f;
+    for (int t = 0; t < n; t++) mx = sg[t] > mx ? sg[t] : mx;
+    for (int t = 0; t < n; t++) { sg[t] = expf(sg[t] - mx); sum += sg[t]; }
+    for (int t = 0; t < n; t++) sg[t] /= sum;
+  }
+  memset(of, 0, (size_t)G * D * 4);
+  for (int t = 0; t < n; t++) {
+    load_row(v, base + (size_t)(lo + t) * st, bf16, D, row);
+    for (int g = 0; g < G; g++) {
+      float p = scores[(size_t)g * n + t], *og = of + (size_t)g * D;
+      for (int d = 0; d < D; d++) og[d] += p * row[d];
+    }
+  }
+}
+
+void pf_decode_attention(const void *q, int64_t qb, int64_t qh, const void *k, const void *v, int bf16, void *out,
+                         const int64_t *lo, const int64_t *hi, int B, int H, int KV, int D, int64_t sb, int64_t sh,
+                         int64_t st, float scale, int threads) {
+  int G = H / KV, vector = 0;
+#ifdef PF_AVX512
+  vector = D % 16 == 0 && D / 16 <= PF_MAX_DV && G <= PF_MAX_G;
+#endif
+#pragma omp parallel num_threads(threads)
+  {
+    int cap = 0;
+    float *scores = NULL, *row = malloc((size_t)D * 4), *qf = malloc((size_t)G * D * 4), *of = malloc((size_t)G * D * 4);
+#pragma omp for schedule(dynamic, 1)
+    for (int task = 0; task < B * KV; task++) {
+      int b = task / KV, h = task % KV, n = (int)(hi[b] - lo[b]);
+      if (n > cap) { free(scores); cap = n; scores = malloc((size_t)G * n * 4); }
+      for (int g = 0; g < G; g++) load_row(q, (size_t)b * qb + (size_t)(h * G + g) * qh, bf16, D, qf + (size_t)g * D);
+      size_t base = (size_t)b * sb + (size_t)h * sh;
+#ifdef PF_AVX512
+      if (vector) attend_avx512(qf, k, v, bf16, base, lo[b], n, st, G, D, scale, scores, of);
+      else
+#endif
+        attend_plain(qf, k, v, bf16, base, lo[b], n, st, G, D, scale, scores, row, of);
+      size_t first = ((size_t)b * H + (size_t)h * G) * D;
+      for (size_t i = 0; i < (size_t)G * D; i++) store_act(out, bf16, first + i, of[i], NULL, 0);
+    }
+    free(scores);
+    free(row);
+    free(qf);
+    free(of);
+  }
+}

@@ -1,0 +1,80 @@
+"""The native decode kernels agree with PyTorch on the same numbers (they replace aten kernels, so any
+disagreement is a bug): int8/int4 GEMV and dequantization, single-query attention with GQA and windows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from phiforge import kernels
+from phiforge.quantize import quantize_int4, quantize_int8, unpack_nibbles
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: native kernels not built")
+
+
+def _int4_reference(stored: dict[str, torch.Tensor], group: int) -> torch.Tensor:
+    n = stored["qweight"].shape[0]
+    codes = unpack_nibbles(stored["qweight"]).float().view(n, -1, group)
+    w = (codes - 8) * stored["scales"].float()[..., None] + stored["zeros"].float()[..., None]
+    return w.view(n, -1)
+
+
+@pytest.mark.parametrize("k", [2048, 200])  # 200: the tail past the last 64-wide vector step
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int8_gemv_and_dequant(k: int, rows: int) -> None:
+    torch.manual_seed(0)
+    stored = quantize_int8(torch.randn(96, k))
+    w = stored["qweight"].float() * stored["scales"].float()[:, None]
+    x, bias = torch.randn(rows, k), torch.randn(96)
+    torch.testing.assert_close(kernels.int8_gemv(x, stored["qweight"], stored["scales"]), x @ w.T,
+                               atol=1e-3, rtol=1e-5)
+    got = kernels.int8_gemv(x.bfloat16(), stored["qweight"], stored["scales"], bias.bfloat16())
+    assert got.dtype == torch.bfloat16  # bf16 in, bias fused, bf16 out (one rounding, at the end)
+    torch.testing.assert_close(got, (x.bfloat16().float() @ w.T + bias.bfloat16().float()).bfloat16())
+    assert torch.equal(kernels.int8_dequant(stored["qweight"], stored["scales"]), w.bfloat16())
+
+
+@pytest.mark.parametrize("k", [2048, 200])
+def test_bf16_gemv(k: int) -> None:
+    torch.manual_seed(3)
+    w, x, bias = torch.randn(96, k).bfloat16(), torch.randn(1, k).bfloat16(), torch.randn(96).bfloat16()
+    want = (x.float() @ w.float().T + bias.float()).bfloat16()
+    torch.testing.assert_close(kernels.bf16_gemv(x, w, bias), want)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])  # 32 takes the AVX512-BF16 path where the CPU has it
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int4_gemv_and_dequant(group: int, rows: int) -> None:
+    torch.manual_seed(1)
+    stored = quantize_int4(torch.randn(80, 1024), group)
+    w = _int4_reference(stored, group)
+    x = torch.randn(rows, 1024)
+    want = x.bfloat16().float() @ w.T  # x rounded to bf16 first, as aten's int4 kernels do
+    got = kernels.int4_gemv(x, stored["qweight"], stored["scales"], stored["zeros"], group)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-5)
+    bias = torch.randn(80)
+    torch.testing.assert_close(kernels.int4_gemv(x, stored["qweight"], stored["scales"], stored["zeros"], group, bias),
+                               want + bias, atol=2e-3, rtol=1e-5)
+    assert torch.equal(kernels.int4_dequant(stored["qweight"], stored["scales"], stored["zeros"], group),
+                       w.bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 96), (8, 2, 40)])
+def test_decode_attention_matches_sdpa(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> None:
+    torch.manual_seed(2)
+    batch, capacity, span = 4, 80, 50
+    q = torch.randn(batch, heads, 1, head_dim, dtype=dtype)
+    cache_k = torch.randn(batch, kv_heads, capacity, head_dim, dtype=dtype)  # strided views, as in the KV cache
+    cache_v = torch.randn(batch, kv_heads, capacity, head_dim, dtype=dtype)
+    k, v = cache_k[:, :, :span], cache_v[:, :, :span]
+    hi = torch.tensor([50, 11, 1, 31])
+    lo = torch.tensor([0, 0, 0, 6])  # row 3: a sliding window of 25 keys
+    keys = torch.arange(span)
+    mask = ((keys >= lo[:, None]) & (keys < hi[:, None]))[:, None, None]
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    got = kernels.decode_attention(q, k, v, lo, hi, head_dim**-0.5)
+    assert got.dtype == dtype and got.shape == (batch, 1, heads * head_dim)  # what the output projection takes
+    torch.testing.assert_close(got.float(), want.transpose(1, 2).reshape(batch, 1, -1),
+                               atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-4)
