@@ -21,7 +21,7 @@ GSM8K = SHARED / "benchmarks" / "gsm8k"
 STEPS = 120
 
 
-def write_recipe(folder: Path, documents: Path, *, steps: int = STEPS, stages: str = "") -> Path:
+def write_recipe(folder: Path, documents: Path, *, steps: int = STEPS, stages: str = "", extra: str = "") -> Path:
     stages = stages or '["tokenizer", "tokenize", "pretrain", "eval", "report"]'
     text = f"""
 [run]
@@ -43,7 +43,7 @@ overrides = ["run.max_steps={steps}", "log.eval_every=40", "checkpoint.every=20"
 tasks = ["piqa"]
 limit = 20
 sample_tokens = 16
-"""
+""" + extra
     path = folder / "recipe.toml"
     path.write_text(text)
     return path
@@ -119,26 +119,33 @@ def test_report_renders_in_a_real_browser(finished: Path) -> None:
     assert check["images"] >= 2 and check["decoded"] == check["images"]
 
 
-def test_killed_pretraining_resumes_on_rerun(tmp_path: Path, documents: Path) -> None:
-    recipe = write_recipe(tmp_path, documents, steps=200, stages='["tokenizer", "tokenize", "pretrain"]')
-    command = [sys.executable, "-m", "phiforge", "run", str(recipe), "--no-progress"]
+def killed_then_rerun(recipe: Path, stage: str, *overrides: str) -> str:
+    """`phiforge run` killed (SIGKILL) once STAGE wrote a checkpoint, then run again; the rerun's output."""
+    command = [sys.executable, "-m", "phiforge", "run", str(recipe), *overrides, "--no-progress"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1] / "src"),
                                                                       os.environ.get("PYTHONPATH")]))}
     victim = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pretrain = tmp_path / "run" / "pretrain"
-    deadline = time.monotonic() + 300
-    while not list(pretrain.glob("checkpoints/step-*")) and victim.poll() is None and time.monotonic() < deadline:
+    folder = recipe.parent / "run" / stage
+    deadline = time.monotonic() + 600  # a cap for a busy machine; on an idle one the first checkpoint takes ~10 s
+    while not list(folder.glob("checkpoints/step-*")) and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    checkpointed = bool(list(folder.glob("checkpoints/step-*")))
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    state = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert state["stages"]["pretrain"]["status"] == "running"
+    assert checkpointed, f"{stage} wrote no checkpoint in 600 s"
+    state = json.loads((recipe.parent / "run" / "run.json").read_text())
+    assert state["stages"][stage]["status"] == "running"
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "== tokenize: unchanged, skipped" in done.stdout and "== pretrain: resuming" in done.stdout
-    summary = json.loads((pretrain / "summary.json").read_text())
-    assert summary["start_step"] > 0
+    assert f"== {stage}: resuming" in done.stdout
+    assert json.loads((folder / "summary.json").read_text())["start_step"] > 0
+    return done.stdout
+
+
+def test_killed_pretraining_resumes_on_rerun(tmp_path: Path, documents: Path) -> None:
+    recipe = write_recipe(tmp_path, documents, steps=200, stages='["tokenizer", "tokenize", "pretrain"]')
+    assert "== tokenize: unchanged, skipped" in killed_then_rerun(recipe, "pretrain")
 
 
 def test_bad_recipes_fail_before_any_work(tmp_path: Path, documents: Path) -> None:
@@ -182,11 +189,113 @@ def test_tiny_textbooks_recipe_end_to_end_at_a_small_size(tmp_path: Path, teache
     assert (run / "report.html").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("recipe", ["tiny-textbooks", "phi-1.5", "phi-1.5-web", "phi-4"])
-def test_builtin_run_recipes_pass_a_dry_run(recipe: str, tmp_path: Path) -> None:
-    plan = Runner(load_recipe(recipe, [f"run.out_dir={tmp_path / 'r'}"]), progress=False).dry_run()
-    assert list(plan["stages"]) == ["synth", "curate", "tokenizer", "tokenize", "pretrain", "eval", "report"]
+ONE_PHASE = ["synth", "curate", "tokenizer", "tokenize", "pretrain", "eval", "report"]
+
+
+@pytest.mark.parametrize("recipe", ["tiny-textbooks", "phi-1.5", "phi-1.5-web", "phi-4", "phi-3-mini"])
+def test_builtin_run_recipes_pass_a_dry_run(recipe: str, tmp_path: Path, chat_records: Path) -> None:
+    overrides = [f"run.out_dir={tmp_path / 'r'}"]
+    expected = ONE_PHASE
+    if recipe == "phi-3-mini":  # the SFT records are the cluster's: without them the dry run names the file
+        with pytest.raises(RecipeError, match=r"\[sft\] data = '/data/chat/phi-3-sft.jsonl': no such file"):
+            Runner(load_recipe(recipe, overrides), progress=False)
+        overrides.append(f"sft.data={chat_records}")
+        expected = [*ONE_PHASE[:5], "pretrain2", "sft", *ONE_PHASE[5:]]
+    plan = Runner(load_recipe(recipe, overrides), progress=False).dry_run()
+    assert list(plan["stages"]) == expected
     assert all(stage["action"] == "run" for stage in plan["stages"].values())
     assert not (tmp_path / "r").exists()  # a dry run writes nothing
     with pytest.raises(RecipeError, match=r"not evaluation tasks"):
-        Runner(load_recipe(recipe, ['eval.tasks=["piqa", "nope"]']), progress=False)
+        Runner(load_recipe(recipe, [*overrides, 'eval.tasks=["piqa", "nope"]']), progress=False)
+
+
+# ---- pretrain2 (a second pretraining phase) and sft ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chat_records(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """GSM8K test questions as chats (the pretraining corpus is the train split)."""
+    path = tmp_path_factory.mktemp("chat") / "gsm8k-chat.jsonl"
+    rows = [json.loads(line) for line in (GSM8K / "test.jsonl").read_text().splitlines()[:200]]
+    path.write_text("".join(json.dumps({"id": f"chat-{i}", "messages": [
+        {"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]}) + "\n"
+        for i, r in enumerate(rows)))
+    return path
+
+
+def sft_recipe(folder: Path, documents: Path, chat: Path) -> Path:
+    return write_recipe(folder, documents, steps=30, stages='["tokenizer", "tokenize", "pretrain", "pretrain2", '
+                        '"sft", "eval", "report"]', extra=f"""
+[pretrain2]
+recipe = "tiny"
+overrides = ["run.max_steps=10", "log.eval_every=5", "checkpoint.every=5", "optim.lr=1e-3"]
+
+[sft]
+data = "{chat}"
+overrides = ["run.max_steps=10", "data.seq_len=512", "batch.global_sequences=8", "batch.micro_batch_size=8",
+             "optim.lr=3e-3", "log.every=5", "log.tensorboard=false"]
+""")
+
+
+def test_pretrain2_continues_phase_1_and_eval_uses_the_sft_model(tmp_path: Path, documents: Path,
+                                                                chat_records: Path) -> None:
+    from phiforge.checkpoint import load_pretrained
+    from phiforge.stages import _token_array, heldout_loss
+
+    chat = tmp_path / "chat.jsonl"  # a copy: this test edits it
+    shutil.copy(chat_records, chat)
+    recipe = sft_recipe(tmp_path, documents, chat)
+    state = Runner(load_recipe(recipe, ["tokenizer.chat_format=phi3"]), progress=False, log=lambda _: None).run()
+    assert all(v["status"] == "done" for v in state["stages"].values()), state
+    run = tmp_path / "run"
+    phase1, phase2 = (json.loads((run / s / "summary.json").read_text())["val_loss"] for s in ("pretrain", "pretrain2"))
+    # phase 2 starts from phase 1's weights: its first validation is phase 1's last (a fresh model: ~ln 512 = 6.2)
+    assert phase2["0"]["heldout"] == pytest.approx(phase1["30"]["heldout"], abs=1e-3), (phase1, phase2)
+    sft = json.loads((run / "sft" / "stats.json").read_text())
+    assert sft["start_step"] == 0 and sft["skipped_records"] == 0
+    _, tokenizer = load_pretrained(str(run / "sft" / "final"), dtype="float32", device="cpu")
+    assert "<|assistant|>" in tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
+                                                            add_generation_prompt=True)
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert results["model"] == str(run / "sft" / "final")
+    assert json.loads((run / "eval" / "stats.json").read_text())["model"] == "sft"
+    heldout = _token_array(run / "tokenize" / "heldout")
+    losses = {s: heldout_loss(run / s / "final", heldout, 128) for s in ("pretrain2", "sft")}
+    assert results["extra"]["heldout_loss"] == pytest.approx(losses["sft"], rel=1e-6)
+    assert abs(losses["sft"] - losses["pretrain2"]) > 1e-3, losses  # so the check above tells them apart
+    report = (run / "report.html").read_text()
+    assert "<h2>Pretraining, phase 2</h2>" in report and "<h2>Supervised fine-tuning</h2>" in report
+
+    # a changed [sft], then an edited chat file, redo sft and eval (eval's fingerprint includes sft's), nothing before
+    overrides = ["tokenizer.chat_format=phi3", 'sft.overrides=["run.max_steps=4", "data.seq_len=512", '
+                 '"batch.global_sequences=8", "batch.micro_batch_size=8"]']
+    for change in ("section", "file"):
+        if change == "file":
+            chat.write_text(chat.read_text() + chat.read_text().splitlines(keepends=True)[0])
+        logs: list[str] = []
+        Runner(load_recipe(recipe, overrides), progress=False, log=logs.append).run()
+        assert [line.split(" (")[0] for line in logs] == [f"== {s}: unchanged, skipped" for s in (
+            "tokenizer", "tokenize", "pretrain", "pretrain2")] + [f"== {s}: running" for s in ("sft", "eval", "report")]
+    assert json.loads((run / "sft" / "stats.json").read_text())["steps"] == 4
+
+
+def test_killed_sft_resumes_on_rerun(tmp_path: Path, documents: Path, chat_records: Path) -> None:
+    recipe = sft_recipe(tmp_path, documents, chat_records)
+    out = killed_then_rerun(recipe, "sft", "tokenizer.chat_format=phi3", 'run.stages=["tokenizer", "tokenize", '
+                            '"pretrain", "sft"]', 'pretrain.overrides=["run.max_steps=10"]',
+                            'sft.overrides=["run.max_steps=30", "checkpoint.every=3", "data.seq_len=512", '
+                            '"batch.global_sequences=8", "batch.micro_batch_size=8", "log.peak_flops=1e11"]')
+    assert "== pretrain: unchanged, skipped" in out
+
+
+def test_bad_sft_sections_fail_before_any_work(tmp_path: Path, documents: Path, chat_records: Path) -> None:
+    recipe = sft_recipe(tmp_path, documents, chat_records)
+    cases = {"sft.data=''": r"\[sft\] data: give the chat records",
+             f"sft.data={tmp_path / 'missing.jsonl'}": r"\[sft\] data = .*missing.jsonl': no such file",
+             "sft.epochs=2": r"\[sft\] unknown key\(s\) \['epochs'\]",
+             'sft.overrides=["data.pathh=x"]': r"\[sft\] .*data.pathh"}
+    for override, message in cases.items():
+        with pytest.raises(RecipeError, match=message):
+            Runner(load_recipe(recipe, ["tokenizer.chat_format=phi3", override]), progress=False)
+    with pytest.raises(RecipeError, match=r"tokenizer has no chat template"):  # no [tokenizer] chat_format
+        Runner(load_recipe(recipe), progress=False)
+    Runner(load_recipe(recipe, ['sft.overrides=["data.chat_template=phi-3"]']), progress=False)  # or a template
+    assert not (tmp_path / "run").exists()

@@ -294,8 +294,8 @@ def _parser() -> argparse.ArgumentParser:
             "and metrics ('--tasks list' names them)")
     eval_arguments(p)
 
-    p = add("run", cmd_run, "run a recipe's stages (synth, curate, tokenizer, tokenize, pretrain, sft, eval, "
-            "report); reruns skip unchanged stages and resume interrupted ones")
+    p = add("run", cmd_run, "run a recipe's stages (synth, curate, tokenizer, tokenize, pretrain, pretrain2, sft, "
+            "eval, report); reruns skip unchanged stages and resume interrupted ones")
     p.add_argument("recipe", help="built-in run recipe (tiny-textbooks) or TOML file")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. synth.run.num_documents=64")
     p.add_argument("--from", dest="from_stage", default=None, help="redo this stage and every later one")

@@ -1,6 +1,11 @@
 """``phiforge run RECIPE``: the phi recipe's stages in order, each writing its own artifact folder.
 
-    synth -> curate -> tokenizer -> tokenize -> pretrain -> (sft) -> eval -> report
+    synth -> curate -> tokenizer -> tokenize -> pretrain -> (pretrain2) -> (sft) -> eval -> report
+
+pretrain2 (a second pretraining phase with its own mixture, phi-3's phase 2) and sft (chat fine-tuning) run
+when the recipe lists them (or, without [run] stages, has their section). Each model stage starts from the
+newest model before it, and eval evaluates the newest model: sft's when it runs, else pretrain2's, else
+pretrain's (RunContext.model_stage).
 
 A stage's fingerprint hashes its recipe section and its inputs' fingerprints. A rerun skips a stage whose
 fingerprint matches a finished run of it, resumes one that was interrupted with the same fingerprint
@@ -24,11 +29,14 @@ from phiforge.checkpoint import write_json
 from phiforge.train.config import apply_override, resolve_recipe, tomllib
 
 RECIPES_DIR = Path(__file__).parent / "recipes" / "runs"
-ORDER = ("synth", "curate", "tokenizer", "tokenize", "pretrain", "sft", "eval", "report")
+ORDER = ("synth", "curate", "tokenizer", "tokenize", "pretrain", "pretrain2", "sft", "eval", "report")
+OPT_IN = ("pretrain2", "sft")  # without [run] stages, these run only when the recipe has their section
+MODEL_STAGES = ("pretrain", "pretrain2", "sft")  # the stages that export a model to FOLDER/final
+MODEL = "model"  # in INPUTS: the newest model stage before the reader (RunContext.model_stage)
 # the stages each stage reads from (their folders must exist, from this run or an earlier one)
 INPUTS = {"synth": (), "curate": ("synth",), "tokenizer": ("curate",), "tokenize": ("curate", "tokenizer"),
-          "pretrain": ("tokenizer", "tokenize"), "sft": ("pretrain",), "eval": ("tokenize", "pretrain"),
-          "report": ()}
+          "pretrain": ("tokenizer", "tokenize"), "pretrain2": ("tokenizer", "tokenize", MODEL), "sft": (MODEL,),
+          "eval": ("tokenize", MODEL), "report": ()}
 
 
 class RecipeError(ValueError):
@@ -43,17 +51,22 @@ class RunContext:
     recipe: dict[str, Any]
     progress: bool = True
     log: Callable[[str], None] = print
+    stages: tuple[str, ...] = ORDER  # the recipe's stages (all of them, not only those selected to run)
 
     def folder(self, stage: str) -> Path:
         return self.root / stage
 
-    def model_folder(self) -> Path:
-        """The newest trained model: sft's export when that stage ran, else pretraining's."""
-        for stage in ("sft", "pretrain"):
-            export = self.folder(stage) / "final"
-            if (export / "config.json").is_file():
-                return export
-        raise RecipeError(f"{self.root}: no exported model in sft/final or pretrain/final")
+    def model_stage(self, reader: str) -> str:
+        """The stage whose model ``reader`` starts from or evaluates: the last model stage before it among
+        the recipe's stages (decided by the recipe, never by which folders happen to exist), else pretrain."""
+        before = [s for s in MODEL_STAGES if s in self.stages and ORDER.index(s) < ORDER.index(reader)]
+        return before[-1] if before else "pretrain"
+
+    def model_folder(self, reader: str) -> Path:
+        export = self.folder(self.model_stage(reader)) / "final"
+        if not (export / "config.json").is_file():
+            raise RecipeError(f"stage {reader}: no exported model in {export}")
+        return export
 
 
 @dataclass
@@ -75,7 +88,7 @@ def load_recipe(name: str | Path, overrides: list[str] | None = None) -> Plan:
     for item in overrides or []:
         apply_override(recipe, item)
     run = recipe.get("run", {})
-    stages = list(run.get("stages", ORDER))
+    stages = list(run.get("stages", [s for s in ORDER if s not in OPT_IN or s in recipe]))
     unknown = [s for s in stages if s not in ORDER]
     if unknown:
         raise RecipeError(f"{path}: [run] stages has unknown stage(s) {unknown}; stages are {list(ORDER)}")
@@ -103,23 +116,27 @@ class Runner:
                 raise RecipeError(f"{flag} {stage}: not a stage of this recipe ({plan.stages})")
         self.forced = set(plan.stages[plan.stages.index(from_stage):]) if from_stage else set()
         self.selected = [only] if only else plan.stages
-        self.ctx = RunContext(plan.root, plan.recipe, progress, log)
+        self.ctx = RunContext(plan.root, plan.recipe, progress, log, tuple(plan.stages))
         self.state_path = plan.root / "run.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"stages": {}}
-        from phiforge.stages import STAGES, prepare_section
+        from phiforge.stages import STAGES, check_across, prepare_section
 
         unavailable = [s for s in self.selected if s not in STAGES]
         if unavailable:
             raise RecipeError(f"stage(s) {unavailable} cannot run in this version; available: {sorted(STAGES)}")
         self.sections = {s: prepare_section(s, plan.recipe.get(s, {})) for s in self.selected}
+        check_across(plan.recipe, self.sections)
         self._check_inputs()
+
+    def _inputs(self, stage: str) -> list[str]:
+        return [self.ctx.model_stage(stage) if i == MODEL else i for i in INPUTS[stage]]
 
     def _check_inputs(self) -> None:
         """Every input a selected stage reads must come from this run or be finished already."""
         available = set(self.plan.stages) if len(self.selected) > 1 else set()
         available |= {s for s, info in self.state["stages"].items() if info.get("status") == "done"}
         for stage in self.selected:
-            missing = [i for i in INPUTS[stage] if i not in available and not self._optional(stage, i)]
+            missing = [i for i in self._inputs(stage) if i not in available and not self._optional(stage, i)]
             if missing:
                 raise RecipeError(f"stage {stage} reads {missing}, which neither run in this recipe "
                                   f"nor finished before in {self.plan.root}")
@@ -131,12 +148,17 @@ class Runner:
         return (stage, needed) in {("eval", "tokenize")}
 
     def _fingerprint(self, stage: str) -> str:
-        inputs = [self.state["stages"].get(i, {}).get("fingerprint", "") for i in INPUTS[stage]]
-        documents = self.plan.recipe.get("run", {}).get("documents")
-        if documents and "curate" in INPUTS[stage]:  # a user's corpus stands in for curate: its files count
-            files = [Path(documents)] if Path(documents).is_file() else sorted(Path(documents).glob("*.jsonl"))
-            inputs += [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+        inputs = [self.state["stages"].get(i, {}).get("fingerprint", "") for i in self._inputs(stage)]
+        inputs += [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in self._outside_files(stage)]
         return fingerprint(self.plan.recipe.get(stage, {}), inputs)
+
+    def _outside_files(self, stage: str) -> list[Path]:
+        """Files from outside the run that a stage reads: an edited one makes the stage's fingerprint change."""
+        documents = self.plan.recipe.get("run", {}).get("documents")
+        if documents and "curate" in INPUTS[stage]:  # a user's corpus stands in for curate
+            return [Path(documents)] if Path(documents).is_file() else sorted(Path(documents).glob("*.jsonl"))
+        chat = self.plan.recipe.get("sft", {}).get("data") if stage == "sft" else None
+        return [Path(chat)] if chat and Path(chat).is_file() else []
 
     def run(self) -> dict[str, Any]:
         from phiforge.stages import STAGES

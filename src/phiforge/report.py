@@ -88,13 +88,13 @@ def _stats_section(title: str, stats: dict | None) -> str:
     return "\n".join(parts)
 
 
-def _training_section(folder: Path) -> str:
+def _training_section(folder: Path, title: str = "Pretraining") -> str:
     records = _read_jsonl(folder / "metrics.jsonl")
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
     if not train and not val:
         return ""
-    parts = ["<h2>Pretraining</h2>"]
+    parts = [f"<h2>{html.escape(title)}</h2>"]
     fig, ax = _figure()
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
@@ -161,6 +161,8 @@ def build_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
         _stats_section("Curation", _read_json(run / "curate" / "stats.json")),
         _stats_section("Tokenizer and token shards", _read_json(run / "tokens" / "stats.json")),
         _training_section(run / "pretrain"),
+        _training_section(run / "pretrain2", "Pretraining, phase 2"),
+        _training_section(run / "sft", "Supervised fine-tuning"),
         _eval_section(run / "eval"),
     ]
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>phiforge report: {html.escape(run.name)}"

@@ -1,7 +1,7 @@
 """The stages ``phiforge run`` chains. Each takes its recipe section and the RunContext, writes its artifact
 folder (ctx.folder(name)) and returns statistics (saved as stats.json beside the artifacts).
 
-The stages only call the public functions of synth, curate, tokenizer, packing, pretrain, eval and report;
+The stages only call the public functions of synth, curate, tokenizer, packing, pretrain, sft, eval and report;
 what a section may contain is documented in recipes/runs/tiny-textbooks.toml.
 """
 
@@ -12,11 +12,14 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from phiforge.pipeline import RecipeError, RunContext
+
+if TYPE_CHECKING:
+    from phiforge.train.sft import SFTConfig
 
 
 def _documents(ctx: RunContext) -> list[Path]:
@@ -108,18 +111,47 @@ def stage_tokenize(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     return stats
 
 
-# ---- pretrain --------------------------------------------------------------------------------------------
-def stage_pretrain(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+# ---- pretrain, pretrain2 ---------------------------------------------------------------------------------
+def _pretrain(s: dict[str, Any], ctx: RunContext, stage: str, init: list[str]) -> dict[str, Any]:
     from phiforge.train import TrainConfig, train
 
     tokens = ctx.folder("tokenize")
     # the corpus this run made fills the recipe's source named `source`; other sources keep their paths
     overrides = [f"data.tokenizer={ctx.folder('tokenizer')}", f"data.sources.{s['source']}.path={tokens / 'train'}",
                  f'data.val_sources=[{{name = "heldout", path = "{tokens / "heldout"}"}}]', "data.val_fraction=0.0",
-                 f"run.out_dir={ctx.folder('pretrain')}", "checkpoint.resume=auto",
-                 f"log.progress={'true' if ctx.progress else 'false'}", *s["overrides"]]
+                 f"run.out_dir={ctx.folder(stage)}", "checkpoint.resume=auto",
+                 f"log.progress={'true' if ctx.progress else 'false'}", *init, *s["overrides"]]
     summary = train(TrainConfig.from_toml(s["recipe"], overrides))
     return {k: v for k, v in summary.items() if k != "losses"}
+
+
+def stage_pretrain(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    return _pretrain(s, ctx, "pretrain", [])
+
+
+def stage_pretrain2(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    """Phase 2: phase 1's exported weights (a fresh optimizer and schedule) on the phase-2 mixture."""
+    return _pretrain(s, ctx, "pretrain2", [f"model.init_from={ctx.model_folder('pretrain2')}"])
+
+
+# ---- sft -------------------------------------------------------------------------------------------------
+def sft_config(s: dict[str, Any], ctx: RunContext | None = None) -> SFTConfig:
+    """The SFT config of an [sft] section; without ctx, stand-ins for the folders the run will fill."""
+    from phiforge.train.sft import SFTConfig
+
+    model, out = (ctx.model_folder("sft"), ctx.folder("sft")) if ctx else ("pretrain/final", "runs/sft")
+    progress = "true" if ctx is None or ctx.progress else "false"
+    overrides = [f"model.init_from={model}", f"data.path={s['data']}", f"run.out_dir={out}",
+                 "checkpoint.resume=auto", f"log.progress={progress}", *s["overrides"]]
+    return SFTConfig.from_toml(s["recipe"], overrides)
+
+
+def stage_sft(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    from phiforge.train.sft import sft
+
+    summary = sft(sft_config(s, ctx))
+    skipped = summary.pop("skipped_records")  # their ids and reasons are in the log
+    return {**{k: v for k, v in summary.items() if k != "losses"}, "skipped_records": len(skipped)}
 
 
 # ---- eval ------------------------------------------------------------------------------------------------
@@ -177,7 +209,7 @@ def stage_eval(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     from phiforge.checkpoint import write_json
     from phiforge.eval.harness import EvalConfig, evaluate
 
-    folder, model_folder = ctx.folder("eval"), ctx.model_folder()
+    folder, model_folder = ctx.folder("eval"), ctx.model_folder("eval")
     extra: dict[str, Any] = {}
     tokens = ctx.folder("tokenize")
     if (tokens / "heldout").is_dir():
@@ -193,10 +225,11 @@ def stage_eval(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
                                       num_fewshot=None if s["num_fewshot"] < 0 else s["num_fewshot"],
                                       progress=ctx.progress, published=("phi-1.5",)))
     results["extra"] = extra
+    results["model"] = str(model_folder)
     write_json(folder / "results.json", results)
     write_json(folder / "samples.json", usage_mode_samples(model_folder, s["prompts"], s["sample_tokens"]))
-    return {"extra": extra, **{task: {k: v for k, v in metrics.items() if k != "alias"}
-                               for task, metrics in results["results"].items()}}
+    tasks = {task: {k: v for k, v in metrics.items() if k != "alias"} for task, metrics in results["results"].items()}
+    return {"model": ctx.model_stage("eval"), "extra": extra, **tasks}
 
 
 # ---- report ----------------------------------------------------------------------------------------------
@@ -214,6 +247,24 @@ def check_pretrain(section: dict[str, Any]) -> None:
     names = [src.name for src in config.data.sources]
     if section["source"] not in names:
         raise RecipeError(f"source = {section['source']!r}: recipe {section['recipe']} has sources {names}")
+
+
+def check_sft(section: dict[str, Any]) -> None:
+    if not section["data"]:
+        raise RecipeError("data: give the chat records to fine-tune on (a JSONL file of "
+                          '{"messages": [...]} records, as `phiforge sft` reads)')
+    if not Path(section["data"]).is_file():
+        raise RecipeError(f"data = {section['data']!r}: no such file")
+    sft_config(section)  # unknown keys and bad values in the sft recipe or its overrides: now
+
+
+def check_across(recipe: dict[str, Any], sections: dict[str, dict[str, Any]]) -> None:
+    """Checks that need two sections: sft renders chats with the run tokenizer's template, which exists only
+    when [tokenizer] chat_format adds it, unless the sft overrides name one (data.chat_template)."""
+    if "sft" in sections and not sft_config(sections["sft"]).data.chat_template \
+            and not recipe.get("tokenizer", {}).get("chat_format"):
+        raise RecipeError('[sft] the run\'s tokenizer has no chat template: set [tokenizer] chat_format = "phi3" '
+                          '(or "phi4"), or give sft.overrides = ["data.chat_template=phi-3"]')
 
 
 def check_eval(section: dict[str, Any]) -> None:
@@ -234,6 +285,8 @@ STAGES: dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any] | None,
     "tokenizer": (stage_tokenizer, {"vocab_size": 4096, "chat_format": "", "min_frequency": 2}, None),
     "tokenize": (stage_tokenize, {"heldout_fraction": 0.05, "workers": 1}, None),
     "pretrain": (stage_pretrain, {"recipe": "tiny", "source": "text", "overrides": []}, check_pretrain),
+    "pretrain2": (stage_pretrain2, {"recipe": "tiny", "source": "text", "overrides": []}, check_pretrain),
+    "sft": (stage_sft, {"recipe": "sft", "data": "", "overrides": []}, check_sft),
     "eval": (stage_eval, {"tasks": ["piqa"], "limit": 200, "num_fewshot": -1, "window": 128, "sample_tokens": 48,
                           "prompts": DEFAULT_SAMPLE_PROMPTS}, check_eval),
     "report": (stage_report, {}, None),
