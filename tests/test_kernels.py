@@ -62,19 +62,36 @@ def test_int4_gemv_and_dequant(group: int, rows: int) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 96), (8, 2, 40)])
-def test_decode_attention_matches_sdpa(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> None:
+def test_decode_attention_stores_the_new_key_and_matches_sdpa(dtype: torch.dtype, heads: int, kv_heads: int,
+                                                              head_dim: int) -> None:
     torch.manual_seed(2)
     batch, capacity, span = 4, 80, 50
     q = torch.randn(batch, heads, 1, head_dim, dtype=dtype)
-    cache_k = torch.randn(batch, kv_heads, capacity, head_dim, dtype=dtype)  # strided views, as in the KV cache
+    new = torch.randn(batch, 2 * kv_heads, 1, head_dim, dtype=dtype)  # strided, as split from one projection
+    k_new, v_new = new[:, :kv_heads], new[:, kv_heads:]
+    cache_k = torch.randn(batch, kv_heads, capacity, head_dim, dtype=dtype)
     cache_v = torch.randn(batch, kv_heads, capacity, head_dim, dtype=dtype)
-    k, v = cache_k[:, :, :span], cache_v[:, :, :span]
     hi = torch.tensor([50, 11, 1, 31])
     lo = torch.tensor([0, 0, 0, 6])  # row 3: a sliding window of 25 keys
+    want_k, want_v = cache_k.clone(), cache_v.clone()
+    rows = torch.arange(batch)
+    want_k[rows, :, hi - 1], want_v[rows, :, hi - 1] = k_new[:, :, 0], v_new[:, :, 0]
     keys = torch.arange(span)
     mask = ((keys >= lo[:, None]) & (keys < hi[:, None]))[:, None, None]
-    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
-    got = kernels.decode_attention(q, k, v, lo, hi, head_dim**-0.5)
+    want = F.scaled_dot_product_attention(q.float(), want_k[:, :, :span].float(), want_v[:, :, :span].float(),
+                                          attn_mask=mask, enable_gqa=True)
+    got = kernels.decode_attention(q, k_new, v_new, cache_k, cache_v, lo, hi, head_dim**-0.5)
+    assert torch.equal(cache_k, want_k) and torch.equal(cache_v, want_v)  # stored at each row's position
     assert got.dtype == dtype and got.shape == (batch, 1, heads * head_dim)  # what the output projection takes
     torch.testing.assert_close(got.float(), want.transpose(1, 2).reshape(batch, 1, -1),
                                atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-4)
+
+
+def test_rms_norm_bf16_matches_the_reference_order() -> None:
+    torch.manual_seed(4)
+    x, weight = (torch.randn(5, 576) * 3).bfloat16(), torch.randn(576).bfloat16()
+    want = weight * F.rms_norm(x.float(), (576,), eps=1e-5).bfloat16()
+    got = kernels.rms_norm_bf16(x, weight, 1e-5)
+    # the sum of squares may round differently: at most one bf16 step on a few elements
+    assert (got.float() - want.float()).abs().max() <= want.float().abs().max() * 2**-7
+    assert (got == want).float().mean() > 0.99

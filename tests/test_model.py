@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from conftest import randomize_
 
 from phiforge.checkpoint import load_hf_folder, save_hf_folder
 from phiforge.config import preset
-from phiforge.model import build_model
+from phiforge.model import Linear, build_model
 
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
             bos_token_id=1, eos_token_id=2, pad_token_id=None)
@@ -133,3 +134,14 @@ def test_fp16_phi_attention_scores_in_fp32() -> None:
         half = model.to(torch.float16)(_tokens(16, batch=1))
     assert torch.isfinite(half).all()
     assert torch.isfinite(want).all()
+
+
+def test_packed_linear_gives_f_linear_bitwise_and_never_a_stale_weight() -> None:
+    linear = Linear(96, 80).to(torch.bfloat16)
+    if not linear.pack():
+        pytest.skip("no oneDNN in this PyTorch build")
+    x = torch.randn(2, 7, 96, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
+        linear.weight.mul_(2)  # an update after packing: the packed copy must not be used
+        assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))

@@ -18,6 +18,7 @@ import torch
 
 from phiforge.model import KVCache, PhiForgeModel
 
+PACK_LIMIT_BYTES = 1 << 30  # models with at most this many bf16 weight bytes get pre-blocked copies (Linear.pack)
 AUTO_MAX_BATCH = 128  # rows when the engine picks: bf16 GEMMs of 128 rows run ~1.3x faster per row than 32
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward (bounds activation memory)
 
@@ -82,8 +83,12 @@ class Engine:
     """Generate with a loaded model; ``tokenizer`` is needed only for stop strings and text."""
 
     def __init__(self, model: PhiForgeModel, tokenizer=None, *, max_batch_size: int | None = None,  # noqa: ANN001
-                 max_seq_len: int | None = None, kv_budget_bytes: int = 2 << 30) -> None:
+                 max_seq_len: int | None = None, kv_budget_bytes: int = 2 << 30, pack_weights: bool | None = None
+                 ) -> None:
         self.model = model.eval()
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if pack_weights if pack_weights is not None else weight_bytes <= PACK_LIMIT_BYTES:
+            model.pack_weights()  # batched steps and prefill ~1.4x faster on the CPU, for a copy of the weights
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size  # None: the engine picks (see batch_size)
         self.on_finish: Callable[[int, Completion], None] | None = None  # called as each request ends
@@ -307,11 +312,14 @@ class Engine:
     # ---- sampling ---------------------------------------------------------------------------------
     def _sample(self, logits: torch.Tensor, states: list[_Live]) -> torch.Tensor:
         """Next token per row of ``logits`` [N, V] under each request's own settings."""
+        if all(s.params.temperature == 0 and s.params.repetition_penalty == 1.0 and s.params.logprobs is None
+               for s in states):  # all greedy: no fp32 copy of the logits; max's index is argmax's (the first)
+            return logits.max(dim=-1).indices
         logits = logits.float()
         penalties = [s.params.repetition_penalty for s in states]
         if any(p != 1.0 for p in penalties):
             logits = _apply_repetition_penalty(logits, [s.tokens for s in states], penalties)
-        out = logits.argmax(dim=-1)
+        out = logits.max(dim=-1).indices  # argmax, ~3x faster on the CPU
         sampled = [i for i, s in enumerate(states) if s.params.temperature > 0]
         if sampled:  # all sampled rows filtered together; each draws from its own generator
             drawn = draw(logits[sampled], [states[i].params for i in sampled], [states[i].generator for i in sampled])

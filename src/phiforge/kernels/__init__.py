@@ -66,7 +66,8 @@ def _load() -> ctypes.CDLL | None:
     if path is not None:
         _lib = ctypes.CDLL(str(path))
         _lib.pf_features.restype = ctypes.c_int
-        _lib.pf_decode_attention.argtypes = ([_P, ctypes.c_int64, ctypes.c_int64, _P, _P, ctypes.c_int, _P, _P, _P]
+        strided = [_P, ctypes.c_int64, ctypes.c_int64]  # a [B, heads, D] tensor: pointer, row and head strides
+        _lib.pf_decode_attention.argtypes = (strided * 3 + [_P, _P, ctypes.c_int, _P, _P, _P]
                                              + [ctypes.c_int] * 4 + [ctypes.c_int64] * 3
                                              + [ctypes.c_float, ctypes.c_int])
     return _lib
@@ -147,21 +148,35 @@ def int4_dequant(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     return out
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """Attention of one new query per row: q [B, H, 1, D]; k, v [B, KV, S, D] of q's dtype (bf16 or fp32; any
-    strides with contiguous D, e.g. views of the KV cache); row b attends keys lo[b] <= t < hi[b]. Returns
-    [B, 1, H * D], what the output projection takes. The H / KV query heads of a kv head share each key read."""
+def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one new token per row, storing its key and value first.
+
+    q [B, H, 1, D]; k_new, v_new [B, KV, 1, D] go into the caches [B, KV, capacity, D] at position hi[b] - 1;
+    then row b attends keys lo[b] <= t < hi[b]. One dtype throughout (bf16 or fp32); any strides with
+    contiguous D (views of the KV cache, heads split from one projection). Returns [B, 1, H * D], what the
+    output projection takes. The H / KV query heads of a kv head share each key read.
+    """
     B, H, _, D = q.shape
-    KV = k.shape[1]
-    if (k.stride() != v.stride() or k.stride(-1) != 1 or q.stride(-1) != 1 or k.dtype not in (torch.bfloat16,
-                                                                                           torch.float32)
-            or q.dtype != k.dtype or v.dtype != k.dtype):
-        raise ValueError("decode_attention: q, k, v of one dtype (bf16 or fp32), k and v with the same strides, "
-                         "contiguous rows")
+    KV = k_cache.shape[1]
+    tensors = (q, k_new, v_new, k_cache, v_cache)
+    if (k_cache.stride() != v_cache.stride()
+            or any(t.stride(-1) != 1 or t.dtype != q.dtype for t in tensors)
+            or q.dtype not in (torch.bfloat16, torch.float32)):
+        raise ValueError("decode_attention: one dtype (bf16 or fp32), contiguous rows, caches of matching strides")
     out = torch.empty(B, 1, H * D, dtype=q.dtype)
     lo64, hi64 = lo.to(torch.int64).contiguous(), hi.to(torch.int64).contiguous()
-    _load().pf_decode_attention(_ptr(q), q.stride(0), q.stride(1), _ptr(k), _ptr(v), int(k.dtype == torch.bfloat16),
-                                _ptr(out), _ptr(lo64), _ptr(hi64), B, H, KV, D, k.stride(0), k.stride(1),
-                                k.stride(2), scale, _threads())
+    _load().pf_decode_attention(_ptr(q), q.stride(0), q.stride(1), _ptr(k_new), k_new.stride(0), k_new.stride(1),
+                                _ptr(v_new), v_new.stride(0), v_new.stride(1), _ptr(k_cache), _ptr(v_cache), int(q.dtype == torch.bfloat16),
+                                _ptr(out), _ptr(lo64), _ptr(hi64), B, H, KV, D, k_cache.stride(0),
+                                k_cache.stride(1), k_cache.stride(2), scale, _threads())
     return out
+
+
+def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of bf16 rows in transformers' order (normalise in fp32, round, scale by the bf16 weight)."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.empty_like(x2)
+    _load().pf_rms_norm_bf16(_ptr(x2), _ptr(weight.contiguous()), _ptr(y), x2.shape[0], x2.shape[1],
+                             ctypes.c_float(eps), _threads())
+    return y.view(x.shape)

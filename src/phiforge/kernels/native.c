@@ -326,10 +326,13 @@ void pf_int4_dequant(const uint8_t *w, const uint16_t *scale, const uint16_t *ze
 }
 
 /* ---- decode attention ----------------------------------------------------------------------------- */
-/* One new query per sequence: q [B, H, D] (strides qb, qh; contiguous D); keys/values in the cache at
-   k + b*sb + h*sh + t*st; q, k, v and out all bf16 if bf16 else fp32; sequence b attends keys
-   lo[b] <= t < hi[b]. Query heads h*G .. h*G+G-1 share kv head h, so each key and value row is read once
-   for all G of them. out [B, H, D] contiguous, i.e. already the [B, 1, H*D] the output projection takes. */
+/* One new token per sequence: q [B, H, D] (strides qb, qh; contiguous D); its key and value kn, vn
+   [B, KV, D] (strides knb, knh and vnb, vnh) are first stored in the cache at position hi[b] - 1 (cache rows at
+   k + b*sb + h*sh + t*st), then sequence b attends keys lo[b] <= t < hi[b]. Storing inside the kernel
+   touches each cache row's pages once, where a separate scattered write costs a TLB miss per (b, h).
+   All tensors are bf16 if bf16 else fp32. Query heads h*G .. h*G+G-1 share kv head h, so each key and
+   value row is read once for all G of them. out [B, H, D] contiguous: the [B, 1, H*D] the output
+   projection takes. */
 static inline void load_row(const void *base, size_t off, int bf16, int D, float *dst) {
   if (bf16) {
     const uint16_t *p = (const uint16_t *)base + off;
@@ -439,9 +442,9 @@ static void attend_plain(const float *qf, const void *k, const void *v, int bf16
   }
 }
 
-void pf_decode_attention(const void *q, int64_t qb, int64_t qh, const void *k, const void *v, int bf16, void *out,
-                         const int64_t *lo, const int64_t *hi, int B, int H, int KV, int D, int64_t sb, int64_t sh,
-                         int64_t st, float scale, int threads) {
+void pf_decode_attention(const void *q, int64_t qb, int64_t qh, const void *kn, int64_t knb, int64_t knh,
+                         const void *vn, int64_t vnb, int64_t vnh, void *k, void *v, int bf16, void *out, const int64_t *lo, const int64_t *hi, int B, int H,
+                         int KV, int D, int64_t sb, int64_t sh, int64_t st, float scale, int threads) {
   int G = H / KV, vector = 0;
 #ifdef PF_AVX512
   vector = D % 16 == 0 && D / 16 <= PF_MAX_DV && G <= PF_MAX_G;
@@ -455,7 +458,11 @@ void pf_decode_attention(const void *q, int64_t qb, int64_t qh, const void *k, c
       int b = task / KV, h = task % KV, n = (int)(hi[b] - lo[b]);
       if (n > cap) { free(scores); cap = n; scores = malloc((size_t)G * n * 4); }
       for (int g = 0; g < G; g++) load_row(q, (size_t)b * qb + (size_t)(h * G + g) * qh, bf16, D, qf + (size_t)g * D);
-      size_t base = (size_t)b * sb + (size_t)h * sh;
+      size_t base = (size_t)b * sb + (size_t)h * sh, elem = bf16 ? 2 : 4;
+      memcpy((char *)k + (base + (size_t)(hi[b] - 1) * st) * elem, (const char *)kn + ((size_t)b * knb + (size_t)h * knh) * elem,
+             (size_t)D * elem);
+      memcpy((char *)v + (base + (size_t)(hi[b] - 1) * st) * elem, (const char *)vn + ((size_t)b * vnb + (size_t)h * vnh) * elem,
+             (size_t)D * elem);
 #ifdef PF_AVX512
       if (vector) attend_avx512(qf, k, v, bf16, base, lo[b], n, st, G, D, scale, scores, of);
       else
@@ -468,5 +475,19 @@ void pf_decode_attention(const void *q, int64_t qb, int64_t qh, const void *k, c
     free(row);
     free(qf);
     free(of);
+  }
+}
+
+/* ---- RMSNorm (bf16) -------------------------------------------------------------------------------- */
+/* transformers' order: normalise in fp32, round to bf16, then multiply by the bf16 weight (rounded again) */
+void pf_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int rows, int dim, float eps, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows > 8)
+  for (int r = 0; r < rows; r++) {
+    const uint16_t *xr = x + (size_t)r * dim;
+    float ss = 0.f;
+    for (int d = 0; d < dim; d++) { float v = bf16_to_f32(xr[d]); ss += v * v; }
+    float inv = 1.f / sqrtf(ss / dim + eps);
+    for (int d = 0; d < dim; d++)
+      y[(size_t)r * dim + d] = f32_to_bf16(bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[d]) * inv)) * bf16_to_f32(w[d]));
   }
 }
