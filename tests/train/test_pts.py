@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from scipy.stats import binomtest
 from phiforge.config import preset
 from phiforge.generate import Engine, SamplingParams
 from phiforge.model import build_model
+from phiforge.train.config import TrainConfigError
 from phiforge.train.pts import (
     Estimator,
     PrefixCachingEngine,
@@ -20,11 +22,17 @@ from phiforge.train.pts import (
     Query,
     _finished,
     _seed,
+    arithmetic_questions,
+    build_queries,
     gsm8k_oracle,
     pts,
     search_queries,
     wilson,
 )
+
+ARITHMETIC_QUERIES = "arithmetic:6"
+TEACHER_SEARCH = ["sampling.max_new_tokens=64", "search.max_samples=16", "search.queries_per_batch=6",
+                  "search.solutions_per_query=1"]
 
 
 @pytest.fixture(scope="module")
@@ -131,25 +139,44 @@ def test_resume_skips_finished_queries_and_drops_a_torn_line(model, tok, tmp_pat
     assert second["status"] == first["status"] and second["pairs"] == first["pairs"]
 
 
+def test_arithmetic_questions_are_deterministic_and_correct(tok, tmp_path: Path) -> None:
+    questions = arithmetic_questions(40, seed=3)
+    assert questions == arithmetic_questions(40, seed=3) != arithmetic_questions(40, seed=4)
+    for q in questions:
+        a, b = map(int, re.findall(r"\d+", q["question"]))
+        answer = a + b if " buys " in q["question"] else a - b
+        assert gsm8k_oracle(q, [f"So the answer is {answer}.", f"{answer + 1}"], [[], []]) == [True, False]
+    config = search_config(tmp_path)
+    config.data.path = "arithmetic:5"
+    queries, skipped = build_queries(config, tok)
+    assert [q.id for q in queries] == [f"arithmetic-0-{i}" for i in range(5)] and not skipped
+    config.data.path = "arithmetic:x"
+    with pytest.raises(TrainConfigError, match="arithmetic:N"):
+        build_queries(config, tok)
+
+
 @pytest.mark.slow
 def test_teacher_finds_pivots_on_gsm8k_style_arithmetic(teacher, tmp_path: Path) -> None:
+    """Word problems the 135M teacher solves part of the time: its own solutions hold pivotal tokens."""
     model, tok = teacher
-    questions = [(23, 48), (67, 28), (45, 37), (19, 64)]
-    write_jsonl(tmp_path / "q.jsonl", [{"id": f"add-{a}-{b}", "question": f"What is {a} + {b}?",
-                                        "answer": f"#### {a + b}"} for a, b in questions])
-    config = PTSConfig.from_toml("pts", [f"model.path={tmp_path}", f"data.path={tmp_path}/q.jsonl",
-                                         f"run.out_dir={tmp_path}/out", "run.progress=false",
-                                         "sampling.max_new_tokens=32", "search.max_samples=16",
-                                         "search.queries_per_batch=4", "search.min_prob=0.1",
-                                         "search.max_prob=0.9"])
+    config = PTSConfig.from_toml("pts", [f"model.path={tmp_path}", f"data.path={ARITHMETIC_QUERIES}",
+                                         f"run.out_dir={tmp_path}/out", "run.progress=false"] + TEACHER_SEARCH)
     summary = pts(config, model=model, tokenizer=tok)
     print(json.dumps({k: summary[k] for k in ("status", "pairs", "pivots", "estimates", "samples", "seconds",
                                               "estimates_per_s", "reused_prefix_tokens", "prefill_tokens")}))
     assert summary["pairs"] > 0
-    pairs = [json.loads(line) for line in Path(summary["pairs_file"]).read_text().splitlines()]
-    for p in pairs:
+    prompts = {q.id: q.prompt for q in build_queries(config, tok)[0]}
+    for p in (json.loads(line) for line in Path(summary["pairs_file"]).read_text().splitlines()):
         assert len(p["chosen_ids"]) == len(p["rejected_ids"]) == 1 and p["chosen_ids"] != p["rejected_ids"]
-        assert p["p_chosen"] - p["p_rejected"] >= 0.2
+        assert p["pivot_token"] in p["chosen_ids"] + p["rejected_ids"]
+        assert p["p_chosen"] - p["p_rejected"] >= 0.2 and abs(p["delta"]) >= 0.2
+        prompt = prompts[p["query_id"]]
+        prefix = p["prompt_ids"][len(prompt):]
+        assert p["prompt_ids"][: len(prompt)] == prompt and tok.decode(prefix) == p["prefix_text"]
+        with torch.no_grad():  # the prefix is the teacher's own sample: each token was in its top-k (20)
+            logits = model(torch.tensor([p["prompt_ids"] + [p["pivot_token"]]]))[0, len(prompt) - 1 : -1]
+        ranks = (logits > logits.gather(1, torch.tensor(prefix + [p["pivot_token"]])[:, None])).sum(-1)
+        assert ranks.max() < config.sampling.top_k, (p["prefix_text"], ranks.tolist())
 
 
 def test_code_and_exact_oracles() -> None:

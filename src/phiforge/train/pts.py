@@ -26,6 +26,7 @@ import importlib
 import json
 import math
 import os
+import random
 import re
 import sys
 import time
@@ -55,7 +56,7 @@ class ModelPart:
 
 @dataclass
 class DataPart:
-    path: str = ""  # queries: .jsonl(.gz), .json or .parquet
+    path: str = ""  # queries: .jsonl(.gz), .json or .parquet, or arithmetic:N (generated word problems)
     oracle: str = "gsm8k"  # gsm8k | code | exact | module:function
     prompt_format: str = "{question}"  # str.format over the record's fields
     chat: str = "auto"  # auto (the chat template when the tokenizer has one) | true | false
@@ -524,17 +525,53 @@ def search_queries(est: Estimator, model: Any, queries: list[Query]) -> list[dic
     return [results[q.id] for q in queries]
 
 
+# ---- generated questions ----------------------------------------------------------------------------------
+ARITHMETIC = "arithmetic:"
+_NAMES = ("Tom", "Sara", "Ben", "Mia", "Sam", "Lily", "Noah", "Emma")
+_ITEMS = ("apples", "pencils", "cookies", "marbles", "stickers", "books", "shells", "cards")
+
+
+def arithmetic_questions(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """N one-step GSM8K-style word problems with small numbers, alternately addition and subtraction.
+
+    Real GSM8K is out of reach of a small teacher (p(success) ~ 0: nothing to find); these are solved
+    part of the time (SmolLM2-135M-Instruct: about 0.2-0.6), so PTS has p-jumps to find.
+    """
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+        if i % 2 == 0:
+            a, b = rng.randint(2, 6), rng.randint(3, 9)
+            event, when, answer = f"buys {b} more", "now", a + b
+        else:
+            a, b = rng.randint(5, 9), rng.randint(1, 4)
+            event, when, answer = f"gives {b} away", "left", a - b
+        question = f"{name} has {a} {item} and {event}. How many {item} does {name} have {when}?"
+        out.append({"id": f"arithmetic-{seed}-{i}", "question": question, "answer": f"#### {answer}"})
+    return out
+
+
+def _read_queries(path: str) -> tuple[Path, list[dict[str, Any]]]:
+    from phiforge.eval.tasks.data import TaskDataError, read_records
+
+    if path.startswith(ARITHMETIC):
+        count = path[len(ARITHMETIC):]
+        if not count.isdigit() or int(count) < 1:
+            raise TrainConfigError(f"data.path {path!r}: expected {ARITHMETIC}N with N >= 1")
+        return Path(path), arithmetic_questions(int(count))
+    try:
+        return Path(path), read_records("pts", Path(path))
+    except TaskDataError as err:
+        raise TrainConfigError(str(err).replace("task pts: ", "")) from None
+
+
 # ---- the run --------------------------------------------------------------------------------------------------
 def build_queries(config: PTSConfig, tokenizer: Any) -> tuple[list[Query], list[dict[str, str]]]:
-    from phiforge.eval.tasks.data import TaskDataError, read_records
     from phiforge.train.sft import record_id
 
     d = config.data
-    file = Path(d.path)
-    try:
-        records = read_records("pts", file)
-    except TaskDataError as err:
-        raise TrainConfigError(str(err).replace("task pts: ", "")) from None
+    file, records = _read_queries(d.path)
     if d.limit:
         records = records[: d.limit]
     chat = d.chat == "true" or (d.chat == "auto" and bool(tokenizer.chat_template))
