@@ -166,10 +166,12 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         raise ValueError("decode_attention: one dtype (bf16 or fp32), contiguous rows, caches of matching strides")
     out = torch.empty(B, 1, H * D, dtype=q.dtype)
     lo64, hi64 = lo.to(torch.int64).contiguous(), hi.to(torch.int64).contiguous()
-    _load().pf_decode_attention(_ptr(q), q.stride(0), q.stride(1), _ptr(k_new), k_new.stride(0), k_new.stride(1),
-                                _ptr(v_new), v_new.stride(0), v_new.stride(1), _ptr(k_cache), _ptr(v_cache), int(q.dtype == torch.bfloat16),
-                                _ptr(out), _ptr(lo64), _ptr(hi64), B, H, KV, D, k_cache.stride(0),
-                                k_cache.stride(1), k_cache.stride(2), scale, _threads())
+    def heads(t: torch.Tensor) -> tuple[ctypes.c_void_p, int, int]:  # pointer, row and head strides
+        return _ptr(t), t.stride(0), t.stride(1)
+
+    _load().pf_decode_attention(*heads(q), *heads(k_new), *heads(v_new), _ptr(k_cache), _ptr(v_cache),
+                                int(q.dtype == torch.bfloat16), _ptr(out), _ptr(lo64), _ptr(hi64), B, H, KV, D,
+                                *k_cache.stride()[:3], scale, _threads())
     return out
 
 
