@@ -75,7 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=64, help="phiforge engine rows")
+    parser.add_argument("--batch", type=int, default=128, help="phiforge engine rows (the synth default)")
     parser.add_argument("--hf-batch", type=int, default=32, help="transformers batch (the issue's reference: 32)")
     parser.add_argument("--pipeline", action="store_true", help="also time the whole phiforge synth path")
     args = parser.parse_args()

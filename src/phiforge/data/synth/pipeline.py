@@ -53,7 +53,7 @@ class TeacherSection:
     model: str = "smollm2-135m-instruct"  # local: a model phiforge loads; openai: the served model's name
     dtype: str = "bfloat16"  # local
     device: str = ""  # local; "" = cuda when available
-    max_batch_size: int = 64  # local: continuous-batching rows
+    max_batch_size: int = 128  # local: continuous-batching rows (bf16 GEMMs of 128 rows run ~2x faster per row than 32)
     chat: bool = True  # local: use the chat template when the tokenizer has one
     base_url: str = ""  # openai: e.g. http://127.0.0.1:8000/v1
     api: str = "chat"  # openai: chat | completions

@@ -140,7 +140,7 @@ class LocalTeacher(Teacher):
     """A model phiforge loads, run with continuous batching (large batches: decode is weight-bandwidth bound)."""
 
     def __init__(self, model: Any = "smollm2-135m-instruct", tokenizer: Any = None, *, dtype: str = "bfloat16",
-                 device: str = "", max_batch_size: int = 64, chat: bool = True, name: str = "") -> None:
+                 device: str = "", max_batch_size: int = 128, chat: bool = True, name: str = "") -> None:
         super().__init__()
         from phiforge.checkpoint import load_pretrained
         from phiforge.generate import Engine
