@@ -3,6 +3,10 @@ disagreement is a bug): int8/int4 GEMV and dequantization, single-query attentio
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -95,3 +99,17 @@ def test_rms_norm_bf16_matches_the_reference_order() -> None:
     # the sum of squares may round differently: at most one bf16 step on a few elements
     assert (got.float() - want.float()).abs().max() <= want.float().abs().max() * 2**-7
     assert (got == want).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("env", [{"PHIFORGE_NATIVE": "0"}, {"PHIFORGE_CACHE": "/proc/version"}],
+                         ids=["switched-off", "unwritable-cache"])
+def test_without_native_kernels_models_still_run(env: dict[str, str]) -> None:
+    """Switched off, or impossible to build: PyTorch's kernels take over (a warning, never a crash)."""
+    code = ("import torch; from phiforge import kernels; from phiforge.model import build_model; "
+            "from phiforge.config import preset; from phiforge.quantize import quantize_model\n"
+            "m = quantize_model(build_model(preset('tiny-llama'), dtype=torch.bfloat16), 8)\n"
+            "print(kernels.available(), m.blocks[0].mlp.fc.kernel, m(torch.tensor([[1, 2, 3]])).shape)")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[:2] == ["False", "int8pack"]

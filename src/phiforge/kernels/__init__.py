@@ -62,9 +62,12 @@ def _load() -> ctypes.CDLL | None:
     _tried = True
     if os.environ.get("PHIFORGE_NATIVE", "1") == "0" or not sys.platform.startswith("linux"):
         return None
-    path = _build()
-    if path is not None:
-        _lib = ctypes.CDLL(str(path))
+    try:
+        path = _build()
+        _lib = ctypes.CDLL(str(path)) if path is not None else None
+    except OSError as error:  # an unwritable cache, a noexec mount: run on PyTorch's kernels instead
+        warnings.warn(f"phiforge: native kernels unavailable ({error})", stacklevel=2)
+    if _lib is not None:
         _lib.pf_features.restype = ctypes.c_int
         strided = [_P, ctypes.c_int64, ctypes.c_int64]  # a [B, heads, D] tensor: pointer, row and head strides
         _lib.pf_decode_attention.argtypes = (strided * 3 + [_P, _P, ctypes.c_int, _P, _P, _P]
