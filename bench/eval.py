@@ -4,7 +4,7 @@ The requests are built once by phiforge's harness (byte-identical to lm-eval's, 
 answered by both: phiforge's packed context trees, and HFLM (transformers' model from the same GGUF,
 length-sorted padded batches, logits cache for one-token continuations). Prints JSON.
 
-    .venv/bin/python bench/eval.py [--piqa-docs 100] [--mmlu-subjects 3] [--hflm-batch-size 16]
+    .venv/bin/python bench/eval.py [--piqa-docs 100] [--mmlu-subjects 3] [--hflm-batch-size 16] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ def main() -> None:
     parser.add_argument("--mmlu-shots", type=int, default=2)
     parser.add_argument("--hflm-batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="both sides; parity to 1e-4 is an fp32 property, bf16 shows the speed with AMX")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
 
     import transformers
@@ -45,16 +48,16 @@ def main() -> None:
     from phiforge.gguf_io import load_gguf, resolve_model_alias
 
     path = resolve_model_alias("smollm2-135m-instruct")
-    model, tokenizer = load_gguf(path, dtype=torch.float32)
+    model, tokenizer = load_gguf(path, dtype=dtype)
     ours = LanguageModel(model, tokenizer)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     hflm = HFLM(pretrained=hf.eval(), tokenizer=transformers.AutoTokenizer.from_pretrained(
         path.parent, gguf_file=path.name), batch_size=args.hflm_batch_size)
 
     workloads = {"piqa": _requests("piqa", args.piqa_docs, None)}
     workloads[f"mmlu_{args.mmlu_shots}shot"] = [r for s in SUBJECTS[: args.mmlu_subjects]
                                                 for r in _requests(f"mmlu_{s}", None, args.mmlu_shots)]
-    report = {"model": "SmolLM2-135M-Instruct fp32", "device": "cpu", "threads": args.threads,
+    report = {"model": f"SmolLM2-135M-Instruct {args.dtype}", "device": "cpu", "threads": args.threads,
               "hflm_batch_size": args.hflm_batch_size, "tasks": {}}
     warm = workloads["piqa"][:16]  # one-time costs (kernel selection, allocator growth) out of the timings
     ours.loglikelihood(warm)

@@ -18,7 +18,6 @@ import torch
 
 from phiforge.model import KVCache, PhiForgeModel
 
-PACK_LIMIT_BYTES = 1 << 30  # models with at most this many bf16 weight bytes get pre-blocked copies (Linear.pack)
 AUTO_MAX_BATCH = 128  # rows when the engine picks: bf16 GEMMs of 128 rows run ~1.3x faster per row than 32
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward (bounds activation memory)
 
@@ -86,9 +85,7 @@ class Engine:
                  max_seq_len: int | None = None, kv_budget_bytes: int = 2 << 30, pack_weights: bool | None = None
                  ) -> None:
         self.model = model.eval()
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        if pack_weights if pack_weights is not None else weight_bytes <= PACK_LIMIT_BYTES:
-            model.pack_weights()  # batched steps and prefill ~1.4x faster on the CPU, for a copy of the weights
+        model.pack_weights(pack_weights)  # batched steps and prefill ~1.4x faster on the CPU (small models)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size  # None: the engine picks (see batch_size)
         self.on_finish: Callable[[int, Completion], None] | None = None  # called as each request ends

@@ -74,6 +74,9 @@ def blocksparse_mask(config: ModelConfig, positions: torch.Tensor, num_keys: int
     return causal[:, None] & (local[:, None] | vertical[None, :, None])
 
 
+PACK_LIMIT_BYTES = 1 << 30  # models up to this many weight bytes get pre-blocked copies by default (Linear.pack)
+
+
 class Linear(nn.Linear):
     """nn.Linear with faster CPU inference paths for bf16, each giving F.linear's result:
 
@@ -515,8 +518,14 @@ class PhiForgeModel(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
 
-    def pack_weights(self) -> int:
-        """Pre-block every bf16 Linear weight for faster batched CPU inference (see Linear); bytes added."""
+    def pack_weights(self, when: bool | None = None) -> int:
+        """Pre-block bf16 Linear weights for faster batched CPU inference (see Linear); bytes added.
+
+        ``when=None`` packs only a model of at most PACK_LIMIT_BYTES of weights: the copy doubles them."""
+        if when is None:
+            when = sum(p.numel() * p.element_size() for p in self.parameters()) <= PACK_LIMIT_BYTES
+        if not when:
+            return 0
         return sum(m.weight.numel() * m.weight.element_size() for m in self.modules()
                    if isinstance(m, Linear) and m.pack())
 
