@@ -21,6 +21,7 @@ import time
 import torch
 from common import best_seconds, left_padded, machine, random_phiforge, read_bandwidth, transformers_view
 
+from phiforge import kernels
 from phiforge.checkpoint import load_pretrained
 from phiforge.config import preset
 from phiforge.generate import Engine, SamplingParams
@@ -163,7 +164,8 @@ def main() -> None:
     args = parser.parse_args()
     parts = args.parts.split(",")
     bandwidth = read_bandwidth()
-    result = {"benchmark": "decode", **machine(), "read_bandwidth_GBps": round(bandwidth / 1e9, 2)}
+    result = {"benchmark": "decode", **machine(), "read_bandwidth_GBps": round(bandwidth / 1e9, 2),
+              "native_kernels": kernels.features() if kernels.available() else "off (PyTorch kernels)"}
     runners = {"single": lambda: part_single(args, bandwidth), "smollm": lambda: part_smollm(args),
                "batched": lambda: part_batched(args), "synth": lambda: part_synth(args)}
     for name in parts:

@@ -141,7 +141,11 @@ def test_packed_linear_gives_f_linear_bitwise_and_never_a_stale_weight() -> None
     if not linear.pack():
         pytest.skip("no oneDNN in this PyTorch build")
     x = torch.randn(2, 7, 96, dtype=torch.bfloat16)
+    first = linear.packed
+    assert linear.pack() and linear.packed is first  # asked again (another Engine): no second copy
     with torch.no_grad():
         assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
         linear.weight.mul_(2)  # an update after packing: the packed copy must not be used
+        assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
+        assert linear.pack() and linear.packed is not first  # repacked for the new weights
         assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))

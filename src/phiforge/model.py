@@ -107,6 +107,8 @@ class Linear(nn.Linear):
         if self.weight.dtype != torch.bfloat16 or self.weight.device.type != "cpu" \
                 or not torch.backends.mkldnn.is_available():
             return False
+        if self.packed is not None and self.packed_version == self.weight._version:
+            return True  # every Engine and scorer asks; the copy is made once per weight version
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 128)
         self.packed_version = self.weight._version
         return True
@@ -278,11 +280,10 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: slice, positions: torch.Tensor,
               span: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [B, KV, T, hd] at ``positions`` [B, T] of ``rows``; return keys/values 0..span-1."""
-        if span > self.capacity:
-            raise ValueError(f"KV cache holds {self.capacity} positions; position {span - 1} requested")
+        self._check_span(span)
         if self.sparse[layer] is not None:
             return self.sparse[layer].write(k, v, rows, positions, span)
-        k_cache, v_cache = self.k[layer][rows], self.v[layer][rows]
+        k_cache, v_cache = self.layer(layer, rows)
         if k.shape[2] == 1 and positions.shape[0] > 1:  # decode: one new token per row, each at its own place
             slots = self.decode_slots(positions, k.shape[1])
             head_dim = k.shape[-1]
@@ -294,6 +295,10 @@ class KVCache:
             v_cache[:, :, start : start + k.shape[2]] = v
         return k_cache[:, :, :span], v_cache[:, :, :span]
 
+    def _check_span(self, span: int) -> None:
+        if span > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; position {span - 1} requested")
+
     def layer(self, layer: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """The dense keys and values [B, KV, capacity, hd] of ``layer`` for ``rows``."""
         return self.k[layer][rows], self.v[layer][rows]
@@ -303,8 +308,7 @@ class KVCache:
         Computed once per decode step."""
         if self._bounds is None or self._bounds[0] is not positions:
             hi = positions[:, -1] + 1
-            if int(hi.max()) > self.capacity:
-                raise ValueError(f"KV cache holds {self.capacity} positions; position {int(hi.max()) - 1} requested")
+            self._check_span(int(hi.max()))
             lo = (hi - window).clamp(min=0) if window is not None else torch.zeros_like(hi)
             self._bounds = (positions, lo, hi)
         return self._bounds[1], self._bounds[2]

@@ -68,12 +68,9 @@ class QuantizedLinear(nn.Module):
         self.stored_keys = sorted(stored)
         self.dtype = torch.bfloat16  # the packed kernels' fast path, whatever the model computes in
         device = stored["qweight"].device
-        for key, value in stored.items():
-            self.register_buffer(f"_{key}", value, persistent=False)
+        for key, value in stored.items():  # scales and zeros in bf16, the dtype every kernel takes them in
+            self.register_buffer(f"_{key}", value if key == "qweight" else value.to(torch.bfloat16), persistent=False)
         if device.type == "cpu" and kernels.available():  # reads the portable layout as it is
-            self.register_buffer("_scales", stored["scales"].to(torch.bfloat16), persistent=False)
-            if self.bits == 4:
-                self.register_buffer("_zeros", stored["zeros"].to(torch.bfloat16), persistent=False)
             self.kernel = "native"
         elif self.bits == 8:
             self.register_buffer("w_int8", stored["qweight"], persistent=False)

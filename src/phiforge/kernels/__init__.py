@@ -169,6 +169,7 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         raise ValueError("decode_attention: one dtype (bf16 or fp32), contiguous rows, caches of matching strides")
     out = torch.empty(B, 1, H * D, dtype=q.dtype)
     lo64, hi64 = lo.to(torch.int64).contiguous(), hi.to(torch.int64).contiguous()
+
     def heads(t: torch.Tensor) -> tuple[ctypes.c_void_p, int, int]:  # pointer, row and head strides
         return _ptr(t), t.stride(0), t.stride(1)
 
