@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phiforge import kernels
+from phiforge import kernels, native_decode
 from phiforge.config import ModelConfig
 
 ACTIVATIONS = {
@@ -470,11 +470,22 @@ class PhiForgeModel(nn.Module):
         num_keys = span if cache is not None else T
         mask = attn_mask if attn_mask is not None else self.attention_mask(positions, num_keys)
         sparse = blocksparse_mask(c, positions, num_keys) if c.blocksparse_block_size else None
-        for i, block in enumerate(self.blocks):
+        plan = self._decode_plan_for(x, cache) if cache is not None and B == 1 and T == 1 else None
+        if plan is not None:  # one sequence, one token: every layer in one native call
+            lo, hi = cache.key_bounds(positions, c.sliding_window)
+            row = range(cache.batch_size)[cache_rows][0]
+            x = plan.step(x.view(-1), cos.view(-1), sin.view(-1), row, int(lo), int(hi)).view(1, 1, -1)
+        for i, block in enumerate(self.blocks if plan is None else ()):
             view = CacheView(cache, i, cache_rows, positions, span) if cache is not None else None
             x = block(x, cos, sin, sparse if c.is_sparse_layer(i) else mask, view)
         x = self.norm_f(x[:, -1:] if last_only else x)
         return x if return_hidden else self.logits(x)
+
+    def _decode_plan_for(self, x: torch.Tensor, cache: KVCache) -> native_decode.DecodePlan | None:
+        """The native whole-step plan for inference on the CPU (PHIFORGE_NATIVE=0 or anything unusual: None)."""
+        if self.training or torch.is_grad_enabled() or x.device.type != "cpu" or not kernels.available():
+            return None
+        return native_decode.plan_for(self, cache, x.dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The head: muP's width divisor and reserved ids masked (Phi-3-small); plain lm_head otherwise."""

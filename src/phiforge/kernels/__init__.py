@@ -186,3 +186,10 @@ def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     _load().pf_rms_norm_bf16(_ptr(x2), _ptr(weight.contiguous()), _ptr(y), x2.shape[0], x2.shape[1],
                              ctypes.c_float(eps), _threads())
     return y.view(x.shape)
+
+
+def decode_step(model: object, layers: object, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, row: int,
+                lo: int, hi: int) -> None:
+    """Run pf_decode_step in place on the hidden state x (see phiforge.native_decode, which builds the structs)."""
+    _load().pf_decode_step(model, layers, _ptr(x), _ptr(cos), _ptr(sin), ctypes.c_int64(row), ctypes.c_int64(lo),
+                           ctypes.c_int64(hi), _threads())

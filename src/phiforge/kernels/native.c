@@ -86,11 +86,41 @@ static float dot_int8(const int8_t *w, const float *x, int K) {
   return acc;
 }
 
+#ifdef PF_AVX512
+/* four rows at once (as dot4_bf16): four streams in flight, each x vector loaded once for all four */
+static void dot4_int8(const int8_t *w, size_t K, const float *x, float *out) {
+  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (size_t k = 0; k < K; k += 32) {
+    __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+    for (int r = 0; r < 4; r++) {
+      const int8_t *wr = w + r * K + k;
+      if ((k & 63) == 0) _mm_prefetch((const char *)(wr + PF_AHEAD), _MM_HINT_T0);
+      a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)wr))), x0, a[r]);
+      a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wr + 16)))),
+                             x1, a[r]);
+    }
+  }
+  for (int r = 0; r < 4; r++) out[r] = _mm512_reduce_add_ps(a[r]);
+}
+#endif
+
 void pf_int8_gemv(const int8_t *w, const uint16_t *scale, const void *x_act, const void *bias, void *y, int act_bf16,
                   int M, int N, int K, int threads) {
   float *x = load_acts(x_act, act_bf16, (size_t)M * K);
+  int quads = 0;
+#ifdef PF_AVX512
+  if (K % 32 == 0) quads = N / 4;
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int n = 0; n < N; n++) {
+  for (int r = 0; r < quads; r++)
+    for (int m = 0; m < M; m++) {
+      float d[4];
+      dot4_int8(w + (size_t)4 * r * K, K, x + (size_t)m * K, d);
+      for (int i = 0; i < 4; i++)
+        store_act(y, act_bf16, (size_t)m * N + 4 * r + i, bf16_to_f32(scale[4 * r + i]) * d[i], bias, 4 * r + i);
+    }
+#endif
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int n = 4 * quads; n < N; n++) {
     const int8_t *row = w + (size_t)n * K;
     float s = bf16_to_f32(scale[n]);
     for (int m = 0; m < M; m++) store_act(y, act_bf16, (size_t)m * N + n, s * dot_int8(row, x + (size_t)m * K, K), bias, n);
@@ -490,4 +520,149 @@ void pf_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int row
     for (int d = 0; d < dim; d++)
       y[(size_t)r * dim + d] = f32_to_bf16(bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[d]) * inv)) * bf16_to_f32(w[d]));
   }
+}
+
+/* ---- fp32 rows (one-row decode of an fp32 model) ----------------------------------------------------- */
+static float dot_f32(const float *w, const float *x, int K) {
+  int k = 0;
+  float acc = 0.f;
+#ifdef PF_AVX512
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+  for (; k + 32 <= K; k += 32) {
+    _mm_prefetch((const char *)(w + k + PF_AHEAD / 4), _MM_HINT_T0);
+    _mm_prefetch((const char *)(w + k + PF_AHEAD / 4 + 16), _MM_HINT_T0);
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+  }
+  acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#endif
+  for (; k < K; k++) acc += w[k] * x[k];
+  return acc;
+}
+
+void pf_f32_gemv(const float *w, const void *x_act, const void *bias, void *y, int act_bf16, int M, int N, int K,
+                 int threads) {
+  float *x = load_acts(x_act, act_bf16, (size_t)M * K);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int n = 0; n < N; n++)
+    for (int m = 0; m < M; m++) store_act(y, act_bf16, (size_t)m * N + n, dot_f32(w + (size_t)n * K, x + (size_t)m * K, K), bias, n);
+  free(x);
+}
+
+/* ---- a whole decode step of one sequence ---------------------------------------------------------- */
+/* Every layer of a Phi/Phi-3/Llama block for one new token, in one call: at ~40 small tensor ops per layer
+   the Python path spends more time dispatching than reading weights when the model is small or quantized.
+   Activations stay in the model's dtype and are rounded where PyTorch's ops round them, so this follows
+   model.py's decode path step for step (GEMV sums in a different order, as the native GEMVs already do). */
+typedef struct {
+  int kind; /* 0 bf16, 1 fp32, 2 int8, 3 int4 */
+  int n, k, group;
+  const void *w;
+  const uint16_t *scale, *zero;
+  const void *bias; /* activation dtype, or NULL */
+} PfLinear;
+
+typedef struct {
+  const void *norm1_w, *norm1_b, *norm2_w, *norm2_b; /* activation dtype; the b's NULL for RMSNorm */
+  PfLinear qkv, proj, fc, down;
+  void *k_cache, *v_cache; /* this layer's [B, KV, capacity, D] cache */
+} PfLayer;
+
+typedef struct {
+  int num_layers, hidden, heads, kv_heads, head_dim, rotary_dim, inter;
+  int rms, act, parallel, gated, act_bf16; /* act: 0 tanh-GELU, 1 SiLU, 2 erf-GELU */
+  float eps, attn_scale;
+  int64_t cache_sb, cache_sh, cache_st;
+} PfModel;
+
+static inline float ld(const void *p, int bf, size_t i) {
+  return bf ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+static inline void st(void *p, int bf, size_t i, float v) { /* stores round to the activation dtype */
+  if (bf) ((uint16_t *)p)[i] = f32_to_bf16(v);
+  else ((float *)p)[i] = v;
+}
+static inline float rnd(int bf, float v) { return bf ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+static void linear(const PfLinear *l, const void *x, void *y, int bf, int threads) {
+  switch (l->kind) {
+  case 0: pf_bf16_gemv(l->w, x, l->bias, y, bf, 1, l->n, l->k, threads); break;
+  case 1: pf_f32_gemv(l->w, x, l->bias, y, bf, 1, l->n, l->k, threads); break;
+  case 2: pf_int8_gemv(l->w, l->scale, x, l->bias, y, bf, 1, l->n, l->k, threads); break;
+  default: pf_int4_gemv(l->w, l->scale, l->zero, x, l->bias, y, bf, 1, l->n, l->k, l->group, threads);
+  }
+}
+
+/* LayerNorm (one rounding, as torch's CPU kernel) or RMSNorm (transformers' order, see pf_rms_norm_bf16) */
+static void norm(const PfModel *m, const void *w, const void *b, const void *x, void *y) {
+  int bf = m->act_bf16, n = m->hidden;
+  float mean = 0.f, ss = 0.f;
+  if (!m->rms) {
+    for (int i = 0; i < n; i++) mean += ld(x, bf, i);
+    mean /= n;
+  }
+  for (int i = 0; i < n; i++) { float d = ld(x, bf, i) - mean; ss += d * d; }
+  float inv = 1.f / sqrtf(ss / n + m->eps);
+  for (int i = 0; i < n; i++) {
+    float v = (ld(x, bf, i) - mean) * inv;
+    st(y, bf, i, m->rms ? rnd(bf, v) * ld(w, bf, i) : v * ld(w, bf, i) + ld(b, bf, i));
+  }
+}
+
+/* rotate_half RoPE on the first rotary_dim channels of `count` heads: (x*cos) + (rot(x)*sin), each rounded */
+static void rope(const PfModel *m, void *heads, int count, const void *cos, const void *sin) {
+  int bf = m->act_bf16, r = m->rotary_dim, half = r / 2;
+  for (int h = 0; h < count; h++) {
+    size_t o = (size_t)h * m->head_dim;
+    for (int i = 0; i < half; i++) {
+      float x1 = ld(heads, bf, o + i), x2 = ld(heads, bf, o + half + i);
+      st(heads, bf, o + i, rnd(bf, x1 * ld(cos, bf, i)) + rnd(bf, -x2 * ld(sin, bf, i)));
+      st(heads, bf, o + half + i, rnd(bf, x2 * ld(cos, bf, half + i)) + rnd(bf, x1 * ld(sin, bf, half + i)));
+    }
+  }
+}
+
+static inline float activate(int act, float v) {
+  if (act == 1) return v / (1.f + expf(-v));
+  if (act == 2) return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+  return 0.5f * v * (1.f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+}
+
+static void mlp(const PfModel *m, const PfLayer *l, const void *h, void *fc, void *out, int threads) {
+  int bf = m->act_bf16, n = m->inter;
+  linear(&l->fc, h, fc, bf, threads);
+  for (int i = 0; i < n; i++) { /* gated: first half the gate, as Phi-3's gate_up_proj */
+    float a = rnd(bf, activate(m->act, ld(fc, bf, i)));
+    st(fc, bf, i, m->gated ? a * ld(fc, bf, (size_t)n + i) : a);
+  }
+  linear(&l->down, fc, out, bf, threads);
+}
+
+void pf_decode_step(const PfModel *m, const PfLayer *layers, void *x, const void *cos, const void *sin, int64_t row,
+                    int64_t lo, int64_t hi, int threads) {
+  int bf = m->act_bf16, H = m->heads, KV = m->kv_heads, D = m->head_dim;
+  size_t e = bf ? 2 : 4, qkv_n = (size_t)(H + 2 * KV) * D;
+  char *h = malloc(m->hidden * e), *qkv = malloc(qkv_n * e), *att = malloc((size_t)H * D * e);
+  char *a = malloc(m->hidden * e), *fc = malloc((size_t)m->inter * (m->gated ? 2 : 1) * e), *o = malloc(m->hidden * e);
+  for (int i = 0; i < m->num_layers; i++) {
+    const PfLayer *l = layers + i;
+    norm(m, l->norm1_w, l->norm1_b, x, h);
+    linear(&l->qkv, h, qkv, bf, threads);
+    rope(m, qkv, H + KV, cos, sin);
+    size_t at = (size_t)row * m->cache_sb * e; /* the row's cache */
+    pf_decode_attention(qkv, 0, D, qkv + (size_t)H * D * e, 0, D, qkv + (size_t)(H + KV) * D * e, 0, D,
+                        (char *)l->k_cache + at, (char *)l->v_cache + at, bf, att, &lo, &hi, 1, H, KV, D,
+                        m->cache_sb, m->cache_sh, m->cache_st, m->attn_scale, threads);
+    linear(&l->proj, att, a, bf, threads);
+    if (m->parallel) { /* phi: (attn + mlp) + x, from one norm */
+      mlp(m, l, h, fc, o, threads);
+      for (int j = 0; j < m->hidden; j++) st(x, bf, j, rnd(bf, ld(a, bf, j) + ld(o, bf, j)) + ld(x, bf, j));
+    } else {
+      for (int j = 0; j < m->hidden; j++) st(x, bf, j, ld(x, bf, j) + ld(a, bf, j));
+      norm(m, l->norm2_w, l->norm2_b, x, h);
+      mlp(m, l, h, fc, o, threads);
+      for (int j = 0; j < m->hidden; j++) st(x, bf, j, ld(x, bf, j) + ld(o, bf, j));
+    }
+  }
+  free(h); free(qkv); free(att); free(a); free(fc); free(o);
 }

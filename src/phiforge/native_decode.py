@@ -1,0 +1,128 @@
+"""One decode step of one sequence through every layer in a single native call (kernels' pf_decode_step).
+
+A small or quantized model on the CPU spends more time dispatching ~40 tensor ops per layer from Python
+than reading its weights: SmolLM2-135M in int4 reads ~70 MB per token, ~3 ms, but its Python path takes
+~20 ms. So for the common single-stream case (one row, one new token, CPU, bf16 or fp32 activations) the
+model hands its layers to C, described once per (model, cache) as ctypes structs that point at the live
+tensors. Anything unusual (block-sparse or qk-normed layers, GeGELU, training) keeps model.py's path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import TYPE_CHECKING
+
+import torch
+
+from phiforge import kernels
+
+if TYPE_CHECKING:
+    from phiforge.model import KVCache, PhiForgeModel
+
+_P = ctypes.c_void_p
+ACTIVATIONS = {"gelu_new": 0, "gelu_pytorch_tanh": 0, "silu": 1, "gelu": 2}
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int), ("group", ctypes.c_int),
+                ("w", _P), ("scale", _P), ("zero", _P), ("bias", _P)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("norm1_w", _P), ("norm1_b", _P), ("norm2_w", _P), ("norm2_b", _P), ("qkv", _Linear),
+                ("proj", _Linear), ("fc", _Linear), ("down", _Linear), ("k_cache", _P), ("v_cache", _P)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = ([(name, ctypes.c_int) for name in ("num_layers", "hidden", "heads", "kv_heads", "head_dim",
+                                                     "rotary_dim", "inter", "rms", "act", "parallel", "gated",
+                                                     "act_bf16")]
+                + [("eps", ctypes.c_float), ("attn_scale", ctypes.c_float)]
+                + [(name, ctypes.c_int64) for name in ("cache_sb", "cache_sh", "cache_st")])
+
+
+def supported(model: PhiForgeModel) -> bool:
+    """Whether the model's blocks are ones pf_decode_step implements (checked once per plan)."""
+    c = model.config
+    return (c.hidden_act in ACTIVATIONS and not c.qkv_grouped and not c.qk_layernorm
+            and c.blocksparse_block_size is None and (c.gated_mlp == (c.hidden_act == "silu")))
+
+
+class DecodePlan:
+    """The C description of a model's layers over one KVCache.
+
+    It holds every tensor it points at (no pointer can dangle) and is rebuilt for each new cache: an
+    Engine makes one cache per generate call, so weights replaced between calls are picked up.
+    """
+
+    def __init__(self, model: PhiForgeModel, cache: KVCache, dtype: torch.dtype) -> None:
+        c = model.config
+        self.cache, self.dtype = cache, dtype
+        self._keep: list[torch.Tensor] = []
+        self.model = _Model(c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.rotary_dim,
+                            c.intermediate_size, int(c.norm != "layernorm"), ACTIVATIONS[c.hidden_act],
+                            int(c.parallel_residual), int(c.gated_mlp), int(dtype == torch.bfloat16), c.norm_eps,
+                            c.attn_scale or c.head_dim**-0.5, *cache.k[0].stride()[:3])
+        self.layers = (_Layer * c.num_layers)()
+        for layer, block, k, v in zip(self.layers, model.blocks, cache.k, cache.v, strict=True):
+            layer.norm1_w, layer.norm1_b = self._norm(block.norm_1)
+            if block.norm_2 is not None:
+                layer.norm2_w, layer.norm2_b = self._norm(block.norm_2)
+            layer.qkv, layer.proj = self._linear(block.attn.qkv), self._linear(block.attn.proj)
+            layer.fc, layer.down = self._linear(block.mlp.fc), self._linear(block.mlp.proj)
+            layer.k_cache, layer.v_cache = self._ptr(k, dtype), self._ptr(v, dtype)
+
+    def _ptr(self, t: torch.Tensor | None, dtype: torch.dtype, convert: bool = False) -> int | None:
+        """Address of t's data, which must be contiguous in ``dtype`` (or is converted, a private copy)."""
+        if t is None:
+            return None
+        t = t.detach()
+        if convert:
+            t = t.to(dtype).contiguous()
+        if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+            raise UnsupportedError(f"a {t.dtype} tensor on {t.device} where contiguous {dtype} on the CPU is needed")
+        self._keep.append(t)
+        return t.data_ptr()
+
+    def _norm(self, norm: torch.nn.Module) -> tuple[int | None, int | None]:
+        return self._ptr(norm.weight, self.dtype), self._ptr(getattr(norm, "bias", None), self.dtype)
+
+    def _linear(self, m: torch.nn.Module) -> _Linear:
+        bias = self._ptr(m.bias, self.dtype, convert=True)
+        if getattr(m, "kernel", None) == "native":  # a QuantizedLinear on its portable layout, bf16 scales/zeros
+            codes = self._ptr(m._qweight, torch.int8 if m.bits == 8 else torch.uint8)
+            zeros = self._ptr(m._zeros, torch.bfloat16) if m.bits == 4 else None
+            return _Linear(2 if m.bits == 8 else 3, m.out_features, m.in_features, m.group_size, codes,
+                           self._ptr(m._scales, torch.bfloat16), zeros, bias)
+        if isinstance(m, torch.nn.Linear):
+            kind = 0 if self.dtype == torch.bfloat16 else 1
+            return _Linear(kind, m.out_features, m.in_features, 0, self._ptr(m.weight, self.dtype), None, None, bias)
+        raise UnsupportedError(f"no native path for {type(m).__name__}")
+
+    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, row: int, lo: int, hi: int
+             ) -> torch.Tensor:
+        """Hidden state [hidden] of one token after every layer; stores its keys/values at hi - 1 of ``row``."""
+        x = x.to(self.dtype).contiguous().clone()
+        cos, sin = cos.contiguous(), sin.contiguous()
+        kernels.decode_step(ctypes.byref(self.model), self.layers, x, cos, sin, row, lo, hi)
+        return x
+
+
+class UnsupportedError(Exception):
+    """The model or cache has something pf_decode_step does not implement."""
+
+
+def plan_for(model: PhiForgeModel, cache: KVCache, dtype: torch.dtype) -> DecodePlan | None:
+    """The model's plan for this cache (built on first use), or None where the native step does not apply."""
+    plan = getattr(model, "_decode_plan", None)
+    if plan is not None and plan.cache is cache and plan.dtype == dtype:
+        return plan
+    model._decode_plan = None
+    if not (kernels.available() and supported(model) and dtype in (torch.bfloat16, torch.float32)
+            and all(k is not None and k.dtype == dtype for k in cache.k)):
+        return None
+    try:
+        model._decode_plan = DecodePlan(model, cache, dtype)
+    except UnsupportedError:
+        return None
+    return model._decode_plan

@@ -1,0 +1,102 @@
+"""The whole-step native decode (native_decode.py, kernels' pf_decode_step) against model.py's layer-by-layer path."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from phiforge import kernels, native_decode
+from phiforge.config import preset
+from phiforge.generate import Engine, SamplingParams
+from phiforge.model import build_model
+from phiforge.quantize import quantize_model
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels not built on this machine")
+FAMILIES = ["tiny-phi", "tiny-phi3", "tiny-phi4-mini", "tiny-llama"]
+
+
+def decode_logits(model: torch.nn.Module, ids: torch.Tensor, prompt: int, *, native: bool,
+                  monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
+    """Prefill ids[:, :prompt], then feed the rest one token at a time; logits of every decode step."""
+    with monkeypatch.context() as patch:
+        if not native:
+            patch.setattr(native_decode, "plan_for", lambda *args: None)
+        cache = model.new_cache(1, ids.shape[1] + 1)
+        steps = []
+        with torch.inference_mode():
+            model(ids[:, :prompt], cache=cache, last_only=True)
+            for t in range(prompt, ids.shape[1]):
+                steps.append(model(ids[:, t : t + 1], torch.tensor([t]), cache=cache)[0, -1].float())
+        return torch.stack(steps)
+
+
+def model_and_ids(name: str, dtype: torch.dtype, length: int = 24, **overrides: object
+                  ) -> tuple[torch.nn.Module, torch.Tensor]:
+    config = dataclasses.replace(preset(name), **overrides)
+    model = build_model(config, dtype=dtype, seed=3).eval()
+    ids = torch.randint(0, config.vocab_size, (1, length), generator=torch.Generator().manual_seed(5))
+    return model, ids
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fp32_step_matches_layer_path(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, ids = model_and_ids(name, torch.float32)
+    ours = decode_logits(model, ids, 8, native=True, monkeypatch=monkeypatch)
+    reference = decode_logits(model, ids, 8, native=False, monkeypatch=monkeypatch)
+    assert native_decode.plan_for(model, model.new_cache(1, 4), torch.float32) is not None  # the step did run
+    torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-5)  # only the GEMV sum order differs
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_bf16_step_rounds_where_torch_rounds(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, ids = model_and_ids(name, torch.bfloat16)
+    ours = decode_logits(model, ids, 8, native=True, monkeypatch=monkeypatch)
+    reference = decode_logits(model, ids, 8, native=False, monkeypatch=monkeypatch)
+    # same kernels and the same rounding points: a few bf16 ulps at most (an ulp at 1.0 is 0.0078)
+    assert (ours - reference).abs().max() <= 0.016
+    assert (ours.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize(("bits", "group"), [(8, 32), (4, 32), (4, 16)])  # int4 g32: the AVX512-BF16 path
+def test_quantized_step_matches_layer_path(bits: int, group: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, ids = model_and_ids("tiny-phi3", torch.bfloat16, intermediate_size=192)
+    quantize_model(model, bits, group_size=group)
+    ours = decode_logits(model, ids, 8, native=True, monkeypatch=monkeypatch)
+    reference = decode_logits(model, ids, 8, native=False, monkeypatch=monkeypatch)
+    assert (ours - reference).abs().max() <= 0.016
+
+
+def test_sliding_window_is_respected(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding past the window: keys older than it must drop out exactly as the mask drops them."""
+    model, ids = model_and_ids("tiny-phi3", torch.float32, length=40, sliding_window=8)
+    ours = decode_logits(model, ids, 4, native=True, monkeypatch=monkeypatch)
+    reference = decode_logits(model, ids, 4, native=False, monkeypatch=monkeypatch)
+    torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-5)
+    unwindowed, _ = model_and_ids("tiny-phi3", torch.float32, length=40)
+    assert not torch.allclose(decode_logits(unwindowed, ids, 4, native=True, monkeypatch=monkeypatch)[-1],
+                              ours[-1], atol=1e-3)  # the window changed the result: it was applied
+
+
+def test_engine_greedy_tokens_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, ids = model_and_ids("tiny-llama", torch.float32)
+    params = SamplingParams(max_new_tokens=24)
+    ours = Engine(model, max_batch_size=1).generate([ids[0].tolist()], params)[0].token_ids
+    with monkeypatch.context() as patch:
+        patch.setattr(native_decode, "plan_for", lambda *args: None)
+        reference = Engine(model, max_batch_size=1).generate([ids[0].tolist()], params)[0].token_ids
+    assert ours == reference and len(ours) == 24
+
+
+def test_plan_is_per_cache_and_declines_what_it_cannot_run() -> None:
+    model, _ = model_and_ids("tiny-phi3", torch.float32)
+    first, second = model.new_cache(1, 8), model.new_cache(1, 8)
+    plan = native_decode.plan_for(model, first, torch.float32)
+    assert plan is native_decode.plan_for(model, first, torch.float32)  # built once per cache
+    assert native_decode.plan_for(model, second, torch.float32) is not plan
+    assert native_decode.plan_for(model, model.new_cache(1, 8, torch.bfloat16), torch.float32) is None
+    sparse = build_model(preset("tiny-phi3small")).eval()
+    assert native_decode.plan_for(sparse, sparse.new_cache(1, 8), torch.float32) is None
+    model.train()
+    assert model._decode_plan_for(torch.zeros(1, 1, model.config.hidden_size), first) is None
