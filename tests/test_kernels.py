@@ -91,6 +91,27 @@ def test_decode_attention_stores_the_new_key_and_matches_sdpa(dtype: torch.dtype
                                atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotary_dim", [64, 32])  # full and partial rotary
+def test_decode_attention_applies_rope_as_apply_rotary(dtype: torch.dtype, rotary_dim: int) -> None:
+    from phiforge.model import apply_rotary
+
+    torch.manual_seed(3)
+    batch, heads, kv_heads, head_dim, capacity = 3, 6, 2, 64, 20
+    q = torch.randn(batch, heads, 1, head_dim, dtype=dtype)
+    k_new, v_new = (torch.randn(batch, kv_heads, 1, head_dim, dtype=dtype) for _ in "kv")
+    angles = torch.rand(batch, 1, rotary_dim // 2) * 6
+    cos, sin = (torch.cat((f(angles), f(angles)), -1).to(dtype) for f in (torch.cos, torch.sin))
+    caches = [torch.randn(batch, kv_heads, capacity, head_dim, dtype=dtype) for _ in range(2)]
+    caches += [c.clone() for c in caches]
+    lo, hi = torch.zeros(batch, dtype=torch.long), torch.tensor([5, 9, 20])
+    got = kernels.decode_attention(q, k_new, v_new, caches[0], caches[1], lo, hi, 0.125, cos, sin)
+    want = kernels.decode_attention(apply_rotary(q, cos, sin), apply_rotary(k_new, cos, sin), v_new, caches[2],
+                                    caches[3], lo, hi, 0.125)
+    assert torch.equal(caches[0], caches[2])  # the cached key is the rotated one, rounded the same way
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 def test_rms_norm_bf16_matches_the_reference_order() -> None:
     torch.manual_seed(4)
     x, weight = (torch.randn(5, 576) * 3).bfloat16(), torch.randn(576).bfloat16()
@@ -113,3 +134,16 @@ def test_without_native_kernels_models_still_run(env: dict[str, str]) -> None:
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[:2] == ["False", "int8pack"]
+
+
+@pytest.mark.skipif(not kernels.amx_available(), reason="no AMX on this CPU")
+@pytest.mark.parametrize("rows", [2, 16, 17, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_amx_gemm_matches_fp32_reference(rows: int, dtype: torch.dtype) -> None:
+    torch.manual_seed(6)
+    w, bias = torch.randn(96, 160).bfloat16(), torch.randn(96).to(dtype)
+    x = torch.randn(rows, 160, dtype=dtype)
+    got = kernels.bf16_gemm_amx(x, kernels.amx_pack(w), 96, bias)
+    want = x.bfloat16().float() @ w.float().T + bias.float()  # x rounded to bf16, exact products, fp32 sums
+    assert got.dtype == dtype and got.shape == (rows, 96)
+    torch.testing.assert_close(got.float(), want, atol=2e-3 if dtype == torch.float32 else 5e-2, rtol=1e-2)

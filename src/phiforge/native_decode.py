@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from phiforge.model import KVCache, PhiForgeModel
 
 _P = ctypes.c_void_p
-ACTIVATIONS = {"gelu_new": 0, "gelu_pytorch_tanh": 0, "silu": 1, "gelu": 2}
+ACTIVATIONS = {"gelu_new": 0, "gelu_pytorch_tanh": 0, "silu": 1, "gelu": 2}  # pf_decode_step's codes
 
 
 class _Linear(ctypes.Structure):

@@ -72,7 +72,7 @@ def _load() -> ctypes.CDLL | None:
         strided = [_P, ctypes.c_int64, ctypes.c_int64]  # a [B, heads, D] tensor: pointer, row and head strides
         _lib.pf_decode_attention.argtypes = (strided * 3 + [_P, _P, ctypes.c_int, _P, _P, _P]
                                              + [ctypes.c_int] * 4 + [ctypes.c_int64] * 3
-                                             + [ctypes.c_float, ctypes.c_int])
+                                             + [ctypes.c_float, _P, _P, ctypes.c_int, ctypes.c_int])
     return _lib
 
 
@@ -152,8 +152,12 @@ def int4_dequant(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 
 
 def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: float) -> torch.Tensor:
+                     v_cache: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: float,
+                     cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new token per row, storing its key and value first.
+
+    With ``cos``/``sin`` [B, 1, r] (model.RotaryEmbedding's, q's dtype) q and k_new are not yet rotated: the
+    kernel applies RoPE to the first r channels, rounding as apply_rotary does, and caches the rotated key.
 
     q [B, H, 1, D]; k_new, v_new [B, KV, 1, D] go into the caches [B, KV, capacity, D] at position hi[b] - 1;
     then row b attends keys lo[b] <= t < hi[b]. One dtype throughout (bf16 or fp32); any strides with
@@ -173,10 +177,15 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     def heads(t: torch.Tensor) -> tuple[ctypes.c_void_p, int, int]:  # pointer, row and head strides
         return _ptr(t), t.stride(0), t.stride(1)
 
+    rotary = [None, None, 0]
+    if cos is not None:
+        cos, sin = cos.to(q.dtype).contiguous(), sin.to(q.dtype).contiguous()
+        rotary = [_ptr(cos), _ptr(sin), cos.shape[-1]]
     _load().pf_decode_attention(*heads(q), *heads(k_new), *heads(v_new), _ptr(k_cache), _ptr(v_cache),
                                 int(q.dtype == torch.bfloat16), _ptr(out), _ptr(lo64), _ptr(hi64), B, H, KV, D,
-                                *k_cache.stride()[:3], scale, _threads())
+                                *k_cache.stride()[:3], scale, *rotary, _threads())
     return out
+
 
 
 def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -193,3 +202,24 @@ def decode_step(model: object, layers: object, x: torch.Tensor, cos: torch.Tenso
     """Run pf_decode_step in place on the hidden state x (see phiforge.native_decode, which builds the structs)."""
     _load().pf_decode_step(model, layers, _ptr(x), _ptr(cos), _ptr(sin), ctypes.c_int64(row), ctypes.c_int64(lo),
                            ctypes.c_int64(hi), _threads())
+
+
+def amx_available() -> bool:
+    """Whether the build has the AMX bf16 GEMM and the OS grants this process the tile registers."""
+    return available() and bool(_load().pf_amx_available())
+
+
+def amx_fits(n: int, k: int) -> bool:
+    return n % 32 == 0 and k % 32 == 0
+
+
+def amx_pack(w: torch.Tensor) -> torch.Tensor:
+    """A bf16 weight [N, K] in the AMX GEMM's layout (blocks of 16 output columns, k in pairs)."""
+    out = torch.empty(w.numel(), dtype=torch.int16)
+    _load().pf_amx_pack(_ptr(_bits(w)), _ptr(out), *w.shape, _threads())
+    return out
+
+
+def bf16_gemm_amx(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W^T (+ bias) for W packed by amx_pack, accumulated in fp32; x's dtype out."""
+    return _call_gemv("pf_bf16_gemm_amx", x, n, bias, _ptr(packed), (packed.numel() // n,))

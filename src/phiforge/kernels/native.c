@@ -355,6 +355,24 @@ void pf_int4_dequant(const uint8_t *w, const uint16_t *scale, const uint16_t *ze
   }
 }
 
+/* rotate_half RoPE of one head held in fp32, r rotary channels, rounding each product and the sum to the
+   activation dtype as PyTorch's (x*cos) + (rotate_half(x)*sin) does; cos/sin in the activation dtype */
+static inline float round_act(int bf, float v) { return bf ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+__attribute__((optimize("fp-contract=off"))) /* two products and a sum, not an FMA: PyTorch's three ops */
+static void rope_head(float *v, const void *cos, const void *sin, int bf, int r) {
+  int half = r / 2;
+  for (int i = 0; i < half; i++) {
+    float x1 = v[i], x2 = v[half + i];
+    float c1 = bf ? bf16_to_f32(((const uint16_t *)cos)[i]) : ((const float *)cos)[i];
+    float s1 = bf ? bf16_to_f32(((const uint16_t *)sin)[i]) : ((const float *)sin)[i];
+    float c2 = bf ? bf16_to_f32(((const uint16_t *)cos)[half + i]) : ((const float *)cos)[half + i];
+    float s2 = bf ? bf16_to_f32(((const uint16_t *)sin)[half + i]) : ((const float *)sin)[half + i];
+    v[i] = round_act(bf, round_act(bf, x1 * c1) + round_act(bf, -x2 * s1));
+    v[half + i] = round_act(bf, round_act(bf, x2 * c2) + round_act(bf, x1 * s2));
+  }
+}
+
 /* ---- decode attention ----------------------------------------------------------------------------- */
 /* One new token per sequence: q [B, H, D] (strides qb, qh; contiguous D); its key and value kn, vn
    [B, KV, D] (strides knb, knh and vnb, vnh) are first stored in the cache at position hi[b] - 1 (cache rows at
@@ -474,7 +492,8 @@ static void attend_plain(const float *qf, const void *k, const void *v, int bf16
 
 void pf_decode_attention(const void *q, int64_t qb, int64_t qh, const void *kn, int64_t knb, int64_t knh,
                          const void *vn, int64_t vnb, int64_t vnh, void *k, void *v, int bf16, void *out, const int64_t *lo, const int64_t *hi, int B, int H,
-                         int KV, int D, int64_t sb, int64_t sh, int64_t st, float scale, int threads) {
+                         int KV, int D, int64_t sb, int64_t sh, int64_t st, float scale, const void *cos, const void *sin,
+                         int rot, int threads) {
   int G = H / KV, vector = 0;
 #ifdef PF_AVX512
   vector = D % 16 == 0 && D / 16 <= PF_MAX_DV && G <= PF_MAX_G;
@@ -487,10 +506,19 @@ void pf_decode_attention(const void *q, int64_t qb, int64_t qh, const void *kn, 
     for (int task = 0; task < B * KV; task++) {
       int b = task / KV, h = task % KV, n = (int)(hi[b] - lo[b]);
       if (n > cap) { free(scores); cap = n; scores = malloc((size_t)G * n * 4); }
-      for (int g = 0; g < G; g++) load_row(q, (size_t)b * qb + (size_t)(h * G + g) * qh, bf16, D, qf + (size_t)g * D);
-      size_t base = (size_t)b * sb + (size_t)h * sh, elem = bf16 ? 2 : 4;
-      memcpy((char *)k + (base + (size_t)(hi[b] - 1) * st) * elem, (const char *)kn + ((size_t)b * knb + (size_t)h * knh) * elem,
-             (size_t)D * elem);
+      size_t base = (size_t)b * sb + (size_t)h * sh, elem = bf16 ? 2 : 4, cs = (size_t)b * rot * elem;
+      for (int g = 0; g < G; g++) {
+        load_row(q, (size_t)b * qb + (size_t)(h * G + g) * qh, bf16, D, qf + (size_t)g * D);
+        if (cos) rope_head(qf + (size_t)g * D, (const char *)cos + cs, (const char *)sin + cs, bf16, rot);
+      }
+      size_t at = base + (size_t)(hi[b] - 1) * st;
+      if (cos) { /* the key is rotated on its way into the cache */
+        load_row(kn, (size_t)b * knb + (size_t)h * knh, bf16, D, row);
+        rope_head(row, (const char *)cos + cs, (const char *)sin + cs, bf16, rot);
+        for (int d = 0; d < D; d++) store_act(k, bf16, at + d, row[d], NULL, 0);
+      } else {
+        memcpy((char *)k + at * elem, (const char *)kn + ((size_t)b * knb + (size_t)h * knh) * elem, (size_t)D * elem);
+      }
       memcpy((char *)v + (base + (size_t)(hi[b] - 1) * st) * elem, (const char *)vn + ((size_t)b * vnb + (size_t)h * vnh) * elem,
              (size_t)D * elem);
 #ifdef PF_AVX512
@@ -582,7 +610,6 @@ static inline void st(void *p, int bf, size_t i, float v) { /* stores round to t
   if (bf) ((uint16_t *)p)[i] = f32_to_bf16(v);
   else ((float *)p)[i] = v;
 }
-static inline float rnd(int bf, float v) { return bf ? bf16_to_f32(f32_to_bf16(v)) : v; }
 
 static void linear(const PfLinear *l, const void *x, void *y, int bf, int threads) {
   switch (l->kind) {
@@ -605,21 +632,20 @@ static void norm(const PfModel *m, const void *w, const void *b, const void *x, 
   float inv = 1.f / sqrtf(ss / n + m->eps);
   for (int i = 0; i < n; i++) {
     float v = (ld(x, bf, i) - mean) * inv;
-    st(y, bf, i, m->rms ? rnd(bf, v) * ld(w, bf, i) : v * ld(w, bf, i) + ld(b, bf, i));
+    st(y, bf, i, m->rms ? round_act(bf, v) * ld(w, bf, i) : v * ld(w, bf, i) + ld(b, bf, i));
   }
 }
 
-/* rotate_half RoPE on the first rotary_dim channels of `count` heads: (x*cos) + (rot(x)*sin), each rounded */
+/* RoPE on `count` heads stored in the activation dtype */
 static void rope(const PfModel *m, void *heads, int count, const void *cos, const void *sin) {
-  int bf = m->act_bf16, r = m->rotary_dim, half = r / 2;
+  int bf = m->act_bf16, D = m->head_dim;
+  float *v = malloc((size_t)D * 4);
   for (int h = 0; h < count; h++) {
-    size_t o = (size_t)h * m->head_dim;
-    for (int i = 0; i < half; i++) {
-      float x1 = ld(heads, bf, o + i), x2 = ld(heads, bf, o + half + i);
-      st(heads, bf, o + i, rnd(bf, x1 * ld(cos, bf, i)) + rnd(bf, -x2 * ld(sin, bf, i)));
-      st(heads, bf, o + half + i, rnd(bf, x2 * ld(cos, bf, half + i)) + rnd(bf, x1 * ld(sin, bf, half + i)));
-    }
+    load_row(heads, (size_t)h * D, bf, D, v);
+    rope_head(v, cos, sin, bf, m->rotary_dim);
+    for (int i = 0; i < D; i++) st(heads, bf, (size_t)h * D + i, v[i]);
   }
+  free(v);
 }
 
 static inline float activate(int act, float v) {
@@ -628,13 +654,19 @@ static inline float activate(int act, float v) {
   return 0.5f * v * (1.f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
 }
 
-static void mlp(const PfModel *m, const PfLayer *l, const void *h, void *fc, void *out, int threads) {
-  int bf = m->act_bf16, n = m->inter;
-  linear(&l->fc, h, fc, bf, threads);
-  for (int i = 0; i < n; i++) { /* gated: first half the gate, as Phi-3's gate_up_proj */
-    float a = rnd(bf, activate(m->act, ld(fc, bf, i)));
-    st(fc, bf, i, m->gated ? a * ld(fc, bf, (size_t)n + i) : a);
+/* act(gate) * up for h = [gate | up] (gated, as Phi-3's gate_up_proj), else act(h); the activation is rounded
+   before the product, as the separate PyTorch ops round it */
+static void mlp_act(void *h, int n, int act, int gated, int bf) { /* in place: element i reads i and n + i */
+  for (int i = 0; i < n; i++) {
+    float a = round_act(bf, activate(act, ld(h, bf, i)));
+    st(h, bf, i, gated ? a * ld(h, bf, (size_t)n + i) : a);
   }
+}
+
+static void mlp(const PfModel *m, const PfLayer *l, const void *h, void *fc, void *out, int threads) {
+  int bf = m->act_bf16;
+  linear(&l->fc, h, fc, bf, threads);
+  mlp_act(fc, m->inter, m->act, m->gated, bf);
   linear(&l->down, fc, out, bf, threads);
 }
 
@@ -652,11 +684,11 @@ void pf_decode_step(const PfModel *m, const PfLayer *layers, void *x, const void
     size_t at = (size_t)row * m->cache_sb * e; /* the row's cache */
     pf_decode_attention(qkv, 0, D, qkv + (size_t)H * D * e, 0, D, qkv + (size_t)(H + KV) * D * e, 0, D,
                         (char *)l->k_cache + at, (char *)l->v_cache + at, bf, att, &lo, &hi, 1, H, KV, D,
-                        m->cache_sb, m->cache_sh, m->cache_st, m->attn_scale, threads);
+                        m->cache_sb, m->cache_sh, m->cache_st, m->attn_scale, NULL, NULL, 0, threads);
     linear(&l->proj, att, a, bf, threads);
     if (m->parallel) { /* phi: (attn + mlp) + x, from one norm */
       mlp(m, l, h, fc, o, threads);
-      for (int j = 0; j < m->hidden; j++) st(x, bf, j, rnd(bf, ld(a, bf, j) + ld(o, bf, j)) + ld(x, bf, j));
+      for (int j = 0; j < m->hidden; j++) st(x, bf, j, round_act(bf, ld(a, bf, j) + ld(o, bf, j)) + ld(x, bf, j));
     } else {
       for (int j = 0; j < m->hidden; j++) st(x, bf, j, ld(x, bf, j) + ld(a, bf, j));
       norm(m, l->norm2_w, l->norm2_b, x, h);
@@ -665,4 +697,107 @@ void pf_decode_step(const PfModel *m, const PfLayer *layers, void *x, const void
     }
   }
   free(h); free(qkv); free(att); free(a); free(fc); free(o);
+}
+
+/* ---- bf16 GEMM of a decode batch on AMX ------------------------------------------------------------- */
+/* A decode step of B rows reads each weight once for 2B flops. At B = 32 with the weights coming from DRAM,
+   oneDNN's GEMM here runs at ~8 GB/s (its tile loads wait on misses of a strided weight). This one takes the
+   weight pre-packed as the B tiles want it, each block of 16 output columns one contiguous [K/2][16][2]
+   stream, so the hardware prefetcher runs ahead; x rows are the A tiles as they are. Per pair of column
+   blocks the packed weight (K * 64 bytes) stays in L2 while every 32-row chunk of x passes over it. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define PF_AMX 1
+
+typedef struct {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} TileConfig;
+
+/* 32 outputs from fp32 c: + bias, rounded to the activation dtype (vcvtneps2bf16 rounds to nearest even) */
+static inline void store_row32(void *y, int bf, size_t at, const float *c, const void *bias, int n) {
+  for (int h = 0; h < 32; h += 16) {
+    __m512 v = _mm512_loadu_ps(c + h);
+    if (bias) v = _mm512_add_ps(v, load16(bias, (size_t)n + h, bf));
+    if (bf) _mm256_storeu_si256((__m256i *)((uint16_t *)y + at + h), (__m256i)_mm512_cvtneps_pbh(v));
+    else _mm512_storeu_ps((float *)y + at + h, v);
+  }
+}
+
+/* C[m0 .. m0+31][32 columns of the pair] into c (32 x 32 fp32) */
+static void amx_pair(const uint16_t *x16, const uint16_t *b0, const uint16_t *b1, size_t K, int two, float *c) {
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  for (size_t k = 0; k < K; k += 32) {
+    _tile_loadd(4, x16 + k, K * 2);
+    _tile_loadd(6, b0 + k * 16, 64);
+    _tile_loadd(7, b1 + k * 16, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (two) {
+      _tile_loadd(5, x16 + 16 * K + k, K * 2);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 128);
+  _tile_stored(1, c + 16, 128);
+  if (two) {
+    _tile_stored(2, c + 16 * 32, 128);
+    _tile_stored(3, c + 16 * 32 + 16, 128);
+  }
+}
+#endif
+
+int pf_amx_available(void) { /* built with AMX and the kernel grants this process the tile state */
+#ifdef PF_AMX
+  static int state = 0;
+  if (state == 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;
+  return state == 1;
+#else
+  return 0;
+#endif
+}
+
+/* w [N, K] bf16 -> [N/16][K/2][16][2]: element (n, k) at ((n/16 * K/2 + k/2) * 16 + n%16) * 2 + k%2 */
+void pf_amx_pack(const uint16_t *w, uint16_t *out, int N, int K, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int n = 0; n < N; n++)
+    for (int k = 0; k < K; k++)
+      out[(((size_t)(n / 16) * (K / 2) + k / 2) * 16 + n % 16) * 2 + (k & 1)] = w[(size_t)n * K + k];
+}
+
+/* y [M, N] = x [M, K] W^T (+ bias) for W packed by pf_amx_pack; N % 32 == K % 32 == 0; callers check
+   pf_amx_available() first */
+void pf_bf16_gemm_amx(const uint16_t *packed, const void *x_act, const void *bias, void *y, int act_bf16, int M, int N,
+                      int K, int threads) {
+#ifdef PF_AMX
+  int padded = (M + 15) / 16 * 16;
+  uint16_t *x16 = calloc((size_t)padded * K, 2);
+  for (size_t i = 0; i < (size_t)M * K; i++)
+    x16[i] = act_bf16 ? ((const uint16_t *)x_act)[i] : f32_to_bf16(((const float *)x_act)[i]);
+#pragma omp parallel num_threads(threads)
+  {
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+    _tile_loadconfig(&cfg);
+    float c[32 * 32];
+#pragma omp for schedule(static)
+    for (int p = 0; p < N / 32; p++) {
+      const uint16_t *b0 = packed + (size_t)2 * p * K * 16, *b1 = b0 + (size_t)K * 16;
+      for (int m0 = 0; m0 < padded; m0 += 32) {
+        amx_pair(x16 + (size_t)m0 * K, b0, b1, K, m0 + 16 < padded, c);
+        for (int m = 0; m < 32 && m0 + m < M; m++) store_row32(y, act_bf16, (size_t)(m0 + m) * N + 32 * p, c + m * 32, bias, 32 * p);
+      }
+    }
+    _tile_release();
+  }
+  free(x16);
+#else
+  (void)packed; (void)x_act; (void)bias; (void)y; (void)act_bf16; (void)M; (void)N; (void)K; (void)threads;
+  abort();
+#endif
 }
