@@ -10,7 +10,8 @@ from conftest import randomize_
 
 from phiforge.checkpoint import load_hf_folder, save_hf_folder
 from phiforge.config import preset
-from phiforge.model import AMX_MAX_ROWS, Linear, build_model
+from phiforge.kernels import AMX_MAX_ROWS
+from phiforge.model import Linear, build_model
 
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
             bos_token_id=1, eos_token_id=2, pad_token_id=None)

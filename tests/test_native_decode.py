@@ -100,3 +100,38 @@ def test_plan_is_per_cache_and_declines_what_it_cannot_run() -> None:
     assert native_decode.plan_for(sparse, sparse.new_cache(1, 8), torch.float32) is None
     model.train()
     assert model._decode_plan_for(torch.zeros(1, 1, model.config.hidden_size), first) is None
+
+
+def batched_decode_logits(model: torch.nn.Module, rows: list[list[int]], steps: int, *, native: bool,
+                          monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
+    """Rows of different lengths prefilled into one cache, then decoded together, each at its own position."""
+    with monkeypatch.context() as patch:
+        if not native:
+            patch.setattr(native_decode, "plan_for", lambda *args: None)
+        cache = model.new_cache(len(rows), max(map(len, rows)) + steps + 1)
+        out, last = [], []
+        with torch.inference_mode():
+            for r, ids in enumerate(rows):
+                logits = model(torch.tensor([ids]), cache=cache, cache_rows=slice(r, r + 1), last_only=True)
+                last.append(int(logits[0, -1].argmax()))
+            positions = torch.tensor([[len(ids)] for ids in rows])
+            for _ in range(steps):
+                logits = model(torch.tensor(last)[:, None], positions, cache=cache)[:, -1]
+                out.append(logits.float())
+                last, positions = logits.argmax(-1).tolist(), positions + 1
+        return torch.stack(out)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_batched_step_matches_layer_path(quantized: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, ids = model_and_ids("tiny-llama", torch.bfloat16, intermediate_size=192)
+    if quantized:
+        quantize_model(model, 4, group_size=32)
+    elif not (kernels.amx_available() and model.pack_weights(True)):
+        pytest.skip("batches take the native step only with AMX copies of the weights")
+    rows = [ids[0, :5].tolist(), ids[0, 3:14].tolist(), ids[0, 1:9].tolist()]
+    cache = model.new_cache(len(rows), 8)
+    assert native_decode.plan_for(model, cache, torch.bfloat16).max_rows >= len(rows)  # the batch runs natively
+    ours = batched_decode_logits(model, rows, 6, native=True, monkeypatch=monkeypatch)
+    reference = batched_decode_logits(model, rows, 6, native=False, monkeypatch=monkeypatch)
+    assert (ours - reference).abs().max() <= 0.016

@@ -11,8 +11,9 @@ from phiforge import kernels
 from phiforge.checkpoint import CheckpointError, load_model
 from phiforge.config import preset
 from phiforge.generate import Engine, SamplingParams
+from phiforge.kernels import NATIVE_GEMV_ROWS
 from phiforge.model import build_model
-from phiforge.quantize import NATIVE_GEMV_ROWS, QuantizedLinear, quantize_model, save_quantized
+from phiforge.quantize import QuantizedLinear, quantize_model, save_quantized
 
 NAMES = ["tiny-phi", "tiny-phi3", "tiny-llama", "tiny-phi4-mini"]
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from phiforge import kernels, native_decode
 from phiforge.config import ModelConfig
+from phiforge.kernels import AMX_MAX_ROWS
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -74,7 +75,6 @@ def blocksparse_mask(config: ModelConfig, positions: torch.Tensor, num_keys: int
     return causal[:, None] & (local[:, None] | vertical[None, :, None])
 
 
-AMX_MAX_ROWS = 32  # beyond, oneDNN's GEMM reuses the weight better than the AMX kernel (measured)
 PACK_LIMIT_BYTES = 1 << 30  # models up to this many weight bytes get pre-blocked copies by default (Linear.pack)
 
 
@@ -481,11 +481,13 @@ class PhiForgeModel(nn.Module):
         num_keys = span if cache is not None else T
         mask = attn_mask if attn_mask is not None else self.attention_mask(positions, num_keys)
         sparse = blocksparse_mask(c, positions, num_keys) if c.blocksparse_block_size else None
-        plan = self._decode_plan_for(x, cache) if cache is not None and B == 1 and T == 1 else None
-        if plan is not None:  # one sequence, one token: every layer in one native call
+        plan = self._decode_plan_for(x, cache) if cache is not None and T == 1 else None
+        if plan is not None and B <= plan.max_rows:  # one token per row: every layer in one native call
             lo, hi = cache.key_bounds(positions, c.sliding_window)
-            row = range(cache.batch_size)[cache_rows][0]
-            x = plan.step(x.view(-1), cos.view(-1), sin.view(-1), row, int(lo), int(hi)).view(1, 1, -1)
+            first_row = range(cache.batch_size)[cache_rows][0]
+            x = plan.step(x.view(B, -1), cos, sin, first_row, lo, hi).view(B, 1, -1)
+        else:
+            plan = None
         for i, block in enumerate(self.blocks if plan is None else ()):
             view = CacheView(cache, i, cache_rows, positions, span) if cache is not None else None
             x = block(x, cos, sin, sparse if c.is_sparse_layer(i) else mask, view)

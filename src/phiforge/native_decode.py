@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from phiforge import kernels
+from phiforge.kernels import AMX_MAX_ROWS
 
 if TYPE_CHECKING:
     from phiforge.model import KVCache, PhiForgeModel
@@ -25,7 +26,7 @@ ACTIVATIONS = {"gelu_new": 0, "gelu_pytorch_tanh": 0, "silu": 1, "gelu": 2}  # p
 
 class _Linear(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int), ("group", ctypes.c_int),
-                ("w", _P), ("scale", _P), ("zero", _P), ("bias", _P)]
+                ("w", _P), ("scale", _P), ("zero", _P), ("bias", _P), ("amx", _P)]
 
 
 class _Layer(ctypes.Structure):
@@ -63,6 +64,7 @@ class DecodePlan:
                             c.intermediate_size, int(c.norm != "layernorm"), ACTIVATIONS[c.hidden_act],
                             int(c.parallel_residual), int(c.gated_mlp), int(dtype == torch.bfloat16), c.norm_eps,
                             c.attn_scale or c.head_dim**-0.5, *cache.k[0].stride()[:3])
+        self.max_rows = AMX_MAX_ROWS  # lowered by _linear to what every projection serves well
         self.layers = (_Layer * c.num_layers)()
         for layer, block, k, v in zip(self.layers, model.blocks, cache.k, cache.v, strict=True):
             layer.norm1_w, layer.norm1_b = self._norm(block.norm_1)
@@ -90,21 +92,29 @@ class DecodePlan:
     def _linear(self, m: torch.nn.Module) -> _Linear:
         bias = self._ptr(m.bias, self.dtype, convert=True)
         if getattr(m, "kernel", None) == "native":  # a QuantizedLinear on its portable layout, bf16 scales/zeros
+            self.max_rows = min(self.max_rows, kernels.NATIVE_GEMV_ROWS)
             codes = self._ptr(m._qweight, torch.int8 if m.bits == 8 else torch.uint8)
             zeros = self._ptr(m._zeros, torch.bfloat16) if m.bits == 4 else None
             return _Linear(2 if m.bits == 8 else 3, m.out_features, m.in_features, m.group_size, codes,
-                           self._ptr(m._scales, torch.bfloat16), zeros, bias)
+                           self._ptr(m._scales, torch.bfloat16), zeros, bias, None)
         if isinstance(m, torch.nn.Linear):
+            amx = getattr(m, "amx_packed", None)
+            if amx is not None and m.packed_version == m.weight._version:  # batches of up to 32 rows on AMX
+                amx = self._ptr(amx, torch.int16)
+            else:  # fp32, or a bf16 weight without its AMX copy: the GEMV, fast for one row only
+                self.max_rows, amx = 1, None
             kind = 0 if self.dtype == torch.bfloat16 else 1
-            return _Linear(kind, m.out_features, m.in_features, 0, self._ptr(m.weight, self.dtype), None, None, bias)
+            return _Linear(kind, m.out_features, m.in_features, 0, self._ptr(m.weight, self.dtype), None, None, bias,
+                           amx)
         raise UnsupportedError(f"no native path for {type(m).__name__}")
 
-    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, row: int, lo: int, hi: int
-             ) -> torch.Tensor:
-        """Hidden state [hidden] of one token after every layer; stores its keys/values at hi - 1 of ``row``."""
+    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first_row: int, lo: torch.Tensor,
+             hi: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, hidden] of one new token per row after every layer (B <= max_rows); row b's keys
+        and values go to position hi[b] - 1 of cache row first_row + b; it attends keys lo[b] <= t < hi[b]."""
         x = x.to(self.dtype).contiguous().clone()
-        cos, sin = cos.contiguous(), sin.contiguous()
-        kernels.decode_step(ctypes.byref(self.model), self.layers, x, cos, sin, row, lo, hi)
+        kernels.decode_step(ctypes.byref(self.model), self.layers, x, cos.to(self.dtype), sin.to(self.dtype),
+                            first_row, lo, hi)
         return x
 
 

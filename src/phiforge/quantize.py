@@ -37,8 +37,6 @@ from phiforge.checkpoint import (
 from phiforge.config import ModelConfig
 from phiforge.model import PhiForgeModel
 
-NATIVE_GEMV_ROWS = 8  # up to this many rows the native GEMV streams the codes; beyond, dequantize + bf16 GEMM
-
 
 class QuantizedLinear(nn.Module):
     """y = x W^T + b with W stored as int8 rows or int4 groups."""
@@ -124,7 +122,7 @@ class QuantizedLinear(nn.Module):
 
     def _native(self, x2d: torch.Tensor) -> torch.Tensor:
         q, scales = self._qweight, self._scales
-        if x2d.shape[0] <= NATIVE_GEMV_ROWS:  # bias fused, output in x's dtype
+        if x2d.shape[0] <= kernels.NATIVE_GEMV_ROWS:  # bias fused, output in x's dtype
             if self.bits == 8:
                 return kernels.int8_gemv(x2d, q, scales, self.bias)
             return kernels.int4_gemv(x2d, q, scales, self._zeros, self.group_size, self.bias)

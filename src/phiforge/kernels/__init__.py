@@ -197,16 +197,22 @@ def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return y.view(x.shape)
 
 
-def decode_step(model: object, layers: object, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, row: int,
-                lo: int, hi: int) -> None:
-    """Run pf_decode_step in place on the hidden state x (see phiforge.native_decode, which builds the structs)."""
-    _load().pf_decode_step(model, layers, _ptr(x), _ptr(cos), _ptr(sin), ctypes.c_int64(row), ctypes.c_int64(lo),
-                           ctypes.c_int64(hi), _threads())
+def decode_step(model: object, layers: object, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first_row: int,
+                lo: torch.Tensor, hi: torch.Tensor) -> None:
+    """Run pf_decode_step in place on hidden states x [B, hidden] (phiforge.native_decode builds the structs)."""
+    cos, sin = cos.contiguous(), sin.contiguous()
+    lo64, hi64 = lo.to(torch.int64).contiguous(), hi.to(torch.int64).contiguous()
+    _load().pf_decode_step(model, layers, _ptr(x), x.shape[0], _ptr(cos), _ptr(sin), ctypes.c_int64(first_row),
+                           _ptr(lo64), _ptr(hi64), _threads())
 
 
 def amx_available() -> bool:
     """Whether the build has the AMX bf16 GEMM and the OS grants this process the tile registers."""
     return available() and bool(_load().pf_amx_available())
+
+
+AMX_MAX_ROWS = 32  # beyond, oneDNN's GEMM reuses the weight better than the AMX kernel (measured)
+NATIVE_GEMV_ROWS = 8  # up to this many rows the quantized GEMVs stream the codes; beyond, dequantize + GEMM
 
 
 def amx_fits(n: int, k: int) -> bool:

@@ -414,20 +414,37 @@ static inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+/* lane i of the result = the sum of all 16 lanes of v[i]: a transpose folded into adds (45 ops, not 16 reductions) */
+static inline __m512 sum16(const __m512 *v) {
+  __m512 a[8], b[4];
+  for (int i = 0; i < 8; i++) /* per 128-bit lane: [x, y, x, y] of keys 2i, 2i+1 */
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; i++) /* per 128-bit lane: keys 4i .. 4i+3 */
+    b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+  __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x44), _mm512_shuffle_f32x4(b[0], b[1], 0xEE));
+  __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x44), _mm512_shuffle_f32x4(b[2], b[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+}
+
 #define PF_MAX_G 16
 #define PF_MAX_DV 16 /* head_dim up to 256 */
 /* the vector path: D % 16 == 0, G <= PF_MAX_G */
 static void attend_avx512(const float *qf, const void *k, const void *v, int bf16, size_t base, int64_t lo, int n,
                           int64_t st, int G, int D, float scale, float *scores, float *of) {
   int dv = D / 16;
-  for (int t = 0; t < n; t++) {
-    size_t off = base + (size_t)(lo + t) * st;
-    __m512 kr[PF_MAX_DV];
-    for (int j = 0; j < dv; j++) kr[j] = load16(k, off + 16 * j, bf16);
-    for (int g = 0; g < G; g++) {
-      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qf + g * D), kr[0]);
-      for (int j = 1; j < dv; j++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * D + 16 * j), kr[j], acc);
-      scores[(size_t)g * n + t] = _mm512_reduce_add_ps(acc) * scale;
+  for (int g = 0; g < G; g++) { /* q.k: 16 keys' partial vectors summed at once (the keys stay in L1 across g) */
+    __m512 qv[PF_MAX_DV], part[16];
+    for (int j = 0; j < dv; j++) qv[j] = _mm512_loadu_ps(qf + g * D + 16 * j);
+    int t = 0;
+    for (; t < n; t += 16) {
+      int block = n - t < 16 ? n - t : 16;
+      for (int i = 0; i < 16; i++) {
+        size_t off = base + (size_t)(lo + t + (i < block ? i : 0)) * st;
+        part[i] = _mm512_mul_ps(qv[0], load16(k, off, bf16));
+        for (int j = 1; j < dv; j++) part[i] = _mm512_fmadd_ps(qv[j], load16(k, off + 16 * j, bf16), part[i]);
+      }
+      _mm512_mask_storeu_ps(scores + (size_t)g * n + t, (__mmask16)((1u << block) - 1),
+                            _mm512_mul_ps(sum16(part), _mm512_set1_ps(scale)));
     }
   }
   for (int g = 0; g < G; g++) { /* softmax, vectorized */
@@ -577,17 +594,19 @@ void pf_f32_gemv(const float *w, const void *x_act, const void *bias, void *y, i
   free(x);
 }
 
-/* ---- a whole decode step of one sequence ---------------------------------------------------------- */
-/* Every layer of a Phi/Phi-3/Llama block for one new token, in one call: at ~40 small tensor ops per layer
-   the Python path spends more time dispatching than reading weights when the model is small or quantized.
-   Activations stay in the model's dtype and are rounded where PyTorch's ops round them, so this follows
-   model.py's decode path step for step (GEMV sums in a different order, as the native GEMVs already do). */
+/* ---- a whole decode step --------------------------------------------------------------------------- */
+/* Every layer of a Phi/Phi-3/Llama block for one new token of each of B rows, in one call: at ~40 small
+   tensor ops per layer the Python path spends more time dispatching than reading weights when the model
+   is small or quantized. Activations stay in the model's dtype and are rounded where PyTorch's ops round
+   them, so this follows model.py's decode path step for step (GEMV/GEMM sums in another order, as the
+   native kernels' already are). */
 typedef struct {
   int kind; /* 0 bf16, 1 fp32, 2 int8, 3 int4 */
   int n, k, group;
   const void *w;
   const uint16_t *scale, *zero;
-  const void *bias; /* activation dtype, or NULL */
+  const void *bias;      /* activation dtype, or NULL */
+  const uint16_t *amx;   /* bf16 only: pf_amx_pack's copy for B > 1, or NULL */
 } PfLinear;
 
 typedef struct {
@@ -611,41 +630,39 @@ static inline void st(void *p, int bf, size_t i, float v) { /* stores round to t
   else ((float *)p)[i] = v;
 }
 
-static void linear(const PfLinear *l, const void *x, void *y, int bf, int threads) {
+void pf_bf16_gemm_amx(const uint16_t *packed, const void *x_act, const void *bias, void *y, int act_bf16, int M, int N,
+                      int K, int threads);
+
+static void linear(const PfLinear *l, const void *x, void *y, int rows, int bf, int threads) {
   switch (l->kind) {
-  case 0: pf_bf16_gemv(l->w, x, l->bias, y, bf, 1, l->n, l->k, threads); break;
-  case 1: pf_f32_gemv(l->w, x, l->bias, y, bf, 1, l->n, l->k, threads); break;
-  case 2: pf_int8_gemv(l->w, l->scale, x, l->bias, y, bf, 1, l->n, l->k, threads); break;
-  default: pf_int4_gemv(l->w, l->scale, l->zero, x, l->bias, y, bf, 1, l->n, l->k, l->group, threads);
+  case 0:
+    if (rows > 1 && l->amx) pf_bf16_gemm_amx(l->amx, x, l->bias, y, bf, rows, l->n, l->k, threads);
+    else pf_bf16_gemv(l->w, x, l->bias, y, bf, rows, l->n, l->k, threads);
+    break;
+  case 1: pf_f32_gemv(l->w, x, l->bias, y, bf, rows, l->n, l->k, threads); break;
+  case 2: pf_int8_gemv(l->w, l->scale, x, l->bias, y, bf, rows, l->n, l->k, threads); break;
+  default: pf_int4_gemv(l->w, l->scale, l->zero, x, l->bias, y, bf, rows, l->n, l->k, l->group, threads);
   }
 }
 
 /* LayerNorm (one rounding, as torch's CPU kernel) or RMSNorm (transformers' order, see pf_rms_norm_bf16) */
-static void norm(const PfModel *m, const void *w, const void *b, const void *x, void *y) {
+static void norm(const PfModel *m, const void *w, const void *b, const void *x, void *y, int rows, int threads) {
   int bf = m->act_bf16, n = m->hidden;
-  float mean = 0.f, ss = 0.f;
-  if (!m->rms) {
-    for (int i = 0; i < n; i++) mean += ld(x, bf, i);
-    mean /= n;
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows > 1)
+  for (int r = 0; r < rows; r++) {
+    size_t o = (size_t)r * n;
+    float mean = 0.f, ss = 0.f;
+    if (!m->rms) {
+      for (int i = 0; i < n; i++) mean += ld(x, bf, o + i);
+      mean /= n;
+    }
+    for (int i = 0; i < n; i++) { float d = ld(x, bf, o + i) - mean; ss += d * d; }
+    float inv = 1.f / sqrtf(ss / n + m->eps);
+    for (int i = 0; i < n; i++) {
+      float v = (ld(x, bf, o + i) - mean) * inv;
+      st(y, bf, o + i, m->rms ? round_act(bf, v) * ld(w, bf, i) : v * ld(w, bf, i) + ld(b, bf, i));
+    }
   }
-  for (int i = 0; i < n; i++) { float d = ld(x, bf, i) - mean; ss += d * d; }
-  float inv = 1.f / sqrtf(ss / n + m->eps);
-  for (int i = 0; i < n; i++) {
-    float v = (ld(x, bf, i) - mean) * inv;
-    st(y, bf, i, m->rms ? round_act(bf, v) * ld(w, bf, i) : v * ld(w, bf, i) + ld(b, bf, i));
-  }
-}
-
-/* RoPE on `count` heads stored in the activation dtype */
-static void rope(const PfModel *m, void *heads, int count, const void *cos, const void *sin) {
-  int bf = m->act_bf16, D = m->head_dim;
-  float *v = malloc((size_t)D * 4);
-  for (int h = 0; h < count; h++) {
-    load_row(heads, (size_t)h * D, bf, D, v);
-    rope_head(v, cos, sin, bf, m->rotary_dim);
-    for (int i = 0; i < D; i++) st(heads, bf, (size_t)h * D + i, v[i]);
-  }
-  free(v);
 }
 
 static inline float activate(int act, float v) {
@@ -654,46 +671,106 @@ static inline float activate(int act, float v) {
   return 0.5f * v * (1.f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
 }
 
-/* act(gate) * up for h = [gate | up] (gated, as Phi-3's gate_up_proj), else act(h); the activation is rounded
-   before the product, as the separate PyTorch ops round it */
-static void mlp_act(void *h, int n, int act, int gated, int bf) { /* in place: element i reads i and n + i */
-  for (int i = 0; i < n; i++) {
-    float a = round_act(bf, activate(act, ld(h, bf, i)));
-    st(h, bf, i, gated ? a * ld(h, bf, (size_t)n + i) : a);
+#ifdef PF_AVX512
+static inline __m512 round16(int bf, __m512 v) { /* to the activation dtype and back: bf16 round to nearest even */
+  if (!bf) return v;
+  __m512i u = _mm512_castps_si512(v);
+  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                                                        _mm512_set1_epi32(1))));
+  return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000)));
+}
+
+static inline void store16(void *p, int bf, size_t i, __m512 v) { /* v already rounded by round16 */
+  if (bf) _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+  else _mm512_storeu_ps((float *)p + i, v);
+}
+
+static inline __m512 activate16(int act, __m512 v) { /* SiLU and tanh-GELU through exp16 (~1 ulp) */
+  const __m512 one = _mm512_set1_ps(1.f);
+  if (act == 1) return _mm512_div_ps(v, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+  __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.79788456080286536f),
+                           _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), v), _mm512_mul_ps(v, v), v));
+  __m512 t = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(one, exp16(_mm512_add_ps(u, u)))));
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(one, t));
+}
+#endif
+
+/* one row: out[i] = act(in[i]) * in[n + i] (gated, as Phi-3's gate_up_proj) or act(in[i]); the activation is
+   rounded before the product, as the separate PyTorch ops round it; out may be in (element i reads i, n + i) */
+static void act_row(int act, int gated, int bf, const void *in, void *out, int n) {
+  int i = 0;
+#ifdef PF_AVX512
+  if (act != 2)
+    for (; i + 16 <= n; i += 16) {
+      __m512 a = round16(bf, activate16(act, load16(in, i, bf)));
+      store16(out, bf, i, round16(bf, gated ? _mm512_mul_ps(a, load16(in, (size_t)n + i, bf)) : a));
+    }
+#endif
+  for (; i < n; i++) {
+    float a = round_act(bf, activate(act, ld(in, bf, i)));
+    st(out, bf, i, gated ? a * ld(in, bf, (size_t)n + i) : a);
   }
 }
 
-static void mlp(const PfModel *m, const PfLayer *l, const void *h, void *fc, void *out, int threads) {
-  int bf = m->act_bf16;
-  linear(&l->fc, h, fc, bf, threads);
-  mlp_act(fc, m->inter, m->act, m->gated, bf);
-  linear(&l->down, fc, out, bf, threads);
+/* the MLP's activation over rows of h in place, rows compacted to n wide */
+
+static void mlp_act(const PfModel *m, void *h, int rows, int threads) {
+  int bf = m->act_bf16, n = m->inter;
+  size_t width = m->gated ? 2 * (size_t)n : (size_t)n;
+  if (rows > 1 && m->gated) { /* rows in parallel: compact row r's output apart from the inputs first */
+    char *out = malloc((size_t)rows * n * (bf ? 2 : 4));
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int r = 0; r < rows; r++) act_row(m->act, 1, bf, (const char *)h + r * width * (bf ? 2 : 4),
+                                           out + (size_t)r * n * (bf ? 2 : 4), n);
+    memcpy(h, out, (size_t)rows * n * (bf ? 2 : 4));
+    free(out);
+    return;
+  }
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows > 1)
+  for (int r = 0; r < rows; r++) act_row(m->act, m->gated, bf, (const char *)h + r * width * (bf ? 2 : 4),
+                                         (char *)h + (size_t)r * n * (bf ? 2 : 4), n);
 }
 
-void pf_decode_step(const PfModel *m, const PfLayer *layers, void *x, const void *cos, const void *sin, int64_t row,
-                    int64_t lo, int64_t hi, int threads) {
+static void mlp(const PfModel *m, const PfLayer *l, const void *h, void *fc, void *out, int rows, int threads) {
+  linear(&l->fc, h, fc, rows, m->act_bf16, threads);
+  mlp_act(m, fc, rows, threads);
+  linear(&l->down, fc, out, rows, m->act_bf16, threads);
+}
+
+static void add_rounded(const void *a, const void *b, void *out, size_t n, int bf) { /* out = a + b, one rounding */
+  size_t i = 0;
+#ifdef PF_AVX512
+  for (; i + 16 <= n; i += 16) store16(out, bf, i, round16(bf, _mm512_add_ps(load16(a, i, bf), load16(b, i, bf))));
+#endif
+  for (; i < n; i++) st(out, bf, i, ld(a, bf, i) + ld(b, bf, i));
+}
+
+/* x [rows, hidden] in place; rows are cache rows row0 .. row0+rows-1, each with its own cos/sin [rows, r] and
+   keys lo[b] <= t < hi[b] (its new key and value go to hi[b] - 1) */
+void pf_decode_step(const PfModel *m, const PfLayer *layers, void *x, int rows, const void *cos, const void *sin,
+                    int64_t row0, const int64_t *lo, const int64_t *hi, int threads) {
   int bf = m->act_bf16, H = m->heads, KV = m->kv_heads, D = m->head_dim;
-  size_t e = bf ? 2 : 4, qkv_n = (size_t)(H + 2 * KV) * D;
-  char *h = malloc(m->hidden * e), *qkv = malloc(qkv_n * e), *att = malloc((size_t)H * D * e);
-  char *a = malloc(m->hidden * e), *fc = malloc((size_t)m->inter * (m->gated ? 2 : 1) * e), *o = malloc(m->hidden * e);
+  size_t e = bf ? 2 : 4, qkv_n = (size_t)(H + 2 * KV) * D, n = (size_t)rows * m->hidden;
+  char *h = malloc(n * e), *qkv = malloc(rows * qkv_n * e), *att = malloc((size_t)rows * H * D * e);
+  char *a = malloc(n * e), *o = malloc(n * e), *fc = malloc((size_t)rows * m->inter * (m->gated ? 2 : 1) * e);
+  size_t at = (size_t)row0 * m->cache_sb * e; /* the first row's cache */
   for (int i = 0; i < m->num_layers; i++) {
     const PfLayer *l = layers + i;
-    norm(m, l->norm1_w, l->norm1_b, x, h);
-    linear(&l->qkv, h, qkv, bf, threads);
-    rope(m, qkv, H + KV, cos, sin);
-    size_t at = (size_t)row * m->cache_sb * e; /* the row's cache */
-    pf_decode_attention(qkv, 0, D, qkv + (size_t)H * D * e, 0, D, qkv + (size_t)(H + KV) * D * e, 0, D,
-                        (char *)l->k_cache + at, (char *)l->v_cache + at, bf, att, &lo, &hi, 1, H, KV, D,
-                        m->cache_sb, m->cache_sh, m->cache_st, m->attn_scale, NULL, NULL, 0, threads);
-    linear(&l->proj, att, a, bf, threads);
+    norm(m, l->norm1_w, l->norm1_b, x, h, rows, threads);
+    linear(&l->qkv, h, qkv, rows, bf, threads);
+    pf_decode_attention(qkv, qkv_n, D, qkv + (size_t)H * D * e, qkv_n, D, qkv + (size_t)(H + KV) * D * e, qkv_n, D,
+                        (char *)l->k_cache + at, (char *)l->v_cache + at, bf, att, lo, hi, rows, H, KV, D,
+                        m->cache_sb, m->cache_sh, m->cache_st, m->attn_scale, cos, sin, m->rotary_dim, threads);
+    linear(&l->proj, att, a, rows, bf, threads);
     if (m->parallel) { /* phi: (attn + mlp) + x, from one norm */
-      mlp(m, l, h, fc, o, threads);
-      for (int j = 0; j < m->hidden; j++) st(x, bf, j, round_act(bf, ld(a, bf, j) + ld(o, bf, j)) + ld(x, bf, j));
+      mlp(m, l, h, fc, o, rows, threads);
+      add_rounded(a, o, a, n, bf);
+      add_rounded(x, a, x, n, bf);
     } else {
-      for (int j = 0; j < m->hidden; j++) st(x, bf, j, ld(x, bf, j) + ld(a, bf, j));
-      norm(m, l->norm2_w, l->norm2_b, x, h);
-      mlp(m, l, h, fc, o, threads);
-      for (int j = 0; j < m->hidden; j++) st(x, bf, j, ld(x, bf, j) + ld(o, bf, j));
+      add_rounded(x, a, x, n, bf);
+      norm(m, l->norm2_w, l->norm2_b, x, h, rows, threads);
+      mlp(m, l, h, fc, o, rows, threads);
+      add_rounded(x, o, x, n, bf);
     }
   }
   free(h); free(qkv); free(att); free(a); free(fc); free(o);
