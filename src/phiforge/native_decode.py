@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from phiforge import kernels
-from phiforge.kernels import AMX_MAX_ROWS
+from phiforge.kernels import AMX_STEP_MAX_ROWS
 
 if TYPE_CHECKING:
     from phiforge.model import KVCache, PhiForgeModel
@@ -64,7 +64,7 @@ class DecodePlan:
                             c.intermediate_size, int(c.norm != "layernorm"), ACTIVATIONS[c.hidden_act],
                             int(c.parallel_residual), int(c.gated_mlp), int(dtype == torch.bfloat16), c.norm_eps,
                             c.attn_scale or c.head_dim**-0.5, *cache.k[0].stride()[:3])
-        self.max_rows = AMX_MAX_ROWS  # lowered by _linear to what every projection serves well
+        self.max_rows = AMX_STEP_MAX_ROWS  # lowered by _linear to what every projection serves well
         self.layers = (_Layer * c.num_layers)()
         for layer, block, k, v in zip(self.layers, model.blocks, cache.k, cache.v, strict=True):
             layer.norm1_w, layer.norm1_b = self._norm(block.norm_1)
@@ -99,7 +99,7 @@ class DecodePlan:
                            self._ptr(m._scales, torch.bfloat16), zeros, bias, None)
         if isinstance(m, torch.nn.Linear):
             amx = getattr(m, "amx_packed", None)
-            if amx is not None and m.packed_version == m.weight._version:  # batches of up to 32 rows on AMX
+            if amx is not None and m.packed_version == m.weight._version:  # batches on AMX
                 amx = self._ptr(amx, torch.int16)
             else:  # fp32, or a bf16 weight without its AMX copy: the GEMV, fast for one row only
                 self.max_rows, amx = 1, None

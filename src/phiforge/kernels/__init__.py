@@ -212,6 +212,7 @@ def amx_available() -> bool:
 
 
 AMX_MAX_ROWS = 32  # beyond, oneDNN's GEMM reuses the weight better than the AMX kernel (measured)
+AMX_STEP_MAX_ROWS = 128  # in the native decode step AMX still wins there: no Python around the GEMMs (measured)
 NATIVE_GEMV_ROWS = 8  # up to this many rows the quantized GEMVs stream the codes; beyond, dequantize + GEMM
 
 
