@@ -87,7 +87,10 @@ class DecodePlan:
         return t.data_ptr()
 
     def _norm(self, norm: torch.nn.Module) -> tuple[int | None, int | None]:
-        return self._ptr(norm.weight, self.dtype), self._ptr(getattr(norm, "bias", None), self.dtype)
+        bias = getattr(norm, "bias", None)
+        if isinstance(norm, torch.nn.LayerNorm) and (bias is None or norm.weight is None):
+            raise UnsupportedError("a LayerNorm without weight and bias")
+        return self._ptr(norm.weight, self.dtype), self._ptr(bias, self.dtype)
 
     def _linear(self, m: torch.nn.Module) -> _Linear:
         bias = self._ptr(m.bias, self.dtype, convert=True)
