@@ -11,6 +11,7 @@ through the final norm, the LM head and the log-softmax.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -250,11 +251,38 @@ def _layout(trees: list[_Tree], prefix_len: int, row_tokens: int, align: int, wi
     return _Layout(as_tensor(ids), as_tensor(pos), as_tensor(mask)[:, None], picks)
 
 
+def token_logprobs(model: Any, hidden: torch.Tensor, row: torch.Tensor, target: torch.Tensor, chunk: int = 256,
+                   rows: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target[i]) in fp32 and whether target[i] is the (first) argmax, predicted by pre-norm hidden[row[i]].
+
+    Each hidden row goes through the head once, however many targets it predicts (a branch point of a
+    context tree, or continuations that start alike). The head runs ``chunk`` rows at a time and the
+    fp32 log-softmax and argmax ``rows`` at a time, so no [N, V] fp32 tensor is materialised: a slice
+    stays in cache.
+    """
+    order = torch.argsort(row, stable=True)
+    sorted_rows = row[order].tolist()
+    logp = torch.empty(len(row), dtype=torch.float32, device=hidden.device)
+    greedy = torch.empty(len(row), dtype=torch.bool, device=hidden.device)
+    for start in range(0, len(hidden), chunk):
+        logits = model.logits(model.norm_f(hidden[start: start + chunk]))
+        for at in range(start, start + logits.shape[0], rows):
+            x = logits[at - start: at - start + rows].float()
+            arg = x.max(dim=-1).indices
+            # log_softmax itself, not max + log Σ exp: HFLM's kernel, whose fp32 sum rounds differently (1e-5/token)
+            x = torch.log_softmax(x, dim=-1)
+            picks = order[bisect.bisect_left(sorted_rows, at): bisect.bisect_left(sorted_rows, at + len(x))]
+            r, t = row[picks] - at, target[picks]
+            logp[picks] = x[r, t]
+            greedy[picks] = arg[r] == t
+    return logp, greedy
+
+
 class Scorer:
     """Sums of log-probabilities of continuation tokens, batched as packed context trees."""
 
-    def __init__(self, model: Any, *, max_length: int, batch_tokens: int = 4096, row_tokens: int = 512,
-                 min_prefix: int = 16, logits_chunk: int = 1024, align: int = 8) -> None:
+    def __init__(self, model: Any, *, max_length: int, batch_tokens: int = 4096, row_tokens: int = 128,
+                 min_prefix: int = 16, logits_chunk: int = 256, align: int = 8) -> None:
         self.model = model.eval()
         self.max_length = max_length
         self.batch_tokens = batch_tokens
@@ -287,17 +315,13 @@ class Scorer:
         layout = _layout(batch.trees, len(batch.prefix), self.row_tokens, self.align, self.window, self.device)
         kvs = [_LayerKV(p) for p in prefix_kv]
         hidden = _run_blocks(self.model, layout.ids, layout.positions, layout.mask, kvs)
-        hidden = hidden.reshape(-1, hidden.shape[-1])
         index = torch.tensor([p[1] for p in layout.picks], device=self.device)
         target = torch.tensor([p[2] for p in layout.picks], device=self.device)
-        for start in range(0, len(layout.picks), self.logits_chunk):
-            part = slice(start, start + self.logits_chunk)
-            logits = self.model.logits(self.model.norm_f(hidden[index[part]])).float()
-            logp = torch.log_softmax(logits, dim=-1)
-            chosen = logp.gather(1, target[part, None])[:, 0]
-            is_max = logits.argmax(dim=-1) == target[part]
-            for (r, _, _), lp, m in zip(layout.picks[part], chosen.tolist(), is_max.tolist()):
-                yield r, lp, m
+        nodes, row = torch.unique(index, return_inverse=True)
+        logp, is_max = token_logprobs(self.model, hidden.reshape(-1, hidden.shape[-1])[nodes], row, target,
+                                      self.logits_chunk)
+        for (r, _, _), lp, m in zip(layout.picks, logp.tolist(), is_max.tolist()):
+            yield r, lp, m
 
     def _run_prefix(self, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         ids = torch.tensor([prefix], device=self.device)
@@ -352,7 +376,7 @@ class LanguageModel:
     """A phiforge model answering lm-eval's three request types on strings, with HFLM's token handling."""
 
     def __init__(self, model: Any, tokenizer: Any, *, max_length: int | None = None, batch_tokens: int = 4096,
-                 row_tokens: int = 512, gen_batch_size: int = 16, max_gen_toks: int = 256,
+                 row_tokens: int = 128, gen_batch_size: int = 16, max_gen_toks: int = 256,
                  add_bos_token: bool | None = None, show_progress: bool = False) -> None:
         self.model = model.eval()
         if hasattr(model, "pack_weights"):
