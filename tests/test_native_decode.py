@@ -135,3 +135,19 @@ def test_batched_step_matches_layer_path(quantized: bool, monkeypatch: pytest.Mo
     ours = batched_decode_logits(model, rows, 6, native=True, monkeypatch=monkeypatch)
     reference = batched_decode_logits(model, rows, 6, native=False, monkeypatch=monkeypatch)
     assert (ours - reference).abs().max() <= 0.016
+
+
+def test_plans_live_beside_their_cache_not_on_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    import copy
+    import gc
+
+    model, ids = model_and_ids("tiny-phi3", torch.float32)
+    decode_logits(model, ids, 8, native=True, monkeypatch=monkeypatch)  # builds a plan on the way
+    copy.deepcopy(model)  # ctypes structs on the model would make this fail
+    cache = model.new_cache(1, 8)
+    assert native_decode.plan_for(model, cache, torch.float32) is not None
+    gc.collect()
+    held = len(native_decode._PLANS)
+    del cache
+    gc.collect()
+    assert len(native_decode._PLANS) == held - 1  # the plan (and the cache tensors it holds) went with the cache

@@ -10,6 +10,7 @@ tensors. Anything unusual (block-sparse or qk-normed layers, GeGELU, training) k
 from __future__ import annotations
 
 import ctypes
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,11 +55,12 @@ class DecodePlan:
 
     It holds every tensor it points at (no pointer can dangle) and is rebuilt for each new cache: an
     Engine makes one cache per generate call, so weights replaced between calls are picked up.
+    A model id check guards a cache passed to another model.
     """
 
     def __init__(self, model: PhiForgeModel, cache: KVCache, dtype: torch.dtype) -> None:
         c = model.config
-        self.cache, self.dtype = cache, dtype
+        self.model_id, self.dtype = id(model), dtype  # no reference to the cache: it keys the plan weakly
         self._keep: list[torch.Tensor] = []
         self.model = _Model(c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.rotary_dim,
                             c.intermediate_size, int(c.norm != "layernorm"), ACTIVATIONS[c.hidden_act],
@@ -125,17 +127,23 @@ class UnsupportedError(Exception):
     """The model or cache has something pf_decode_step does not implement."""
 
 
+_PLANS: weakref.WeakKeyDictionary[KVCache, DecodePlan] = weakref.WeakKeyDictionary()  # one per live cache
+
+
 def plan_for(model: PhiForgeModel, cache: KVCache, dtype: torch.dtype) -> DecodePlan | None:
-    """The model's plan for this cache (built on first use), or None where the native step does not apply."""
-    plan = getattr(model, "_decode_plan", None)
-    if plan is not None and plan.cache is cache and plan.dtype == dtype:
+    """The model's plan for this cache (built on first use), or None where the native step does not apply.
+
+    Plans live beside their cache, not on the model: a model stays deep-copyable and picklable, and a plan
+    (with the cache tensors it holds) goes when its cache goes."""
+    plan = _PLANS.get(cache)
+    if plan is not None and plan.model_id == id(model) and plan.dtype == dtype:
         return plan
-    model._decode_plan = None
+    _PLANS.pop(cache, None)
     if not (kernels.available() and supported(model) and dtype in (torch.bfloat16, torch.float32)
             and all(k is not None and k.dtype == dtype for k in cache.k)):
         return None
     try:
-        model._decode_plan = DecodePlan(model, cache, dtype)
+        plan = _PLANS[cache] = DecodePlan(model, cache, dtype)
     except UnsupportedError:
         return None
-    return model._decode_plan
+    return plan
