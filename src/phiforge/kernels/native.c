@@ -90,11 +90,13 @@ static float dot_int8(const int8_t *w, const float *x, int K) {
 /* four rows at once (as dot4_bf16): four streams in flight, each x vector loaded once for all four */
 static void dot4_int8(const int8_t *w, size_t K, const float *x, float *out) {
   __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  /* each row 4 KB ahead, in the next quad once past its end: the quad 16 KB ahead (best of 8/16/32 KB here) */
+  const size_t d = PF_AHEAD / 2;
   for (size_t k = 0; k < K; k += 32) {
     __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
     for (int r = 0; r < 4; r++) {
       const int8_t *wr = w + r * K + k;
-      if ((k & 63) == 0) _mm_prefetch((const char *)(wr + PF_AHEAD), _MM_HINT_T0);
+      if ((k & 63) == 0) _mm_prefetch((const char *)(k + d < K ? wr + d : wr + 4 * K + d - K), _MM_HINT_T0);
       a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)wr))), x0, a[r]);
       a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wr + 16)))),
                              x1, a[r]);
