@@ -97,7 +97,9 @@ def test_plan_is_per_cache_and_declines_what_it_cannot_run() -> None:
     assert native_decode.plan_for(model, second, torch.float32) is not plan
     assert native_decode.plan_for(model, model.new_cache(1, 8, torch.bfloat16), torch.float32) is None
     sparse = build_model(preset("tiny-phi3small")).eval()
-    assert native_decode.plan_for(sparse, sparse.new_cache(1, 8), torch.float32) is None
+    sparse_cache = sparse.new_cache(1, 8)
+    assert native_decode.plan_for(sparse, sparse_cache, torch.float32) is None
+    assert native_decode._PLANS[sparse_cache][2] is None  # the "no" is remembered: not re-decided every step
     model.train()
     assert model._decode_plan_for(torch.zeros(1, 1, model.config.hidden_size), first) is None
 

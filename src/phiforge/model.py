@@ -487,16 +487,15 @@ class PhiForgeModel(nn.Module):
             first_row = range(cache.batch_size)[cache_rows][0]
             x = plan.step(x.view(B, -1), cos, sin, first_row, lo, hi).view(B, 1, -1)
         else:
-            plan = None
-        for i, block in enumerate(self.blocks if plan is None else ()):
-            view = CacheView(cache, i, cache_rows, positions, span) if cache is not None else None
-            x = block(x, cos, sin, sparse if c.is_sparse_layer(i) else mask, view)
+            for i, block in enumerate(self.blocks):
+                view = CacheView(cache, i, cache_rows, positions, span) if cache is not None else None
+                x = block(x, cos, sin, sparse if c.is_sparse_layer(i) else mask, view)
         x = self.norm_f(x[:, -1:] if last_only else x)
         return x if return_hidden else self.logits(x)
 
     def _decode_plan_for(self, x: torch.Tensor, cache: KVCache) -> native_decode.DecodePlan | None:
         """The native whole-step plan for inference on the CPU (PHIFORGE_NATIVE=0 or anything unusual: None)."""
-        if self.training or torch.is_grad_enabled() or x.device.type != "cpu" or not kernels.available():
+        if self.training or torch.is_grad_enabled() or x.device.type != "cpu":
             return None
         return native_decode.plan_for(self, cache, x.dtype)
 

@@ -9,6 +9,7 @@ tensors. Anything unusual (block-sparse or qk-normed layers, GeGELU, training) k
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import weakref
 from typing import TYPE_CHECKING
@@ -117,7 +118,7 @@ class DecodePlan:
              hi: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, hidden] of one new token per row after every layer (B <= max_rows); row b's keys
         and values go to position hi[b] - 1 of cache row first_row + b; it attends keys lo[b] <= t < hi[b]."""
-        x = x.to(self.dtype).contiguous().clone()
+        x = x.to(self.dtype, memory_format=torch.contiguous_format, copy=True)  # the kernel writes in place
         kernels.decode_step(ctypes.byref(self.model), self.layers, x, cos.to(self.dtype), sin.to(self.dtype),
                             first_row, lo, hi)
         return x
@@ -127,7 +128,8 @@ class UnsupportedError(Exception):
     """The model or cache has something pf_decode_step does not implement."""
 
 
-_PLANS: weakref.WeakKeyDictionary[KVCache, DecodePlan] = weakref.WeakKeyDictionary()  # one per live cache
+# per live cache: (model id, dtype, plan or None); a "no" is remembered too, or every step would rebuild it
+_PLANS: weakref.WeakKeyDictionary[KVCache, tuple[int, torch.dtype, DecodePlan | None]] = weakref.WeakKeyDictionary()
 
 
 def plan_for(model: PhiForgeModel, cache: KVCache, dtype: torch.dtype) -> DecodePlan | None:
@@ -135,15 +137,13 @@ def plan_for(model: PhiForgeModel, cache: KVCache, dtype: torch.dtype) -> Decode
 
     Plans live beside their cache, not on the model: a model stays deep-copyable and picklable, and a plan
     (with the cache tensors it holds) goes when its cache goes."""
-    plan = _PLANS.get(cache)
-    if plan is not None and plan.model_id == id(model) and plan.dtype == dtype:
-        return plan
-    _PLANS.pop(cache, None)
-    if not (kernels.available() and supported(model) and dtype in (torch.bfloat16, torch.float32)
+    known = _PLANS.get(cache)
+    if known is not None and known[:2] == (id(model), dtype):
+        return known[2]
+    plan = None
+    if (kernels.available() and supported(model) and dtype in (torch.bfloat16, torch.float32)
             and all(k is not None and k.dtype == dtype for k in cache.k)):
-        return None
-    try:
-        plan = _PLANS[cache] = DecodePlan(model, cache, dtype)
-    except UnsupportedError:
-        return None
+        with contextlib.suppress(UnsupportedError):
+            plan = DecodePlan(model, cache, dtype)
+    _PLANS[cache] = (id(model), dtype, plan)
     return plan

@@ -187,7 +187,6 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     return out
 
 
-
 def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of bf16 rows in transformers' order (normalise in fp32, round, scale by the bf16 weight)."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
