@@ -17,6 +17,23 @@ from phiforge.quantize import quantize_int4, quantize_int8, unpack_nibbles
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: native kernels not built")
 
 
+@pytest.fixture(params=kernels.levels() if kernels.available() else ["none"])
+def level(request: pytest.FixtureRequest) -> str:
+    """Every feature level this CPU runs (generic ... AVX512-BF16, AMX): each build's paths are tested here."""
+    with kernels.use_level(request.param):
+        yield request.param
+
+
+def _vnni_int8_reference(x: torch.Tensor, stored: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The VNNI path's arithmetic: x quantized per block of 64 (scale max|x| / 127, round half to even)."""
+    blocks = x.float().view(x.shape[0], -1, 64)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.full_like(amax, 127.0) / amax  # a true division (127.0 / amax is 127 * (1 / amax) in torch)
+    q = torch.round(blocks * torch.where(amax > 0, inv, 0.0))
+    xq = (q * (amax / 127.0)).view(x.shape).double()
+    return (xq @ stored["qweight"].double().T) * stored["scales"].double()
+
+
 def _int4_reference(stored: dict[str, torch.Tensor], group: int) -> torch.Tensor:
     n = stored["qweight"].shape[0]
     codes = unpack_nibbles(stored["qweight"]).float().view(n, -1, group)
@@ -26,30 +43,40 @@ def _int4_reference(stored: dict[str, torch.Tensor], group: int) -> torch.Tensor
 
 @pytest.mark.parametrize("k", [2048, 200])  # 200: the tail past the last 64-wide vector step
 @pytest.mark.parametrize("rows", [1, 3])
-def test_int8_gemv_and_dequant(k: int, rows: int) -> None:
+def test_int8_gemv_and_dequant(k: int, rows: int, level: str) -> None:
     torch.manual_seed(0)
     stored = quantize_int8(torch.randn(96, k))
     w = stored["qweight"].float() * stored["scales"].float()[:, None]
     x, bias = torch.randn(rows, k), torch.randn(96)
-    torch.testing.assert_close(kernels.int8_gemv(x, stored["qweight"], stored["scales"]), x @ w.T,
-                               atol=1e-3, rtol=1e-5)
+    got = kernels.int8_gemv(x, stored["qweight"], stored["scales"])
+    if kernels.features()["avx512_vnni"] and k % 64 == 0:  # int8 activations: the same math in float64
+        torch.testing.assert_close(got.double(), _vnni_int8_reference(x, stored), atol=1e-4, rtol=1e-5)
+        # and within the activations' rounding of the exact product: half a step of each block's scale
+        step = x.abs().view(rows, -1, 64).amax(-1) / 127 / 2
+        bound = (step.repeat_interleave(64, -1) @ w.abs().T) * 1.01 + 1e-4
+        assert ((got - x @ w.T).abs() <= bound).all()
+        want = _vnni_int8_reference(x.bfloat16(), stored).float()
+    else:
+        torch.testing.assert_close(got, x @ w.T, atol=1e-3, rtol=1e-5)
+        want = x.bfloat16().float() @ w.T
     got = kernels.int8_gemv(x.bfloat16(), stored["qweight"], stored["scales"], bias.bfloat16())
     assert got.dtype == torch.bfloat16  # bf16 in, bias fused, bf16 out (one rounding, at the end)
-    torch.testing.assert_close(got, (x.bfloat16().float() @ w.T + bias.bfloat16().float()).bfloat16())
+    torch.testing.assert_close(got, (want + bias.bfloat16().float()).bfloat16())
     assert torch.equal(kernels.int8_dequant(stored["qweight"], stored["scales"]), w.bfloat16())
 
 
 @pytest.mark.parametrize("k", [2048, 200])
-def test_bf16_gemv(k: int) -> None:
+@pytest.mark.parametrize("rows", [1, 3])
+def test_bf16_gemv(k: int, rows: int, level: str) -> None:
     torch.manual_seed(3)
-    w, x, bias = torch.randn(96, k).bfloat16(), torch.randn(1, k).bfloat16(), torch.randn(96).bfloat16()
+    w, x, bias = torch.randn(98, k).bfloat16(), torch.randn(rows, k).bfloat16(), torch.randn(98).bfloat16()
     want = (x.float() @ w.float().T + bias.float()).bfloat16()
     torch.testing.assert_close(kernels.bf16_gemv(x, w, bias), want)
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])  # 32 takes the AVX512-BF16 path where the CPU has it
 @pytest.mark.parametrize("rows", [1, 3])
-def test_int4_gemv_and_dequant(group: int, rows: int) -> None:
+def test_int4_gemv_and_dequant(group: int, rows: int, level: str) -> None:
     torch.manual_seed(1)
     stored = quantize_int4(torch.randn(80, 1024), group)
     w = _int4_reference(stored, group)
@@ -67,7 +94,7 @@ def test_int4_gemv_and_dequant(group: int, rows: int) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 96), (8, 2, 40)])
 def test_decode_attention_stores_the_new_key_and_matches_sdpa(dtype: torch.dtype, heads: int, kv_heads: int,
-                                                              head_dim: int) -> None:
+                                                              head_dim: int, level: str) -> None:
     torch.manual_seed(2)
     batch, capacity, span = 4, 80, 50
     q = torch.randn(batch, heads, 1, head_dim, dtype=dtype)
@@ -136,14 +163,60 @@ def test_without_native_kernels_models_still_run(env: dict[str, str]) -> None:
     assert out.stdout.split()[:2] == ["False", "int8pack"]
 
 
-@pytest.mark.skipif(not kernels.amx_available(), reason="no AMX on this CPU")
-@pytest.mark.parametrize("rows", [2, 16, 17, 32])
+@pytest.mark.parametrize("rows", [2, 8, 9, 17, 32, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_amx_gemm_matches_fp32_reference(rows: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("n", [96, 80])  # 80: a group of 48 columns and a tail block (the AMX path wants 32s)
+def test_bf16_gemm_matches_fp32_reference(rows: int, dtype: torch.dtype, n: int, level: str) -> None:
+    """Every GEMM this CPU can take (AMX, AVX512-BF16 register tiles, the plain fallback) on the packed copy."""
     torch.manual_seed(6)
-    w, bias = torch.randn(96, 160).bfloat16(), torch.randn(96).to(dtype)
+    w, bias = torch.randn(n, 160).bfloat16(), torch.randn(n).to(dtype)
     x = torch.randn(rows, 160, dtype=dtype)
-    got = kernels.bf16_gemm_amx(x, kernels.amx_pack(w), 96, bias)
+    got = kernels.bf16_gemm(x, kernels.bf16_pack(w), n, bias)
     want = x.bfloat16().float() @ w.float().T + bias.float()  # x rounded to bf16, exact products, fp32 sums
-    assert got.dtype == dtype and got.shape == (rows, 96)
+    assert got.dtype == dtype and got.shape == (rows, n)
     torch.testing.assert_close(got.float(), want, atol=2e-3 if dtype == torch.float32 else 5e-2, rtol=1e-2)
+
+
+def test_gemm_paths_follow_the_cpu() -> None:
+    """The best level takes the fastest GEMM the CPU has: AMX where the OS grants it, else AVX512-BF16."""
+    paths = {"amx": kernels.amx_available(), "avx512_bf16": kernels.features()["avx512_bf16"]}
+    want = next((name for name, ok in paths.items() if ok), "plain")
+    assert kernels.gemm_path(96, 160) == want
+    assert kernels.gemm_available() == (want != "plain")
+
+
+def test_abi_is_checked_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C side's struct layouts and enums match the ctypes declarations; a drifted one fails at load."""
+    import ctypes
+
+    from phiforge.kernels import abi
+
+    lib = kernels._load()
+    assert sorted(lib.pf_abi().decode().split(";")) == sorted(abi.describe().split(";"))
+    assert "PfLinear:56,kind@0,n@4," in abi.describe()  # sizes and offsets are in the comparison
+    abi.bind(lib)  # every signature set, the description equal
+    drifted = type("Linear", (ctypes.Structure,), {"_fields_": abi.Linear._fields_[:-1]})
+    monkeypatch.setitem(abi.STRUCTS, "PfLinear", drifted)
+    with pytest.raises(abi.AbiError, match="PfLinear"):
+        abi.bind(lib)
+    monkeypatch.setitem(abi.SIGNATURES, "pf_missing", (None, []))
+    with pytest.raises(abi.AbiError, match="pf_missing"):
+        abi.bind(lib)
+
+
+def test_levels_and_cache_key_follow_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    here = kernels.levels()
+    assert kernels.level() == here[-1]  # the best this CPU runs
+    target = kernels._target(here[-1], "gcc")
+    assert here[-1] in target.name
+    monkeypatch.setattr(kernels, "cpu", lambda: ("Another CPU", frozenset({"avx2"})))
+    assert kernels._target(here[-1], "gcc") != target  # another CPU model or flags: another build
+    if here != ["native"]:
+        assert kernels.levels() == ["generic"]  # avx2 alone (no fma, f16c, bmi2) is not the AVX2 level
+
+
+def test_read_bandwidth_probe() -> None:
+    from phiforge.kernels.abi import Read
+
+    rates = [kernels.read_bandwidth(64 << 20, method, huge, 1, repeats=2) for method in Read for huge in (0, 1)]
+    assert all(rate > 1e8 for rate in rates)  # bytes/s: at least 0.1 GB/s from any memory

@@ -10,7 +10,7 @@ from conftest import randomize_
 
 from phiforge.checkpoint import load_hf_folder, save_hf_folder
 from phiforge.config import preset
-from phiforge.kernels import AMX_MAX_ROWS
+from phiforge.kernels import GEMM_MAX_ROWS
 from phiforge.model import Linear, build_model
 
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
@@ -152,17 +152,18 @@ def test_packed_linear_gives_f_linear_bitwise_and_never_a_stale_weight() -> None
         assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
 
 
-def test_amx_packed_linear_serves_decode_batches_and_never_a_stale_weight() -> None:
+def test_gemm_packed_linear_serves_decode_batches_and_never_a_stale_weight() -> None:
     from phiforge import kernels
 
     linear = Linear(96, 64).to(torch.bfloat16)
-    if not (kernels.amx_available() and linear.pack()):
-        pytest.skip("no AMX on this CPU")
-    x = torch.randn(4, 96, dtype=torch.bfloat16)  # a decode batch of 4 rows: the AMX GEMM
+    if not (kernels.gemm_available() and linear.pack()):
+        pytest.skip("no vector bf16 GEMM (AMX or AVX512-BF16) on this CPU")
+    assert linear.gemm_packed is not None
+    x = torch.randn(4, 96, dtype=torch.bfloat16)  # a decode batch of 4 rows: the native GEMM
     with torch.no_grad():
         torch.testing.assert_close(linear(x), F.linear(x, linear.weight, linear.bias), atol=2e-2, rtol=1e-2)
-        linear.weight.mul_(-1)  # updated after packing: the AMX copy must not be used either
+        linear.weight.mul_(-1)  # updated after packing: the packed copy must not be used either
         assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
-        big = torch.randn(AMX_MAX_ROWS + 8, 96, dtype=torch.bfloat16)  # more rows: oneDNN's copy, bitwise
+        big = torch.randn(GEMM_MAX_ROWS + 8, 96, dtype=torch.bfloat16)  # more rows: oneDNN's copy, bitwise
         linear.pack()
         assert torch.equal(linear(big), F.linear(big, linear.weight, linear.bias))

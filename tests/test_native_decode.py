@@ -129,8 +129,8 @@ def test_batched_step_matches_layer_path(quantized: bool, monkeypatch: pytest.Mo
     model, ids = model_and_ids("tiny-llama", torch.bfloat16, intermediate_size=192)
     if quantized:
         quantize_model(model, 4, group_size=32)
-    elif not (kernels.amx_available() and model.pack_weights(True)):
-        pytest.skip("batches take the native step only with AMX copies of the weights")
+    elif not (kernels.gemm_available() and model.pack_weights(True)):
+        pytest.skip("batches take the native step only with packed copies for a vector GEMM (AMX or AVX512-BF16)")
     rows = [ids[0, :5].tolist(), ids[0, 3:14].tolist(), ids[0, 1:9].tolist()]
     cache = model.new_cache(len(rows), 8)
     assert native_decode.plan_for(model, cache, torch.bfloat16).max_rows >= len(rows)  # the batch runs natively

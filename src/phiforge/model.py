@@ -21,7 +21,7 @@ from torch import nn
 
 from phiforge import kernels, native_decode
 from phiforge.config import ModelConfig
-from phiforge.kernels import AMX_MAX_ROWS
+from phiforge.kernels import GEMM_MAX_ROWS
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -85,14 +85,14 @@ class Linear(nn.Linear):
       where built, else torch.mv, which streams the weight ~1.4x faster than F.linear's GEMM here;
     - several rows, after ``pack()``: oneDNN's pre-blocked copy of the weight, ~1.4x faster than F.linear,
       which re-blocks the weight on every call (bitwise the same result);
-    - 2 to 32 rows (a decode batch) on a CPU with AMX, after ``pack()``: the native AMX GEMM over a copy laid
-      out as its tiles read it, ~1.3x faster than oneDNN's when the weights come from DRAM (fp32 sums in
-      another order: not bitwise F.linear's).
+    - 2 to 32 rows (a decode batch) on a CPU with AMX or AVX512-BF16, after ``pack()``: the native GEMM (AMX
+      tiles, else vdpbf16ps register tiles) over a copy laid out as it streams it, ~1.3x faster than oneDNN's
+      when the weights come from DRAM (AMX, measured; fp32 sums in another order: not bitwise F.linear's).
     Packing costs copies of the weight, so the Engine packs only models that are small for the machine.
     """
 
     packed: torch.Tensor | None = None
-    amx_packed: torch.Tensor | None = None
+    gemm_packed: torch.Tensor | None = None
     packed_version: int = -1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,8 +104,8 @@ class Linear(nn.Linear):
                 y = torch.mv(self.weight, x.reshape(-1))
                 return (y + self.bias if self.bias is not None else y).view(*x.shape[:-1], self.out_features)
             if self.packed is not None and self.packed_version == self.weight._version:  # not stale
-                if self.amx_packed is not None and x.numel() <= AMX_MAX_ROWS * self.in_features:
-                    y = kernels.bf16_gemm_amx(x, self.amx_packed, self.out_features, self.bias)
+                if self.gemm_packed is not None and x.numel() <= GEMM_MAX_ROWS * self.in_features:
+                    y = kernels.bf16_gemm(x, self.gemm_packed, self.out_features, self.bias)
                     return y.view(*x.shape[:-1], self.out_features)
                 return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
@@ -118,8 +118,8 @@ class Linear(nn.Linear):
         if self.packed is not None and self.packed_version == self.weight._version:
             return True  # every Engine and scorer asks; the copy is made once per weight version
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 128)
-        if kernels.amx_available() and kernels.amx_fits(self.out_features, self.in_features):
-            self.amx_packed = kernels.amx_pack(self.weight.detach())
+        if kernels.gemm_available() and kernels.gemm_fits(self.out_features, self.in_features):
+            self.gemm_packed = kernels.bf16_pack(self.weight.detach())
         self.packed_version = self.weight._version
         return True
 
@@ -553,7 +553,7 @@ class PhiForgeModel(nn.Module):
             when = sum(p.numel() * p.element_size() for p in self.parameters()) <= PACK_LIMIT_BYTES
         if not when:
             return 0
-        return sum(m.weight.numel() * m.weight.element_size() * (1 + (m.amx_packed is not None))
+        return sum(m.weight.numel() * m.weight.element_size() * (1 + (m.gemm_packed is not None))
                    for m in self.modules() if isinstance(m, Linear) and m.pack())
 
     def num_parameters(self) -> int:

@@ -17,31 +17,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from phiforge import kernels
-from phiforge.kernels import AMX_STEP_MAX_ROWS
+from phiforge.kernels import STEP_MAX_ROWS
+from phiforge.kernels.abi import Act, Kind, Layer, Linear, Model
 
 if TYPE_CHECKING:
     from phiforge.model import KVCache, PhiForgeModel
 
-_P = ctypes.c_void_p
-ACTIVATIONS = {"gelu_new": 0, "gelu_pytorch_tanh": 0, "silu": 1, "gelu": 2}  # pf_decode_step's codes
-
-
-class _Linear(ctypes.Structure):
-    _fields_ = [("kind", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int), ("group", ctypes.c_int),
-                ("w", _P), ("scale", _P), ("zero", _P), ("bias", _P), ("amx", _P)]
-
-
-class _Layer(ctypes.Structure):
-    _fields_ = [("norm1_w", _P), ("norm1_b", _P), ("norm2_w", _P), ("norm2_b", _P), ("qkv", _Linear),
-                ("proj", _Linear), ("fc", _Linear), ("down", _Linear), ("k_cache", _P), ("v_cache", _P)]
-
-
-class _Model(ctypes.Structure):
-    _fields_ = ([(name, ctypes.c_int) for name in ("num_layers", "hidden", "heads", "kv_heads", "head_dim",
-                                                     "rotary_dim", "inter", "rms", "act", "parallel", "gated",
-                                                     "act_bf16")]
-                + [("eps", ctypes.c_float), ("attn_scale", ctypes.c_float)]
-                + [(name, ctypes.c_int64) for name in ("cache_sb", "cache_sh", "cache_st")])
+# pf_decode_step's activation codes
+ACTIVATIONS = {"gelu_new": Act.GELU_TANH, "gelu_pytorch_tanh": Act.GELU_TANH, "silu": Act.SILU, "gelu": Act.GELU_ERF}
 
 
 def supported(model: PhiForgeModel) -> bool:
@@ -63,12 +46,12 @@ class DecodePlan:
         c = model.config
         self.model_id, self.dtype = id(model), dtype  # no reference to the cache: it keys the plan weakly
         self._keep: list[torch.Tensor] = []
-        self.model = _Model(c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.rotary_dim,
+        self.model = Model(c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.rotary_dim,
                             c.intermediate_size, int(c.norm != "layernorm"), ACTIVATIONS[c.hidden_act],
                             int(c.parallel_residual), int(c.gated_mlp), int(dtype == torch.bfloat16), c.norm_eps,
                             c.attn_scale or c.head_dim**-0.5, *cache.k[0].stride()[:3])
-        self.max_rows = AMX_STEP_MAX_ROWS  # lowered by _linear to what every projection serves well
-        self.layers = (_Layer * c.num_layers)()
+        self.max_rows = STEP_MAX_ROWS  # lowered by _linear to what every projection serves well
+        self.layers = (Layer * c.num_layers)()
         for layer, block, k, v in zip(self.layers, model.blocks, cache.k, cache.v, strict=True):
             layer.norm1_w, layer.norm1_b = self._norm(block.norm_1)
             if block.norm_2 is not None:
@@ -95,23 +78,23 @@ class DecodePlan:
             raise UnsupportedError("a LayerNorm without weight and bias")
         return self._ptr(norm.weight, self.dtype), self._ptr(bias, self.dtype)
 
-    def _linear(self, m: torch.nn.Module) -> _Linear:
+    def _linear(self, m: torch.nn.Module) -> Linear:
         bias = self._ptr(m.bias, self.dtype, convert=True)
         if getattr(m, "kernel", None) == "native":  # a QuantizedLinear on its portable layout, bf16 scales/zeros
             self.max_rows = min(self.max_rows, kernels.NATIVE_GEMV_ROWS)
             codes = self._ptr(m._qweight, torch.int8 if m.bits == 8 else torch.uint8)
             zeros = self._ptr(m._zeros, torch.bfloat16) if m.bits == 4 else None
-            return _Linear(2 if m.bits == 8 else 3, m.out_features, m.in_features, m.group_size, codes,
+            return Linear(Kind.INT8 if m.bits == 8 else Kind.INT4, m.out_features, m.in_features, m.group_size, codes,
                            self._ptr(m._scales, torch.bfloat16), zeros, bias, None)
         if isinstance(m, torch.nn.Linear):
-            amx = getattr(m, "amx_packed", None)
-            if amx is not None and m.packed_version == m.weight._version:  # batches on AMX
-                amx = self._ptr(amx, torch.int16)
-            else:  # fp32, or a bf16 weight without its AMX copy: the GEMV, fast for one row only
-                self.max_rows, amx = 1, None
-            kind = 0 if self.dtype == torch.bfloat16 else 1
-            return _Linear(kind, m.out_features, m.in_features, 0, self._ptr(m.weight, self.dtype), None, None, bias,
-                           amx)
+            packed = getattr(m, "gemm_packed", None)
+            if packed is not None and m.packed_version == m.weight._version:  # batches on the native GEMM
+                packed = self._ptr(packed, torch.int16)
+            else:  # fp32, or a bf16 weight without its packed copy: the GEMV, fast for one row only
+                self.max_rows, packed = 1, None
+            kind = Kind.BF16 if self.dtype == torch.bfloat16 else Kind.F32
+            return Linear(kind, m.out_features, m.in_features, 0, self._ptr(m.weight, self.dtype), None, None, bias,
+                          packed)
         raise UnsupportedError(f"no native path for {type(m).__name__}")
 
     def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first_row: int, lo: torch.Tensor,

@@ -1,79 +1,167 @@
-"""Native CPU kernels for decoding: bf16/int8/int4 GEMV, int8/int4 dequantization, single-query attention.
+"""Native CPU kernels for decoding: bf16/int8/int4 GEMV, bf16 GEMM of decode batches, int8/int4 dequantization,
+single-query attention, a whole decode step, and the memory-bandwidth probe.
 
-native.c is compiled once per machine with the system C compiler (``-march=native``) into
-``$PHIFORGE_CACHE`` (default ~/.cache/phiforge/kernels), keyed by a hash of the source and flags, and
-loaded with ctypes. Where it cannot be built (no compiler, not x86/ARM Linux, ``PHIFORGE_NATIVE=0``)
-``available()`` is False and callers keep PyTorch's own kernels: these are a speed-up, never a requirement.
+native.c is compiled with the system C compiler once per feature level (LEVELS: generic x86-64, AVX2, AVX-512,
+AVX-512 VNNI, AVX512-BF16, AMX) into ``$PHIFORGE_CACHE`` (default ~/.cache/phiforge/kernels), keyed by the
+source, flags and the CPU's model and flags, and loaded with ctypes, its ABI checked (abi.py). The wrappers run on
+the best level this CPU has, as ggml's CPU backend picks its variant at run time; ``PHIFORGE_NATIVE_LEVEL=avx2``
+(say) caps it. Where nothing builds (no compiler, not Linux, ``PHIFORGE_NATIVE=0``) ``available()`` is False
+and callers keep PyTorch's own kernels: these are a speed-up, never a requirement.
 Every wrapper takes and returns torch tensors on the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from phiforge.kernels import abi
+from phiforge.kernels.abi import Feat
+
 SOURCE = Path(__file__).with_name("native.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
+FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
          "-fno-signed-zeros", "-fassociative-math"]  # not -ffast-math: its crtfastmath would set FTZ process-wide
-_lib: ctypes.CDLL | None = None
-_tried = False
-_P = ctypes.c_void_p
+# x86 feature levels, best last: (name, /proc/cpuinfo flags the CPU needs, compiler flags). A level's build runs
+# only on a CPU with all its flags; -mtune=native tunes scheduling without using any instruction beyond them.
+X86_V4 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}
+LEVELS: list[tuple[str, frozenset[str], list[str]]] = [
+    ("generic", frozenset(), ["-march=x86-64"]),
+    ("avx2", frozenset({"avx2", "fma", "f16c", "bmi2"}), ["-march=x86-64-v3"]),
+    ("avx512", frozenset(X86_V4), ["-march=x86-64-v4"]),
+    ("avx512_vnni", frozenset(X86_V4 | {"avx512_vnni"}), ["-march=x86-64-v4", "-mavx512vnni"]),
+    ("avx512_bf16", frozenset(X86_V4 | {"avx512_vnni", "avx512_bf16"}),
+     ["-march=x86-64-v4", "-mavx512vnni", "-mavx512bf16"]),
+    ("amx", frozenset(X86_V4 | {"avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"}),
+     ["-march=x86-64-v4", "-mavx512vnni", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]),
+]
+_libs: dict[str, ctypes.CDLL | None] = {}  # level -> its loaded build (None: it failed to build or load)
+_active: str | None = None  # the level the wrappers call; None until the first _load
 
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("PHIFORGE_CACHE", Path.home() / ".cache" / "phiforge")) / "kernels"
 
 
-def _build() -> Path | None:
+def cpu() -> tuple[str, frozenset[str]]:
+    """This CPU's model name and feature flags, as /proc/cpuinfo lists them (empty off Linux)."""
+    model, flags = platform.processor() or platform.machine(), frozenset()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model") and model in ("", platform.machine()):
+                model = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = frozenset(value.split())
+    return model, flags
+
+
+def levels() -> list[str]:
+    """The feature levels this CPU can run, best last (one level, "native", off x86)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ["native"]
+    flags = cpu()[1]
+    return [name for name, needs, _ in LEVELS if needs <= flags]
+
+
+def _flags(level: str) -> list[str]:
+    if level == "native":
+        return [*FLAGS, "-march=native"]
+    return [*FLAGS, *next(f for name, _, f in LEVELS if name == level), "-mtune=native"]
+
+
+def _target(level: str, compiler: str) -> Path:
+    """Where the level's build is cached: keyed by the source, compiler, flags and the CPU's model and flags
+    (-mtune=native and the compiler's own view of the CPU differ between machines)."""
+    model, cpu_flags = cpu()
+    ident = " ".join([compiler, *_flags(level), sys.platform, model, *sorted(cpu_flags)])
+    key = hashlib.sha256(SOURCE.read_bytes() + ident.encode()).hexdigest()[:16]
+    return _cache_dir() / f"phiforge-native-{level}-{key}.so"
+
+
+def _build(level: str) -> Path | None:
+    """The level's shared object in the cache, built if missing (None: no compiler, or it failed)."""
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, sys.platform]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"phiforge-native-{key}.so"
+    target = _target(level, compiler)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, rename: atomic under races
         built = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
+        proc = subprocess.run([compiler, *_flags(level), str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
                               text=True)
         if proc.returncode != 0:
-            warnings.warn(f"phiforge: native kernels not built ({compiler}): {proc.stderr.strip()[:500]}",
-                          stacklevel=3)
+            warnings.warn(f"phiforge: native kernels ({level}) not built ({compiler}): {proc.stderr.strip()[:500]}",
+                          stacklevel=4)
             return None
         os.replace(built, target)
     return target
 
 
+def _open(level: str) -> ctypes.CDLL | None:
+    """The level's build, loaded and its ABI checked (cached per process); None where that fails."""
+    if level not in _libs:
+        lib = None
+        try:
+            path = _build(level)
+            if path is not None:
+                lib = ctypes.CDLL(str(path))
+                abi.bind(lib)
+        except (OSError, abi.AbiError) as error:  # an unwritable cache, a noexec mount: PyTorch's kernels instead
+            warnings.warn(f"phiforge: native kernels ({level}) unavailable ({error})", stacklevel=3)
+            lib = None
+        _libs[level] = lib
+    return _libs[level]
+
+
 def _load() -> ctypes.CDLL | None:
-    global _lib, _tried
-    if _tried:
-        return _lib
-    _tried = True
-    if os.environ.get("PHIFORGE_NATIVE", "1") == "0" or not sys.platform.startswith("linux"):
-        return None
+    """The build the wrappers call: the best level this CPU runs (PHIFORGE_NATIVE_LEVEL caps it), falling back
+    a level where one does not build."""
+    global _active
+    if _active is None:
+        _active = ""
+        if os.environ.get("PHIFORGE_NATIVE", "1") != "0" and sys.platform.startswith("linux"):
+            runnable = levels()
+            cap = os.environ.get("PHIFORGE_NATIVE_LEVEL")
+            if cap in runnable:
+                runnable = runnable[: runnable.index(cap) + 1]
+            for level in reversed(runnable):
+                if _open(level) is not None:
+                    _active = level
+                    break
+    return _libs.get(_active) if _active else None
+
+
+def level() -> str | None:
+    """The feature level the kernels run at (None: not built, PyTorch's kernels)."""
+    return _active if _load() is not None else None
+
+
+@contextlib.contextmanager
+def use_level(name: str) -> Iterator[None]:
+    """Run the wrappers on another level's build for a while (tests take every path the CPU has this way)."""
+    global _active
+    _load()
+    if name not in levels() or _open(name) is None:
+        raise ValueError(f"native kernels: level {name!r} does not run here (levels: {levels()})")
+    previous, _active = _active, name
     try:
-        path = _build()
-        _lib = ctypes.CDLL(str(path)) if path is not None else None
-    except OSError as error:  # an unwritable cache, a noexec mount: run on PyTorch's kernels instead
-        warnings.warn(f"phiforge: native kernels unavailable ({error})", stacklevel=2)
-    if _lib is not None:
-        _lib.pf_features.restype = ctypes.c_int
-        strided = [_P, ctypes.c_int64, ctypes.c_int64]  # a [B, heads, D] tensor: pointer, row and head strides
-        _lib.pf_decode_attention.argtypes = (strided * 3 + [_P, _P, ctypes.c_int, _P, _P, _P]
-                                             + [ctypes.c_int] * 4 + [ctypes.c_int64] * 3
-                                             + [ctypes.c_float, _P, _P, ctypes.c_int, ctypes.c_int])
-    return _lib
+        yield
+    finally:
+        _active = previous
 
 
 def available() -> bool:
@@ -81,13 +169,18 @@ def available() -> bool:
 
 
 def features() -> dict[str, bool]:
-    """Which vector paths the build has (the plain C paths are always there)."""
-    bits = _load().pf_features() if available() else 0
-    return {"avx512": bool(bits & 1), "avx512_bf16": bool(bits & 2)}
+    """Which vector paths the active build has (the plain C paths are always there) and its level."""
+    bits = Feat(_load().pf_features()) if available() else Feat(0)
+    return {"level": level(), **{flag.name.lower(): bool(bits & flag) for flag in Feat}}
+
+
+def read_bandwidth(nbytes: int, method: abi.Read, huge: bool, threads: int, repeats: int = 3) -> float:
+    """Bytes/s of a streaming read of ``nbytes`` by ``threads`` (pf_read_bandwidth); needs available()."""
+    return _load().pf_read_bandwidth(nbytes, int(method), int(huge), threads, repeats)
 
 
 def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
-    return _P(t.data_ptr())
+    return ctypes.c_void_p(t.data_ptr())
 
 
 def _threads() -> int:
@@ -206,26 +299,36 @@ def decode_step(model: object, layers: object, x: torch.Tensor, cos: torch.Tenso
 
 
 def amx_available() -> bool:
-    """Whether the build has the AMX bf16 GEMM and the OS grants this process the tile registers."""
+    """Whether the active build has the AMX bf16 GEMM and the OS grants this process the tile registers."""
     return available() and bool(_load().pf_amx_available())
 
 
-AMX_MAX_ROWS = 32  # beyond, oneDNN's GEMM reuses the weight better than the AMX kernel (measured)
-AMX_STEP_MAX_ROWS = 128  # in the native decode step AMX still wins there: no Python around the GEMMs (measured)
+def gemm_available() -> bool:
+    """Whether the active build has a vector bf16 GEMM over bf16_pack's layout (AMX, else AVX512-BF16)."""
+    return available() and bool(Feat(_load().pf_features()) & (Feat.AVX512_BF16 | Feat.AMX))
+
+
+def gemm_path(n: int, k: int) -> str:
+    """Which GEMM bf16_gemm takes for an [n, k] weight: "amx", "avx512_bf16" or "plain"."""
+    return ("plain", "avx512_bf16", "amx")[_load().pf_bf16_gemm_path(n, k)]
+
+
+GEMM_MAX_ROWS = 32  # beyond, oneDNN's GEMM reuses the weight better than the native GEMM in Linear (measured, AMX)
+STEP_MAX_ROWS = 128  # in the native decode step the native GEMM still wins there: no Python around it (measured)
 NATIVE_GEMV_ROWS = 8  # up to this many rows the quantized GEMVs stream the codes; beyond, dequantize + GEMM
 
 
-def amx_fits(n: int, k: int) -> bool:
-    return n % 32 == 0 and k % 32 == 0
+def gemm_fits(n: int, k: int) -> bool:
+    return n % 16 == 0 and k % 2 == 0
 
 
-def amx_pack(w: torch.Tensor) -> torch.Tensor:
-    """A bf16 weight [N, K] in the AMX GEMM's layout (blocks of 16 output columns, k in pairs)."""
+def bf16_pack(w: torch.Tensor) -> torch.Tensor:
+    """A bf16 weight [N, K] in the native GEMMs' layout (blocks of 16 output columns, k in pairs)."""
     out = torch.empty(w.numel(), dtype=torch.int16)
-    _load().pf_amx_pack(_ptr(_bits(w)), _ptr(out), *w.shape, _threads())
+    _load().pf_bf16_pack(_ptr(_bits(w)), _ptr(out), *w.shape, _threads())
     return out
 
 
-def bf16_gemm_amx(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ W^T (+ bias) for W packed by amx_pack, accumulated in fp32; x's dtype out."""
-    return _call_gemv("pf_bf16_gemm_amx", x, n, bias, _ptr(packed), (packed.numel() // n,))
+def bf16_gemm(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W^T (+ bias) for W packed by bf16_pack, x rounded to bf16, accumulated in fp32; x's dtype out."""
+    return _call_gemv("pf_bf16_gemm", x, n, bias, _ptr(packed), (packed.numel() // n,))

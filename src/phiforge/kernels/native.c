@@ -1,30 +1,49 @@
-/* phiforge's CPU kernels for the decode hot path, built once per machine by phiforge/kernels/__init__.py.
+/* phiforge's CPU kernels for the decode hot path, built by phiforge/kernels/__init__.py once per machine and
+ * feature level (generic, AVX2, AVX-512, AVX-512 VNNI, AVX512-BF16, AMX: see LEVELS there), each build loaded
+ * only on a CPU that has its features, so one source serves every x86 server CPU and the best path is chosen
+ * at run time, as ggml's CPU backend does.
  *
  * A decode step reads every weight once and does two flops per weight, so it is bound by memory
- * bandwidth; these kernels read the packed weights exactly once, convert in registers and use both
- * FMA ports. Each has an AVX-512 path (x86 with AVX512F/BW, plus AVX512-BF16 for int4) and a plain C
- * path that -O3 vectorizes for whatever -march=native offers. Threads: OpenMP, sharing the libgomp
- * torch already loaded (same soname), so the two thread pools never compete.
+ * bandwidth; these kernels read the packed weights exactly once, convert in registers and keep several
+ * rows' streams in flight. Each has a vector path for the levels that have one and a plain C path that
+ * -O3 vectorizes for the level's ISA. Threads: OpenMP, sharing the libgomp torch already loaded (same
+ * soname), so the two thread pools never compete; the GEMVs hand out rows in small dynamic chunks, so a
+ * thread that loses its core to a neighbour (2 cores shared by many processes) does not stall the other.
  *
  * Layouts (the portable ones quantize.py saves):
  *   int8  w [N, K] int8, one bf16 scale per row:             W = w * s[n]
  *   int4  w [N, K/2] bytes, low nibble = even k, high = odd k; per group of G along K a bf16 scale
  *         and zero:                                          W = (code - 8) * s + z
- *   bf16  w [N, K] bf16 (the plain weight, one-row decode of half-precision models)
+ *   bf16  w [N, K] bf16 (the plain weight, one-row decode of half-precision models); for batches also a
+ *         blocked copy [N/16][K/2][16][2] (pf_bf16_pack) that the AMX and AVX512-BF16 GEMMs stream
  *   Activations x [M, K], bias [N] and y [M, N] share one dtype, bf16 or fp32 (act_bf16), so a layer is one
  *   call: no conversions or bias add around it.
+ *
+ * The ctypes side checks this file's structs, enums and entry points at load (pf_abi, kernels/abi.py).
  */
 #include <math.h>
+#include <omp.h>
+#include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <sys/mman.h>
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 #define PF_AVX512 1
 #ifndef PF_AHEAD
 #define PF_AHEAD 8192
 #endif
 #endif
+
+/* shared with kernels/abi.py (checked at load through pf_abi) */
+enum { PF_KIND_BF16 = 0, PF_KIND_F32 = 1, PF_KIND_INT8 = 2, PF_KIND_INT4 = 3 };
+enum { PF_ACT_GELU_TANH = 0, PF_ACT_SILU = 1, PF_ACT_GELU_ERF = 2 };
+enum { PF_FEAT_AVX512 = 1, PF_FEAT_AVX512_BF16 = 2, PF_FEAT_AVX512_VNNI = 4, PF_FEAT_AMX = 8, PF_FEAT_AVX2 = 16 };
+enum { PF_READ_PLAIN = 0, PF_READ_PREFETCH = 1, PF_READ_STREAM = 2, PF_READ_METHODS = 3 };
 
 static inline float bf16_to_f32(uint16_t v) {
   union { uint32_t u; float f; } c;
@@ -52,13 +71,28 @@ static inline void store_act(void *y, int act_bf16, size_t i, float v, const voi
   else ((float *)y)[i] = v;
 }
 
-int pf_features(void) { /* bit 0: AVX-512 paths, bit 1: AVX512-BF16 paths (bf16 and int4 g32) */
+/* rows handed out in chunks of this many quads: ~8 chunks per thread, so a preempted thread's share moves */
+static inline int chunk_of(int quads, int threads) {
+  int c = quads / (8 * (threads > 0 ? threads : 1));
+  return c > 0 ? c : 1;
+}
+
+int pf_features(void) { /* the vector paths this build has (PF_FEAT_*) */
   int f = 0;
-#ifdef PF_AVX512
-  f |= 1;
+#ifdef __AVX2__
+  f |= PF_FEAT_AVX2;
 #endif
-#ifdef __AVX512BF16__
-  f |= 2;
+#ifdef PF_AVX512
+  f |= PF_FEAT_AVX512;
+#endif
+#if defined(PF_AVX512) && defined(__AVX512VNNI__)
+  f |= PF_FEAT_AVX512_VNNI;
+#endif
+#if defined(PF_AVX512) && defined(__AVX512BF16__)
+  f |= PF_FEAT_AVX512_BF16;
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  f |= PF_FEAT_AMX;
 #endif
   return f;
 }
@@ -86,6 +120,10 @@ static float dot_int8(const int8_t *w, const float *x, int K) {
   return acc;
 }
 
+/* where row r of a quad prefetches, d bytes ahead: past its end, the same row of the next quad (the quad is four
+   streams; a flat d ahead would land in a row this quad is reading anyway) */
+#define PF_WRAP(wr, k, d, K) ((k) + (d) < (K) ? (wr) + (d) : (wr) + 3 * (K) + (d))
+
 #ifdef PF_AVX512
 /* four rows at once (as dot4_bf16): four streams in flight, each x vector loaded once for all four */
 static void dot4_int8(const int8_t *w, size_t K, const float *x, float *out) {
@@ -96,10 +134,67 @@ static void dot4_int8(const int8_t *w, size_t K, const float *x, float *out) {
     __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
     for (int r = 0; r < 4; r++) {
       const int8_t *wr = w + r * K + k;
-      if ((k & 63) == 0) _mm_prefetch((const char *)(k + d < K ? wr + d : wr + 4 * K + d - K), _MM_HINT_T0);
+      if ((k & 63) == 0) _mm_prefetch((const char *)PF_WRAP(wr, k, d, K), _MM_HINT_T0);
       a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)wr))), x0, a[r]);
       a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wr + 16)))),
                              x1, a[r]);
+    }
+  }
+  for (int r = 0; r < 4; r++) out[r] = _mm512_reduce_add_ps(a[r]);
+}
+#endif
+
+#if defined(PF_AVX512) && defined(__AVX512VNNI__)
+/* VNNI: x quantized to int8 per block of 64 (symmetric, scale max|x| / 127, as llama.cpp's Q8 activations), then
+   one vpdpbusd per 64 weight bytes, where the fp32 path needs 12 conversions and FMAs. vpdpbusd multiplies
+   unsigned by signed bytes, so the weight goes in as w ^ 0x80 = w + 128 and 128 * sum(xq * scale), the same
+   for every row, is taken off at the end. */
+#define PF_QBLOCK 64
+typedef struct {
+  int8_t *q;
+  float *scale, *offset; /* per block; per row of x: 128 * sum over blocks of scale * sum(q) */
+} QuantX;
+
+static void quantize_x(const float *x, int M, int K, QuantX *s) {
+  int blocks = K / PF_QBLOCK;
+  s->q = aligned_alloc(64, (size_t)M * K);
+  s->scale = malloc((size_t)M * blocks * 4);
+  s->offset = malloc((size_t)M * 4);
+  for (int m = 0; m < M; m++) {
+    double off = 0.;
+    for (int b = 0; b < blocks; b++) {
+      const float *xb = x + (size_t)m * K + (size_t)b * PF_QBLOCK;
+      __m512 mx = _mm512_setzero_ps();
+      for (int i = 0; i < PF_QBLOCK; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xb + i)));
+      float amax = _mm512_reduce_max_ps(mx), scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      int8_t *qb = s->q + (size_t)m * K + (size_t)b * PF_QBLOCK;
+      int32_t total = 0;
+      for (int i = 0; i < PF_QBLOCK; i += 16) {
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), _mm512_set1_ps(inv))); /* nearest even */
+        total += _mm512_reduce_add_epi32(v);
+        _mm_storeu_si128((__m128i *)(qb + i), _mm512_cvtsepi32_epi8(v));
+      }
+      s->scale[(size_t)m * blocks + b] = scale;
+      off += 128. * scale * total;
+    }
+    s->offset[m] = (float)off;
+  }
+}
+
+static void free_quant(QuantX *s) { free(s->q); free(s->scale); free(s->offset); }
+
+static void dot4_int8_vnni(const int8_t *w, size_t K, const int8_t *xq, const float *xs, float *out) {
+  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  const size_t d = PF_AHEAD / 2;
+  for (size_t k = 0; k < K; k += PF_QBLOCK) {
+    __m512i xv = _mm512_load_si512(xq + k);
+    __m512 s = _mm512_set1_ps(xs[k / PF_QBLOCK]);
+    for (int r = 0; r < 4; r++) {
+      const int8_t *wr = w + r * K + k;
+      _mm_prefetch((const char *)PF_WRAP(wr, k, d, K), _MM_HINT_T0);
+      __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(_mm512_loadu_si512(wr), flip), xv);
+      a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, a[r]);
     }
   }
   for (int r = 0; r < 4; r++) out[r] = _mm512_reduce_add_ps(a[r]);
@@ -110,16 +205,35 @@ void pf_int8_gemv(const int8_t *w, const uint16_t *scale, const void *x_act, con
                   int M, int N, int K, int threads) {
   float *x = load_acts(x_act, act_bf16, (size_t)M * K);
   int quads = 0;
+#if defined(PF_AVX512) && defined(__AVX512VNNI__)
+  if (K % PF_QBLOCK == 0) {
+    QuantX q;
+    quantize_x(x, M, K, &q);
+    quads = N / 4;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk_of(quads, threads))
+    for (int r = 0; r < quads; r++)
+      for (int m = 0; m < M; m++) {
+        float d[4];
+        dot4_int8_vnni(w + (size_t)4 * r * K, K, q.q + (size_t)m * K, q.scale + (size_t)m * (K / PF_QBLOCK), d);
+        for (int i = 0; i < 4; i++)
+          store_act(y, act_bf16, (size_t)m * N + 4 * r + i, bf16_to_f32(scale[4 * r + i]) * (d[i] - q.offset[m]), bias,
+                    4 * r + i);
+      }
+    free_quant(&q);
+  }
+#endif
 #ifdef PF_AVX512
-  if (K % 32 == 0) quads = N / 4;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int r = 0; r < quads; r++)
-    for (int m = 0; m < M; m++) {
-      float d[4];
-      dot4_int8(w + (size_t)4 * r * K, K, x + (size_t)m * K, d);
-      for (int i = 0; i < 4; i++)
-        store_act(y, act_bf16, (size_t)m * N + 4 * r + i, bf16_to_f32(scale[4 * r + i]) * d[i], bias, 4 * r + i);
-    }
+  if (K % 32 == 0 && quads == 0) {
+    quads = N / 4;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk_of(quads, threads))
+    for (int r = 0; r < quads; r++)
+      for (int m = 0; m < M; m++) {
+        float d[4];
+        dot4_int8(w + (size_t)4 * r * K, K, x + (size_t)m * K, d);
+        for (int i = 0; i < 4; i++)
+          store_act(y, act_bf16, (size_t)m * N + 4 * r + i, bf16_to_f32(scale[4 * r + i]) * d[i], bias, 4 * r + i);
+      }
+  }
 #endif
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int n = 4 * quads; n < N; n++) {
@@ -131,6 +245,12 @@ void pf_int8_gemv(const int8_t *w, const uint16_t *scale, const void *x_act, con
 }
 
 /* ---- bf16 rows (one-row decode of a bf16 model) ----------------------------------------------------- */
+#ifdef PF_AVX512
+static inline __m512 bf16x16(const uint16_t *p) { /* 16 bf16 to fp32: a widening and a shift */
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+#endif
+
 static float dot_bf16(const uint16_t *w, const float *x32, const uint16_t *x16, int K) {
   int k = 0;
   float acc = 0.f;
@@ -143,28 +263,44 @@ static float dot_bf16(const uint16_t *w, const float *x32, const uint16_t *x16, 
     a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + k + 32), (__m512bh)_mm512_loadu_si512(x16 + k + 32));
   }
   acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif defined(PF_AVX512)
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+  for (; k + 32 <= K; k += 32) {
+    a0 = _mm512_fmadd_ps(bf16x16(w + k), _mm512_loadu_ps(x32 + k), a0);
+    a1 = _mm512_fmadd_ps(bf16x16(w + k + 16), _mm512_loadu_ps(x32 + k + 16), a1);
+  }
+  acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 #endif
+  (void)x16;
   for (; k < K; k++) acc += bf16_to_f32(w[k]) * x32[k];
   return acc;
 }
 
-#ifdef __AVX512BF16__
-/* four rows at once: four independent streams keep more cache-line misses in flight than one */
-static void dot4_bf16(const uint16_t *w, size_t K, const uint16_t *x16, float *out) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+#define PF_BF16_AHEAD 2048 /* bytes ahead of each of the quad's four rows (8 KB per thread in flight) */
+#ifdef PF_AVX512
+/* four rows at once: four independent streams keep more cache-line misses in flight than one; with AVX512-BF16
+   one vdpbf16ps per 64 bytes (x rounded to bf16), else widened to fp32 (x as it is) */
+static void dot4_bf16(const uint16_t *w, size_t K, const float *x32, const uint16_t *x16, float *out) {
+  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  const size_t d = PF_BF16_AHEAD / 2;
   for (size_t k = 0; k < K; k += 32) {
+#ifdef __AVX512BF16__
     __m512bh x = (__m512bh)_mm512_loadu_si512(x16 + k);
-    _mm_prefetch((const char *)(w + k + PF_AHEAD / 2), _MM_HINT_T0);
-    _mm_prefetch((const char *)(w + K + k + PF_AHEAD / 2), _MM_HINT_T0);
-    _mm_prefetch((const char *)(w + 2 * K + k + PF_AHEAD / 2), _MM_HINT_T0);
-    _mm_prefetch((const char *)(w + 3 * K + k + PF_AHEAD / 2), _MM_HINT_T0);
-    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + k), x);
-    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + K + k), x);
-    a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w + 2 * K + k), x);
-    a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w + 3 * K + k), x);
+#else
+    __m512 x0 = _mm512_loadu_ps(x32 + k), x1 = _mm512_loadu_ps(x32 + k + 16);
+#endif
+    for (int r = 0; r < 4; r++) {
+      const uint16_t *wr = w + r * K + k;
+      _mm_prefetch((const char *)PF_WRAP(wr, k, d, K), _MM_HINT_T0);
+#ifdef __AVX512BF16__
+      a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_loadu_si512(wr), x);
+#else
+      a[r] = _mm512_fmadd_ps(bf16x16(wr + 16), x1, _mm512_fmadd_ps(bf16x16(wr), x0, a[r]));
+#endif
+    }
   }
-  out[0] = _mm512_reduce_add_ps(a0); out[1] = _mm512_reduce_add_ps(a1);
-  out[2] = _mm512_reduce_add_ps(a2); out[3] = _mm512_reduce_add_ps(a3);
+  (void)x32; (void)x16;
+  for (int r = 0; r < 4; r++) out[r] = _mm512_reduce_add_ps(a[r]);
 }
 #endif
 
@@ -174,13 +310,13 @@ void pf_bf16_gemv(const uint16_t *w, const void *x_act, const void *bias, void *
   uint16_t *x16 = malloc((size_t)M * K * 2);
   for (size_t i = 0; i < (size_t)M * K; i++) x16[i] = f32_to_bf16(x[i]);
   int quads = 0;
-#ifdef __AVX512BF16__
+#ifdef PF_AVX512
   if (K % 32 == 0) quads = N / 4;
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk_of(quads, threads))
   for (int r = 0; r < quads; r++)
     for (int m = 0; m < M; m++) {
       float d[4];
-      dot4_bf16(w + (size_t)4 * r * K, K, x16 + (size_t)m * K, d);
+      dot4_bf16(w + (size_t)4 * r * K, K, x + (size_t)m * K, x16 + (size_t)m * K, d);
       for (int i = 0; i < 4; i++) store_act(y, act_bf16, (size_t)m * N + 4 * r + i, d[i], bias, 4 * r + i);
     }
 #endif
@@ -603,12 +739,12 @@ void pf_f32_gemv(const float *w, const void *x_act, const void *bias, void *y, i
    them, so this follows model.py's decode path step for step (GEMV/GEMM sums in another order, as the
    native kernels' already are). */
 typedef struct {
-  int kind; /* 0 bf16, 1 fp32, 2 int8, 3 int4 */
+  int kind; /* PF_KIND_* */
   int n, k, group;
   const void *w;
   const uint16_t *scale, *zero;
   const void *bias;      /* activation dtype, or NULL */
-  const uint16_t *amx;   /* bf16 only: pf_amx_pack's copy for B > 1, or NULL */
+  const uint16_t *packed; /* bf16 only: pf_bf16_pack's copy for B > 1 (the AMX or AVX512-BF16 GEMM), or NULL */
 } PfLinear;
 
 typedef struct {
@@ -619,7 +755,7 @@ typedef struct {
 
 typedef struct {
   int num_layers, hidden, heads, kv_heads, head_dim, rotary_dim, inter;
-  int rms, act, parallel, gated, act_bf16; /* act: 0 tanh-GELU, 1 SiLU, 2 erf-GELU */
+  int rms, act, parallel, gated, act_bf16; /* act: PF_ACT_* */
   float eps, attn_scale;
   int64_t cache_sb, cache_sh, cache_st;
 } PfModel;
@@ -632,17 +768,17 @@ static inline void st(void *p, int bf, size_t i, float v) { /* stores round to t
   else ((float *)p)[i] = v;
 }
 
-void pf_bf16_gemm_amx(const uint16_t *packed, const void *x_act, const void *bias, void *y, int act_bf16, int M, int N,
-                      int K, int threads);
+void pf_bf16_gemm(const uint16_t *packed, const void *x_act, const void *bias, void *y, int act_bf16, int M, int N,
+                  int K, int threads);
 
 static void linear(const PfLinear *l, const void *x, void *y, int rows, int bf, int threads) {
   switch (l->kind) {
-  case 0:
-    if (rows > 1 && l->amx) pf_bf16_gemm_amx(l->amx, x, l->bias, y, bf, rows, l->n, l->k, threads);
+  case PF_KIND_BF16:
+    if (rows > 1 && l->packed) pf_bf16_gemm(l->packed, x, l->bias, y, bf, rows, l->n, l->k, threads);
     else pf_bf16_gemv(l->w, x, l->bias, y, bf, rows, l->n, l->k, threads);
     break;
-  case 1: pf_f32_gemv(l->w, x, l->bias, y, bf, rows, l->n, l->k, threads); break;
-  case 2: pf_int8_gemv(l->w, l->scale, x, l->bias, y, bf, rows, l->n, l->k, threads); break;
+  case PF_KIND_F32: pf_f32_gemv(l->w, x, l->bias, y, bf, rows, l->n, l->k, threads); break;
+  case PF_KIND_INT8: pf_int8_gemv(l->w, l->scale, x, l->bias, y, bf, rows, l->n, l->k, threads); break;
   default: pf_int4_gemv(l->w, l->scale, l->zero, x, l->bias, y, bf, rows, l->n, l->k, l->group, threads);
   }
 }
@@ -668,8 +804,8 @@ static void norm(const PfModel *m, const void *w, const void *b, const void *x, 
 }
 
 static inline float activate(int act, float v) {
-  if (act == 1) return v / (1.f + expf(-v));
-  if (act == 2) return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+  if (act == PF_ACT_SILU) return v / (1.f + expf(-v));
+  if (act == PF_ACT_GELU_ERF) return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
   return 0.5f * v * (1.f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
 }
 
@@ -689,7 +825,7 @@ static inline void store16(void *p, int bf, size_t i, __m512 v) { /* v already r
 
 static inline __m512 activate16(int act, __m512 v) { /* SiLU and tanh-GELU through exp16 (~1 ulp) */
   const __m512 one = _mm512_set1_ps(1.f);
-  if (act == 1) return _mm512_div_ps(v, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+  if (act == PF_ACT_SILU) return _mm512_div_ps(v, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
   __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.79788456080286536f),
                            _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), v), _mm512_mul_ps(v, v), v));
   __m512 t = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(one, exp16(_mm512_add_ps(u, u)))));
@@ -702,7 +838,7 @@ static inline __m512 activate16(int act, __m512 v) { /* SiLU and tanh-GELU throu
 static void act_row(int act, int gated, int bf, const void *in, void *out, int n) {
   int i = 0;
 #ifdef PF_AVX512
-  if (act != 2)
+  if (act != PF_ACT_GELU_ERF)
     for (; i + 16 <= n; i += 16) {
       __m512 a = round16(bf, activate16(act, load16(in, i, bf)));
       store16(out, bf, i, round16(bf, gated ? _mm512_mul_ps(a, load16(in, (size_t)n + i, bf)) : a));
@@ -839,23 +975,20 @@ int pf_amx_available(void) { /* built with AMX and the kernel grants this proces
 #endif
 }
 
-/* w [N, K] bf16 -> [N/16][K/2][16][2]: element (n, k) at ((n/16 * K/2 + k/2) * 16 + n%16) * 2 + k%2 */
-void pf_amx_pack(const uint16_t *w, uint16_t *out, int N, int K, int threads) {
+/* w [N, K] bf16 -> [N/16][K/2][16][2]: element (n, k) at ((n/16 * K/2 + k/2) * 16 + n%16) * 2 + k%2; N % 16 == 0,
+   K even. Each block of 16 output columns is one contiguous stream, 64 bytes per pair of k: one AMX B-tile row,
+   one vdpbf16ps operand. */
+void pf_bf16_pack(const uint16_t *w, uint16_t *out, int N, int K, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int n = 0; n < N; n++)
     for (int k = 0; k < K; k++)
       out[(((size_t)(n / 16) * (K / 2) + k / 2) * 16 + n % 16) * 2 + (k & 1)] = w[(size_t)n * K + k];
 }
 
-/* y [M, N] = x [M, K] W^T (+ bias) for W packed by pf_amx_pack; N % 32 == K % 32 == 0; callers check
-   pf_amx_available() first */
-void pf_bf16_gemm_amx(const uint16_t *packed, const void *x_act, const void *bias, void *y, int act_bf16, int M, int N,
-                      int K, int threads) {
 #ifdef PF_AMX
-  int padded = (M + 15) / 16 * 16;
-  uint16_t *x16 = calloc((size_t)padded * K, 2);
-  for (size_t i = 0; i < (size_t)M * K; i++)
-    x16[i] = act_bf16 ? ((const uint16_t *)x_act)[i] : f32_to_bf16(((const float *)x_act)[i]);
+/* y = x W^T on AMX; N % 32 == K % 32 == 0 */
+static void gemm_amx(const uint16_t *packed, const uint16_t *x16, const void *bias, void *y, int act_bf16, int M,
+                     int padded, int N, int K, int threads) {
 #pragma omp parallel num_threads(threads)
   {
     TileConfig cfg;
@@ -864,7 +997,7 @@ void pf_bf16_gemm_amx(const uint16_t *packed, const void *x_act, const void *bia
     for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
     _tile_loadconfig(&cfg);
     float c[32 * 32];
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int p = 0; p < N / 32; p++) {
       const uint16_t *b0 = packed + (size_t)2 * p * K * 16, *b1 = b0 + (size_t)K * 16;
       for (int m0 = 0; m0 < padded; m0 += 32) {
@@ -874,9 +1007,198 @@ void pf_bf16_gemm_amx(const uint16_t *packed, const void *x_act, const void *bia
     }
     _tile_release();
   }
-  free(x16);
-#else
-  (void)packed; (void)x_act; (void)bias; (void)y; (void)act_bf16; (void)M; (void)N; (void)K; (void)threads;
-  abort();
+}
 #endif
+
+#if defined(PF_AVX512) && defined(__AVX512BF16__)
+/* The same GEMM without AMX: a register tile of MR rows x NB blocks of 16 columns (8 x 3: 24 fp32 accumulators,
+   3 weight vectors, a broadcast), one vdpbf16ps per (row, block, pair of k). Per k pair it loads NB weight
+   vectors and MR broadcast pairs of x for MR * NB dot products, so the weight streams once from DRAM per group
+   of 48 columns while every 8-row tile of x passes over it from L2. */
+#define PF_MR 8
+#define PF_NB 3
+static inline __attribute__((always_inline)) void tile_bf16(const uint32_t *x2, size_t K2, const uint16_t *wb,
+                                                            size_t bstride, const void *bias, void *y, int bf,
+                                                            size_t N, int n0, const int mr, const int nb) {
+  __m512 c[PF_MR * PF_NB];
+#pragma GCC unroll 24
+  for (int i = 0; i < mr * nb; i++) c[i] = _mm512_setzero_ps();
+  for (size_t p = 0; p < K2; p++) {
+    __m512bh w[PF_NB];
+#pragma GCC unroll 3
+    for (int b = 0; b < nb; b++) {
+      const uint16_t *at = wb + b * bstride + p * 32;
+      _mm_prefetch((const char *)(at + 1024), _MM_HINT_T0); /* 2 KB ahead in each block's stream */
+      w[b] = (__m512bh)_mm512_loadu_si512(at);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) {
+      __m512bh xb = (__m512bh)_mm512_set1_epi32((int)x2[i * K2 + p]);
+#pragma GCC unroll 3
+      for (int b = 0; b < nb; b++) c[i * nb + b] = _mm512_dpbf16_ps(c[i * nb + b], w[b], xb);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < mr; i++)
+#pragma GCC unroll 3
+    for (int b = 0; b < nb; b++) {
+      __m512 v = c[i * nb + b];
+      int n = n0 + 16 * b;
+      if (bias) v = _mm512_add_ps(v, load16(bias, (size_t)n, bf));
+      if (bf) _mm256_storeu_si256((__m256i *)((uint16_t *)y + i * N + n), (__m256i)_mm512_cvtneps_pbh(v));
+      else _mm512_storeu_ps((float *)y + i * N + n, v);
+    }
+}
+
+#define PF_TILE(MR, NB) \
+  case MR * 4 + NB: tile_bf16(x2, K2, wb, bstride, bias, yr, bf, N, n0, MR, NB); break;
+#define PF_TILES(MR) PF_TILE(MR, 1) PF_TILE(MR, 2) PF_TILE(MR, 3)
+
+static void gemm_avx512bf16(const uint16_t *packed, const uint16_t *x16, const void *bias, void *y, int bf, int M,
+                            int N, int K, int threads) {
+  size_t K2 = (size_t)K / 2, bstride = (size_t)K * 16;
+  int blocks = N / 16, groups = (blocks + PF_NB - 1) / PF_NB;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int g = 0; g < groups; g++) {
+    int nb = blocks - g * PF_NB < PF_NB ? blocks - g * PF_NB : PF_NB, n0 = g * PF_NB * 16;
+    const uint16_t *wb = packed + (size_t)g * PF_NB * bstride;
+    for (int m0 = 0; m0 < M; m0 += PF_MR) {
+      int mr = M - m0 < PF_MR ? M - m0 : PF_MR;
+      const uint32_t *x2 = (const uint32_t *)(x16 + (size_t)m0 * K);
+      void *yr = (char *)y + (size_t)m0 * N * (bf ? 2 : 4);
+      switch (mr * 4 + nb) {
+        PF_TILES(1) PF_TILES(2) PF_TILES(3) PF_TILES(4) PF_TILES(5) PF_TILES(6) PF_TILES(7) PF_TILES(8)
+      }
+    }
+  }
+}
+#endif
+
+/* the plain path over the packed layout (builds without AVX512-BF16; Python packs only where a vector GEMM is) */
+static void gemm_plain(const uint16_t *packed, const uint16_t *x16, const void *bias, void *y, int bf, int M, int N,
+                       int K, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int n = 0; n < N; n++) {
+    const uint16_t *blk = packed + (size_t)(n / 16) * K * 16 + (n % 16) * 2;
+    for (int m = 0; m < M; m++) {
+      float acc = 0.f;
+      for (int k = 0; k < K; k++) acc += bf16_to_f32(blk[(size_t)(k / 2) * 32 + (k & 1)]) * bf16_to_f32(x16[(size_t)m * K + k]);
+      store_act(y, bf, (size_t)m * N + n, acc, bias, n);
+    }
+  }
+}
+
+int pf_bf16_gemm_path(int N, int K) { /* which GEMM pf_bf16_gemm takes for this shape: 2 AMX, 1 AVX512-BF16, 0 plain */
+#ifdef PF_AMX
+  if (pf_amx_available() && N % 32 == 0 && K % 32 == 0) return 2;
+#endif
+#if defined(PF_AVX512) && defined(__AVX512BF16__)
+  return 1;
+#endif
+  (void)N; (void)K;
+  return 0;
+}
+
+/* y [M, N] = x [M, K] W^T (+ bias) for W packed by pf_bf16_pack (N % 16 == 0, K even), x rounded to bf16,
+   accumulated in fp32 (sums in another order than F.linear's: not bitwise its result) */
+void pf_bf16_gemm(const uint16_t *packed, const void *x_act, const void *bias, void *y, int act_bf16, int M, int N,
+                  int K, int threads) {
+  int path = pf_bf16_gemm_path(N, K), padded = path == 2 ? (M + 15) / 16 * 16 : M;
+  uint16_t *x16 = calloc((size_t)padded * K, 2);
+  for (size_t i = 0; i < (size_t)M * K; i++)
+    x16[i] = act_bf16 ? ((const uint16_t *)x_act)[i] : f32_to_bf16(((const float *)x_act)[i]);
+#ifdef PF_AMX
+  if (path == 2) gemm_amx(packed, x16, bias, y, act_bf16, M, padded, N, K, threads);
+#endif
+#if defined(PF_AVX512) && defined(__AVX512BF16__)
+  if (path == 1) gemm_avx512bf16(packed, x16, bias, y, act_bf16, M, N, K, threads);
+#endif
+  if (path == 0) gemm_plain(packed, x16, bias, y, act_bf16, M, N, K, threads);
+  free(x16);
+}
+
+/* ---- memory read bandwidth ------------------------------------------------------------------------ */
+/* The decode speed limit's denominator: the best bytes/s of a streaming read of `bytes` over `threads`, each
+   reading its own contiguous slice with the widest loads this build has, plainly, with software prefetch, or
+   with non-temporal loads; on 2 MB pages where huge (madvise, the kernel may decline). Best of `repeats`. */
+double pf_read_bandwidth(size_t bytes, int method, int huge, int threads, int repeats) {
+  size_t align = (size_t)1 << 21;
+  bytes = (bytes + align - 1) / align * align;
+  char *buf = aligned_alloc(align, bytes);
+  if (!buf) return 0.;
+  if (huge) madvise(buf, bytes, MADV_HUGEPAGE);
+  memset(buf, 1, bytes);
+  double best = 1e30;
+  volatile uint64_t sink = 0;
+  for (int r = 0; r < repeats; r++) {
+    uint64_t total = 0;
+    double t0 = omp_get_wtime();
+#pragma omp parallel num_threads(threads) reduction(^ : total)
+    {
+      int t = omp_get_thread_num(), n = omp_get_num_threads();
+      size_t slice = bytes / n / 256 * 256;
+      const char *p = buf + (size_t)t * slice, *end = p + slice;
+#ifdef PF_AVX512
+      __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+      for (; p < end; p += 256) {
+        if (method == PF_READ_PREFETCH)
+          for (int l = 0; l < 256; l += 64) _mm_prefetch(p + 4096 + l, _MM_HINT_T0);
+        if (method == PF_READ_STREAM) {
+          a0 = _mm512_xor_si512(a0, _mm512_stream_load_si512((void *)p));
+          a1 = _mm512_xor_si512(a1, _mm512_stream_load_si512((void *)(p + 64)));
+          a2 = _mm512_xor_si512(a2, _mm512_stream_load_si512((void *)(p + 128)));
+          a3 = _mm512_xor_si512(a3, _mm512_stream_load_si512((void *)(p + 192)));
+        } else {
+          a0 = _mm512_xor_si512(a0, _mm512_load_si512(p));
+          a1 = _mm512_xor_si512(a1, _mm512_load_si512(p + 64));
+          a2 = _mm512_xor_si512(a2, _mm512_load_si512(p + 128));
+          a3 = _mm512_xor_si512(a3, _mm512_load_si512(p + 192));
+        }
+      }
+      total ^= (uint64_t)_mm512_reduce_add_epi64(_mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3)));
+#else
+      uint64_t a[8] = {0};
+      for (; p < end; p += 64) {
+#if defined(__GNUC__)
+        if (method == PF_READ_PREFETCH) __builtin_prefetch(p + 4096);
+#endif
+        for (int i = 0; i < 8; i++) a[i] ^= ((const uint64_t *)p)[i];
+      }
+      for (int i = 0; i < 8; i++) total ^= a[i];
+#endif
+    }
+    double dt = omp_get_wtime() - t0;
+    sink ^= total;
+    if (dt < best) best = dt;
+  }
+  free(buf);
+  return (double)bytes / best;
+}
+
+/* ---- ABI self-description ------------------------------------------------------------------------- */
+/* "Struct:size,field@offset,...;ENUM=value;..." for kernels/abi.py to compare with its ctypes declarations */
+const char *pf_abi(void) {
+  static char buf[4096];
+  if (buf[0]) return buf;
+  int n = 0;
+#define PF_S(T) n += snprintf(buf + n, sizeof buf - n, "%s%s:%zu", n ? ";" : "", #T, sizeof(T))
+#define PF_F(T, f) n += snprintf(buf + n, sizeof buf - n, ",%s@%zu", #f, offsetof(T, f))
+#define PF_E(e) n += snprintf(buf + n, sizeof buf - n, ";%s=%d", #e, (int)(e))
+  PF_S(PfLinear); PF_F(PfLinear, kind); PF_F(PfLinear, n); PF_F(PfLinear, k); PF_F(PfLinear, group);
+  PF_F(PfLinear, w); PF_F(PfLinear, scale); PF_F(PfLinear, zero); PF_F(PfLinear, bias); PF_F(PfLinear, packed);
+  PF_S(PfLayer); PF_F(PfLayer, norm1_w); PF_F(PfLayer, norm1_b); PF_F(PfLayer, norm2_w); PF_F(PfLayer, norm2_b);
+  PF_F(PfLayer, qkv); PF_F(PfLayer, proj); PF_F(PfLayer, fc); PF_F(PfLayer, down); PF_F(PfLayer, k_cache);
+  PF_F(PfLayer, v_cache);
+  PF_S(PfModel); PF_F(PfModel, num_layers); PF_F(PfModel, hidden); PF_F(PfModel, heads); PF_F(PfModel, kv_heads);
+  PF_F(PfModel, head_dim); PF_F(PfModel, rotary_dim); PF_F(PfModel, inter); PF_F(PfModel, rms); PF_F(PfModel, act);
+  PF_F(PfModel, parallel); PF_F(PfModel, gated); PF_F(PfModel, act_bf16); PF_F(PfModel, eps);
+  PF_F(PfModel, attn_scale); PF_F(PfModel, cache_sb); PF_F(PfModel, cache_sh); PF_F(PfModel, cache_st);
+  PF_E(PF_KIND_BF16); PF_E(PF_KIND_F32); PF_E(PF_KIND_INT8); PF_E(PF_KIND_INT4);
+  PF_E(PF_ACT_GELU_TANH); PF_E(PF_ACT_SILU); PF_E(PF_ACT_GELU_ERF);
+  PF_E(PF_FEAT_AVX512); PF_E(PF_FEAT_AVX512_BF16); PF_E(PF_FEAT_AVX512_VNNI); PF_E(PF_FEAT_AMX); PF_E(PF_FEAT_AVX2);
+  PF_E(PF_READ_PLAIN); PF_E(PF_READ_PREFETCH); PF_E(PF_READ_STREAM);
+#undef PF_S
+#undef PF_F
+#undef PF_E
+  return buf;
 }

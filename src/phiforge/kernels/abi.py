@@ -1,0 +1,124 @@
+"""The C kernels' ABI as ctypes sees it: structs, enums and every entry point's signature.
+
+native.c describes its own structs (sizes, field offsets) and enums through ``pf_abi()``; ``check`` compares
+that with the declarations here when a build is loaded, so a field added on one side only fails at load
+with both descriptions in the message, never as a silently misread struct.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int
+_I64 = ctypes.c_int64
+_F = ctypes.c_float
+
+
+class Kind(enum.IntEnum):
+    """PfLinear.kind: how a projection's weight is stored."""
+
+    BF16 = 0
+    F32 = 1
+    INT8 = 2
+    INT4 = 3
+
+
+class Act(enum.IntEnum):
+    """PfModel.act: the MLP's activation."""
+
+    GELU_TANH = 0
+    SILU = 1
+    GELU_ERF = 2
+
+
+class Feat(enum.IntFlag):
+    """pf_features(): the vector paths a build has."""
+
+    AVX512 = 1
+    AVX512_BF16 = 2
+    AVX512_VNNI = 4
+    AMX = 8
+    AVX2 = 16
+
+
+class Read(enum.IntEnum):
+    """pf_read_bandwidth's methods."""
+
+    PLAIN = 0
+    PREFETCH = 1
+    STREAM = 2
+
+
+ENUMS = {"KIND": Kind, "ACT": Act, "FEAT": Feat, "READ": Read}
+
+
+class Linear(ctypes.Structure):
+    _fields_ = [("kind", _I), ("n", _I), ("k", _I), ("group", _I), ("w", _P), ("scale", _P), ("zero", _P),
+                ("bias", _P), ("packed", _P)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("norm1_w", _P), ("norm1_b", _P), ("norm2_w", _P), ("norm2_b", _P), ("qkv", Linear),
+                ("proj", Linear), ("fc", Linear), ("down", Linear), ("k_cache", _P), ("v_cache", _P)]
+
+
+class Model(ctypes.Structure):
+    _fields_ = ([(name, _I) for name in ("num_layers", "hidden", "heads", "kv_heads", "head_dim", "rotary_dim",
+                                         "inter", "rms", "act", "parallel", "gated", "act_bf16")]
+                + [("eps", _F), ("attn_scale", _F)]
+                + [(name, _I64) for name in ("cache_sb", "cache_sh", "cache_st")])
+
+
+STRUCTS = {"PfLinear": Linear, "PfLayer": Layer, "PfModel": Model}
+
+_GEMV = [_P, _P, _P, _P, _I, _I, _I, _I, _I]  # w, x, bias, y, act_bf16, M, N, K, threads
+_STRIDED = [_P, _I64, _I64]  # a [B, heads, D] tensor: pointer, row and head strides
+SIGNATURES: dict[str, tuple[object, list]] = {  # name: (restype, argtypes), every symbol Python calls
+    "pf_abi": (ctypes.c_char_p, []),
+    "pf_features": (_I, []),
+    "pf_amx_available": (_I, []),
+    "pf_bf16_gemv": (None, _GEMV),
+    "pf_f32_gemv": (None, _GEMV),
+    "pf_int8_gemv": (None, [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I]),
+    "pf_int4_gemv": (None, [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I]),
+    "pf_int8_dequant": (None, [_P, _P, _P, _I, _I, _I]),
+    "pf_int4_dequant": (None, [_P, _P, _P, _P, _I, _I, _I, _I]),
+    "pf_decode_attention": (None, _STRIDED * 3 + [_P, _P, _I, _P, _P, _P] + [_I] * 4 + [_I64] * 3
+                            + [_F, _P, _P, _I, _I]),
+    "pf_rms_norm_bf16": (None, [_P, _P, _P, _I, _I, _F, _I]),
+    "pf_decode_step": (None, [ctypes.POINTER(Model), ctypes.POINTER(Layer), _P, _I, _P, _P, _I64, _P, _P, _I]),
+    "pf_bf16_pack": (None, [_P, _P, _I, _I, _I]),
+    "pf_bf16_gemm": (None, _GEMV),
+    "pf_bf16_gemm_path": (_I, [_I, _I]),
+    "pf_read_bandwidth": (ctypes.c_double, [ctypes.c_size_t, _I, _I, _I, _I]),
+}
+
+
+def describe() -> str:
+    """What pf_abi() must return for these declarations."""
+    parts = []
+    for name, struct in STRUCTS.items():
+        fields = "".join(f",{f}@{getattr(struct, f).offset}" for f, _ in struct._fields_)
+        parts.append(f"{name}:{ctypes.sizeof(struct)}{fields}")
+    for prefix, values in ENUMS.items():
+        parts += [f"PF_{prefix}_{member.name}={int(member)}" for member in values]
+    return ";".join(parts)
+
+
+class AbiError(RuntimeError):
+    """A build whose structs, enums or symbols are not what the ctypes declarations say."""
+
+
+def bind(lib: ctypes.CDLL) -> None:
+    """Set every entry point's signature and check the C side's self-description; AbiError on a mismatch."""
+    for name, (restype, argtypes) in SIGNATURES.items():
+        try:
+            fn = getattr(lib, name)
+        except AttributeError as error:
+            raise AbiError(f"native kernels: the build lacks {name}") from error
+        fn.restype, fn.argtypes = restype, argtypes
+    got = lib.pf_abi().decode()
+    if sorted(got.split(";")) != sorted(describe().split(";")):
+        raise AbiError(f"native kernels: C ABI {got!r} differs from the ctypes declarations {describe()!r}")
