@@ -63,22 +63,44 @@ def best_seconds_interleaved(fns: dict[str, Callable[[], object]], repeats: int 
     return best
 
 
-def read_bandwidth(gigabytes: float = 1.0) -> float:
-    """Bytes/s of a streaming read: the decode speed limit's denominator.
+def read_bandwidth(gigabytes: float = 0.5) -> dict[str, float]:
+    """Bytes/s of streaming reads over ``gigabytes``: the decode speed limit's denominator, best of several methods.
 
-    The best of a float32 and a bfloat16 sum over ``gigabytes`` (a bf16 sum accumulating in float32 is
-    compute-bound here, so it would understate the memory)."""
-    rates = []
+    The native probe (kernels.read_bandwidth: the widest loads the build has, plainly, with software prefetch or
+    non-temporal, on 4 KB or 2 MB pages, on 1 and on all threads) and, for comparison, PyTorch's float32 and
+    bfloat16 sums. Returns each method's rate and ``"best"``. A bench's limit is the larger of this and the
+    best rate an engine reached in the same run (``limit``), so no fraction of it exceeds 1."""
+    from phiforge import kernels
+    from phiforge.kernels.abi import Read
+
+    nbytes, threads = int(gigabytes * 1e9), torch.get_num_threads()
+    rates = {}
     for dtype in (torch.float32, torch.bfloat16):
-        x = torch.ones(int(gigabytes * 1e9) // dtype.itemsize, dtype=dtype)
-        rates.append(x.numel() * dtype.itemsize / best_seconds(x.sum, repeats=3))
-    return max(rates)
+        x = torch.ones(nbytes // dtype.itemsize, dtype=dtype)
+        rates[f"torch_sum_{dtype}".replace("torch.", "")] = nbytes / best_seconds(x.sum, repeats=3)
+        del x
+    if kernels.available():
+        for method in Read:
+            for huge in (False, True):
+                for n in sorted({1, threads}):
+                    name = f"native_{method.name.lower()}{'_2mb_pages' if huge else ''}_{n}t"
+                    rates[name] = kernels.read_bandwidth(nbytes, method, huge, n, repeats=3)
+    rates["best"] = max(rates.values())
+    return rates
+
+
+def limit(probe: float, observed_bytes_per_s: list[float]) -> float:
+    """The bandwidth a fraction is taken of: the probe's, or what an engine moved if that was more."""
+    return max([probe, *observed_bytes_per_s])
 
 
 def machine() -> dict:
     import platform
 
-    return {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    from phiforge import kernels
+
+    return {"processor": platform.processor() or platform.machine(), "cpu": kernels.cpu()[0],
+            "threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 

@@ -10,16 +10,27 @@ parts:
   smollm    SmolLM2-135M (the embedded teacher): single stream, phiforge fp32/bf16/int8/int4 vs transformers fp32
   batched   SmolLM2-135M, 32 prompts x --batched-tokens new tokens, phiforge vs transformers generate with padding
   synth     SmolLM2-135M, --synth-prompts prompts x 256 tokens, the engine picks its batch (long: opt-in)
+
+With --llama-cpp BUILD_DIR (a llama.cpp build's bin/, e.g. cmake -B build -DGGML_NATIVE=ON && cmake --build build
+--target llama-bench llama-batched-bench llama-quantize, ~15 minutes on 2 cores) the same run also times llama.cpp
+on GGUFs of the same shapes: phiforge exports F16 (export_gguf), llama-quantize makes Q8_0 and Q4_0 from it, and
+llama-bench / llama-batched-bench time them (top-level "llama_cpp", ratios in "vs_llama_cpp"). Without it the
+part is skipped. The GGUFs are cached in --gguf-dir.
+
+    python bench/decode.py --parts single,smollm,batched --llama-cpp /work/cache/llama.cpp-build/bin
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import time
+from pathlib import Path
 
 import torch
-from common import best_seconds, left_padded, machine, random_phiforge, read_bandwidth, transformers_view
+from common import best_seconds, left_padded, limit, machine, random_phiforge, read_bandwidth, transformers_view
 
 from phiforge import kernels
 from phiforge.checkpoint import load_pretrained
@@ -72,15 +83,22 @@ def part_single(args: argparse.Namespace, bandwidth: float) -> dict:
         out["prefill_128_transformers_tokens_per_s"] = round(
             128 / best_seconds(lambda: reference(ids, logits_to_keep=1).logits), 1)
     reference = None  # free it before quantizing
+    rates = {}
     for label, bits in (("bf16", None), ("int8", 8), ("int4", 4)):
         if bits:  # quantize the same (seeded) float weights afresh, not the previous quantization
             model = quantize_model(random_phiforge(preset("phi-1.5"), torch.bfloat16), bits,
                                    group_size=args.group_size, keep_stored=False)
         engine = Engine(model, max_batch_size=1)
-        rate = decode_rate(engine, prompt, args.new_tokens)
-        limit = bandwidth / bytes_per_token(model)
-        out[label] = {"tokens_per_s": round(rate, 2), "limit_tokens_per_s": round(limit, 2),
-                      "fraction_of_limit": round(rate / limit, 3), "bytes_per_token": bytes_per_token(model)}
+        rates[label] = (decode_rate(engine, prompt, args.new_tokens), bytes_per_token(model))
+        engine = model = None
+    # the limit: the probe, or what the best engine moved if that was more (so no fraction exceeds 1)
+    top = limit(bandwidth, [rate * size for rate, size in rates.values()])
+    out["limit_GBps"] = round(top / 1e9, 2)
+    out["limit_from"] = "probe" if top == bandwidth else "best observed (above the probe)"
+    for label, (rate, size) in rates.items():
+        out[label] = {"tokens_per_s": round(rate, 2), "limit_tokens_per_s": round(top / size, 2),
+                      "fraction_of_limit": round(rate * size / top, 3), "bytes_per_token": size,
+                      "GBps": round(rate * size / 1e9, 2)}
     return out
 
 
@@ -153,6 +171,101 @@ def part_synth(args: argparse.Namespace) -> dict:
             "ratio": round(ours / hf_rate, 2)}
 
 
+def _llama_gguf(args: argparse.Namespace, name: str, make_model) -> dict[str, Path]:  # noqa: ANN001
+    """F16 (phiforge's export) and Q8_0 / Q4_0 (llama-quantize from it) of one model, cached in --gguf-dir."""
+    from phiforge import gguf_export
+
+    folder = Path(args.gguf_dir).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {q: folder / f"{name}-{q}.gguf" for q in ("f16", "q8_0", "q4_0")}
+    if not files["f16"].exists():
+        model, tokenizer = make_model()
+        # llama.cpp refuses tokenizer.ggml.pre = "gpt2" (what the export writes for a byte-level BPE until issue
+        # 21's fix): SmolLM2's pre-tokenizer is "smollm" there. Only the tokenizer metadata changes; llama-bench
+        # times random tokens, so the weights and shapes are what matter.
+        original = getattr(gguf_export, "_byte_level_pre", None)
+        if original is not None:
+            gguf_export._byte_level_pre = lambda spec: "smollm" if original(spec) == "gpt2" else original(spec)
+        try:
+            gguf_export.export_gguf(model, tokenizer, files["f16"], quant="f16", name=name)
+        finally:
+            if original is not None:
+                gguf_export._byte_level_pre = original
+        model = None
+    for q in ("q8_0", "q4_0"):
+        if not files[q].exists():
+            tmp = files[q].with_suffix(".tmp")
+            subprocess.run([str(Path(args.llama_cpp) / "llama-quantize"), str(files["f16"]), str(tmp), q.upper(),
+                            str(torch.get_num_threads())], check=True, capture_output=True)
+            os.replace(tmp, files[q])
+    return files
+
+
+def _llama_bench(args: argparse.Namespace, gguf: Path, prompt: int, gen: int) -> dict[str, float]:
+    """llama-bench's mean tokens/s of each test (pp<prompt>, tg<gen>) on this many threads."""
+    cmd = [str(Path(args.llama_cpp) / "llama-bench"), "-m", str(gguf), "-p", str(prompt), "-n", str(gen),
+           "-r", "3", "-t", str(torch.get_num_threads()), "-o", "json"]
+    runs = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    return {("pp" if r["n_prompt"] else "tg"): float(r["avg_ts"]) for r in runs}
+
+
+def _llama_batched(args: argparse.Namespace, gguf: Path, parallel: int, prompt: int, gen: int) -> dict[str, float]:
+    cmd = [str(Path(args.llama_cpp) / "llama-batched-bench"), "-m", str(gguf), "-c", str(parallel * (prompt + gen)),
+           "-b", "2048", "-ub", "512", "-npp", str(prompt), "-ntg", str(gen), "-npl", str(parallel),
+           "-t", str(torch.get_num_threads()), "--output-format", "jsonl"]
+    lines = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()
+    row = json.loads(next(line for line in lines if line.startswith("{") and '"speed_tg"' in line))
+    return {"new_tokens_per_s": parallel * gen / row["t"], "speed_tg": row["speed_tg"]}
+
+
+def part_llama_cpp(args: argparse.Namespace) -> dict:
+    """llama.cpp on the same shapes as the single, smollm and batched parts (same threads, same run)."""
+    if not (Path(args.llama_cpp) / "llama-bench").exists():
+        return {"skipped": f"no llama-bench in {args.llama_cpp}"}
+
+    def phi15():  # noqa: ANN202  the single part's model, the teacher's tokenizer (49152 of 51200 ids, padded)
+        return random_phiforge(preset("phi-1.5"), torch.bfloat16), load_pretrained(TEACHER, device="cpu")[1]
+
+    def smollm():  # noqa: ANN202
+        return load_pretrained(TEACHER, dtype=torch.float32, device="cpu")
+
+    out: dict = {"build": str(args.llama_cpp), "threads": torch.get_num_threads(),
+                 "gguf": "F16 written by phiforge's export_gguf, Q8_0/Q4_0 made from it by llama-quantize; "
+                         "tokenizer.ggml.pre written as 'smollm' (llama.cpp refuses 'gpt2')"}
+    files = _llama_gguf(args, "phi-1.5-random", phi15)
+    for q in ("f16", "q8_0", "q4_0"):
+        rates = _llama_bench(args, files[q], 128 if q == "f16" else 0, args.new_tokens)
+        out[f"{q}_tokens_per_s"] = round(rates["tg"], 2)
+        if "pp" in rates:
+            out["prefill_128_f16_tokens_per_s"] = round(rates["pp"], 1)
+    files = _llama_gguf(args, "smollm2-135m", smollm)
+    for q in ("f16", "q8_0", "q4_0"):
+        out[f"smollm2_{q}_tokens_per_s"] = round(_llama_bench(args, files[q], 0, args.new_tokens)["tg"], 1)
+    batched = _llama_batched(args, files["f16"], 32, 32, args.batched_tokens)
+    out["smollm2_batched32_f16_tokens_per_s"] = round(batched["new_tokens_per_s"], 1)
+    out["smollm2_batched32_f16_speed_tg"] = round(batched["speed_tg"], 1)
+    return out
+
+
+def versus_llama_cpp(result: dict) -> dict:
+    """phiforge / llama.cpp for each pair of the same shape and (nearest) precision measured in this run."""
+    ll, pairs = result["llama_cpp"], {}
+    single, smollm, batched = result.get("single", {}), result.get("smollm", {}), result.get("batched", {})
+    for ours, theirs in (("bf16", "f16"), ("int8", "q8_0"), ("int4", "q4_0")):
+        if ours in single:
+            pairs[f"phi15_{ours}_vs_{theirs}"] = single[ours]["tokens_per_s"] / ll[f"{theirs}_tokens_per_s"]
+        if f"phiforge_{ours}_tokens_per_s" in smollm:
+            pairs[f"smollm2_{ours}_vs_{theirs}"] = (smollm[f"phiforge_{ours}_tokens_per_s"]
+                                                    / ll[f"smollm2_{theirs}_tokens_per_s"])
+    if "prefill_128_phiforge_tokens_per_s" in single:
+        pairs["phi15_prefill_128_bf16_vs_f16"] = (single["prefill_128_phiforge_tokens_per_s"]
+                                                  / ll["prefill_128_f16_tokens_per_s"])
+    if "phiforge_tokens_per_s" in batched:
+        pairs["smollm2_batched32_bf16_vs_f16"] = (batched["phiforge_tokens_per_s"]
+                                                  / ll["smollm2_batched32_f16_tokens_per_s"])
+    return {name: round(value, 2) for name, value in pairs.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="single,smollm,batched")
@@ -161,16 +274,27 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--synth-prompts", type=int, default=512)
     parser.add_argument("--synth-batch", type=int, default=None, help="default: the engine picks")
+    parser.add_argument("--llama-cpp", default=None, metavar="BUILD_DIR",
+                        help="llama.cpp's bin/ (llama-bench, llama-batched-bench, llama-quantize); default: skipped")
+    parser.add_argument("--gguf-dir", default="~/.cache/phiforge/bench-gguf", help="where the GGUFs are cached")
     args = parser.parse_args()
-    parts = args.parts.split(",")
-    bandwidth = read_bandwidth()
-    result = {"benchmark": "decode", **machine(), "read_bandwidth_GBps": round(bandwidth / 1e9, 2),
+    parts = [part for part in args.parts.split(",") if part]
+    probe = read_bandwidth()
+    result = {"benchmark": "decode", **machine(), "read_bandwidth_GBps": round(probe["best"] / 1e9, 2),
+              "bandwidth_probe_GBps": {name: round(rate / 1e9, 2) for name, rate in probe.items()},
               "native_kernels": kernels.features() if kernels.available() else "off (PyTorch kernels)"}
-    runners = {"single": lambda: part_single(args, bandwidth), "smollm": lambda: part_smollm(args),
+    runners = {"single": lambda: part_single(args, probe["best"]), "smollm": lambda: part_smollm(args),
                "batched": lambda: part_batched(args), "synth": lambda: part_synth(args)}
     for name in parts:
         result[name] = runners[name]()
         print(json.dumps({name: result[name]}), flush=True)
+    if args.llama_cpp:
+        result["llama_cpp"] = part_llama_cpp(args)
+        print(json.dumps({"llama_cpp": result["llama_cpp"]}), flush=True)
+        if "skipped" not in result["llama_cpp"]:
+            result["vs_llama_cpp"] = versus_llama_cpp(result)
+    else:
+        result["llama_cpp"] = {"skipped": "no --llama-cpp BUILD_DIR"}
     print(json.dumps(result, indent=2))
 
 

@@ -235,7 +235,7 @@ void pf_int8_gemv(const int8_t *w, const uint16_t *scale, const void *x_act, con
       }
   }
 #endif
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(static) if (N - 4 * quads > 64)
   for (int n = 4 * quads; n < N; n++) {
     const int8_t *row = w + (size_t)n * K;
     float s = bf16_to_f32(scale[n]);
@@ -276,7 +276,9 @@ static float dot_bf16(const uint16_t *w, const float *x32, const uint16_t *x16, 
   return acc;
 }
 
+#ifndef PF_BF16_AHEAD
 #define PF_BF16_AHEAD 2048 /* bytes ahead of each of the quad's four rows (8 KB per thread in flight) */
+#endif
 #ifdef PF_AVX512
 /* four rows at once: four independent streams keep more cache-line misses in flight than one; with AVX512-BF16
    one vdpbf16ps per 64 bytes (x rounded to bf16), else widened to fp32 (x as it is) */
@@ -320,7 +322,7 @@ void pf_bf16_gemv(const uint16_t *w, const void *x_act, const void *bias, void *
       for (int i = 0; i < 4; i++) store_act(y, act_bf16, (size_t)m * N + 4 * r + i, d[i], bias, 4 * r + i);
     }
 #endif
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(static) if (N - 4 * quads > 64)
   for (int n = 4 * quads; n < N; n++)
     for (int m = 0; m < M; m++)
       store_act(y, act_bf16, (size_t)m * N + n,
@@ -460,7 +462,7 @@ void pf_int4_gemv(const uint8_t *w, const uint16_t *scale, const uint16_t *zero,
   fast = G == 32 && K % 64 == 0;
 #endif
   float offset = fast ? 136.f : 8.f;
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk_of(N, threads))
   for (int n = 0; n < N; n++) {
     const uint8_t *row = w + (size_t)n * (K / 2);
     const uint16_t *sc = scale + (size_t)n * groups, *ze = zero + (size_t)n * groups;
@@ -726,7 +728,7 @@ static float dot_f32(const float *w, const float *x, int K) {
 void pf_f32_gemv(const float *w, const void *x_act, const void *bias, void *y, int act_bf16, int M, int N, int K,
                  int threads) {
   float *x = load_acts(x_act, act_bf16, (size_t)M * K);
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk_of(N, threads))
   for (int n = 0; n < N; n++)
     for (int m = 0; m < M; m++) store_act(y, act_bf16, (size_t)m * N + n, dot_f32(w + (size_t)n * K, x + (size_t)m * K, K), bias, n);
   free(x);
