@@ -183,10 +183,13 @@ static void quantize_x(const float *x, int M, int K, QuantX *s) {
 
 static void free_quant(QuantX *s) { free(s->q); free(s->scale); free(s->offset); }
 
+#ifndef PF_INT8_AHEAD
+#define PF_INT8_AHEAD 2048 /* best of 0.5-8 KB on Zen 5, 2 threads (1-2 KB tie) */
+#endif
 static void dot4_int8_vnni(const int8_t *w, size_t K, const int8_t *xq, const float *xs, float *out) {
   __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   const __m512i flip = _mm512_set1_epi8((char)0x80);
-  const size_t d = PF_AHEAD / 2;
+  const size_t d = PF_INT8_AHEAD;
   for (size_t k = 0; k < K; k += PF_QBLOCK) {
     __m512i xv = _mm512_load_si512(xq + k);
     __m512 s = _mm512_set1_ps(xs[k / PF_QBLOCK]);
@@ -277,7 +280,7 @@ static float dot_bf16(const uint16_t *w, const float *x32, const uint16_t *x16, 
 }
 
 #ifndef PF_BF16_AHEAD
-#define PF_BF16_AHEAD 2048 /* bytes ahead of each of the quad's four rows (8 KB per thread in flight) */
+#define PF_BF16_AHEAD 1024 /* bytes ahead of each of the quad's four rows: best of 0.5-4 KB on Zen 5, 2 threads */
 #endif
 #ifdef PF_AVX512
 /* four rows at once: four independent streams keep more cache-line misses in flight than one; with AVX512-BF16
