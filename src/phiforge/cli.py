@@ -179,6 +179,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loadgen(args: argparse.Namespace) -> int:
+    from phiforge.data.synth.loadgen import from_args
+
+    from_args(args).serve_forever()
+    return 0
+
+
 def cmd_curate(args: argparse.Namespace) -> int:
     from phiforge.data.curate.pipeline import CurateConfig, run_curate
 
@@ -332,6 +339,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="synth TOML config (sections run, seeds, teacher, sampling, prompts, ...)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. run.num_documents=200 teacher.kind=openai")
     p.add_argument("--full-stats", action="store_true", help="also print the per-topic counts")
+
+    from phiforge.data.synth.loadgen import add_arguments as loadgen_arguments
+
+    p = add("loadgen", cmd_loadgen, "an OpenAI-compatible load generator on 127.0.0.1: instant deterministic "
+            "answers, optional injected faults; it stands in for a teacher fleet only to measure phiforge's overhead")
+    loadgen_arguments(p)
 
     p = add("curate", cmd_curate, "filter sharded documents: heuristics, dedup, benchmark decontamination, "
             "edu-value classifier (local processes or Ray); writes <output>/curated and stats.json")
