@@ -13,13 +13,14 @@ Both sit behind a ``RequestCache`` (SQLite) keyed by the request's content, so a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import random
 import sqlite3
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ class RequestCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # a cache: a power cut may lose the last entries, never corrupt
         self.db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         self.db.commit()
 
@@ -85,7 +87,12 @@ class RequestCache:
 
 
 class Teacher:
-    """Answers requests; subclasses implement ``_generate`` and ``identity``."""
+    """Answers requests; subclasses implement ``_ask`` (one request, awaited) and ``identity``.
+
+    ``ask`` is what the synth pipeline awaits per document step; ``generate`` is the blocking batch call.
+    Both run inside a session (``async with teacher.session()``) that owns the event-loop resources
+    (the HTTP client, the local engine's batcher).
+    """
 
     def __init__(self) -> None:
         self.cache: RequestCache | None = None
@@ -99,40 +106,57 @@ class Teacher:
         blob = json.dumps({"teacher": self.identity(), **asdict(request)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def generate(self, requests: Sequence[Request], on_done: OnDone | None = None) -> list[Result]:
-        """Answer every request; ``on_done(i, result)`` fires as each one completes (cache hits first)."""
-        results: list[Result | None] = [None] * len(requests)
-        missing = []
-        for i, request in enumerate(requests):
-            hit = self.cache.get(self.key(request)) if self.cache is not None else None
-            if hit is None:
-                missing.append(i)
-                continue
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[Teacher]:
+        yield self
+
+    async def ask(self, request: Request) -> Result:
+        """One request's result: from the cache, else from the teacher (then cached)."""
+        key = self.key(request) if self.cache is not None else ""
+        hit = self.cache.get(key) if self.cache is not None else None
+        if hit is not None:
             hit.cached = True
             self.stats["cache_hits"] += 1
-            results[i] = hit
-            if on_done:
-                on_done(i, hit)
+            return hit
+        result = await self._ask(request)
+        if self.cache is not None:
+            self.cache.put(key, result)
+        self.stats["completion_tokens"] += result.completion_tokens
+        return result
 
-        def done(j: int, result: Result) -> None:
-            i = missing[j]
-            if self.cache is not None:
-                self.cache.put(self.key(requests[i]), result)
-            self.stats["completion_tokens"] += result.completion_tokens
-            results[i] = result
-            if on_done:
-                on_done(i, result)
+    def generate(self, requests: Sequence[Request], on_done: OnDone | None = None) -> list[Result]:
+        """Answer every request; ``on_done(i, result)`` fires as each one completes."""
+        results: list[Result | None] = [None] * len(requests)
 
-        if missing:
-            self._generate([requests[i] for i in missing], done)
+        async def one(i: int) -> None:
+            results[i] = await self.ask(requests[i])
+            if on_done:
+                on_done(i, results[i])
+
+        async def main() -> None:
+            async with self.session():
+                await gather_or_cancel([one(i) for i in range(len(requests))])
+
+        asyncio.run(main())
         return results  # type: ignore[return-value]
 
-    def _generate(self, requests: list[Request], on_done: OnDone) -> None:
+    async def _ask(self, request: Request) -> Result:
         raise NotImplementedError
 
     def close(self) -> None:
         if self.cache is not None:
             self.cache.close()
+
+
+async def gather_or_cancel(coroutines: Sequence[Any]) -> None:
+    """Await all; a fatal error in one cancels the rest (what finished has already been handed on)."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # ---- local: phiforge's engine -------------------------------------------------------------------------
@@ -166,9 +190,53 @@ class LocalTeacher(Teacher):
         messages.append({"role": "user", "content": request.prompt})
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
 
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[Teacher]:
+        self._queue: list[tuple[Request, asyncio.Future[Result]]] = []
+        self._wake = asyncio.Event()
+        batcher = asyncio.ensure_future(self._batcher())
+        try:
+            yield self
+        finally:
+            batcher.cancel()
+            await asyncio.gather(batcher, return_exceptions=True)
+
+    async def _ask(self, request: Request) -> Result:
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._queue.append((request, future))
+        self._wake.set()
+        return await future
+
+    async def _batcher(self) -> None:
+        """Engine runs over whatever is queued when the engine is free.
+
+        Before taking a batch it lets every runnable document step queue its request (the queue stops
+        growing), so a batch is the same set of requests in the same order in every run of a config:
+        the documents do not depend on timing. Results are handed back as each row finishes.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            stable = 0
+            while stable < 4:
+                size = len(self._queue)
+                await asyncio.sleep(0)
+                stable = stable + 1 if len(self._queue) == size else 0
+            batch, self._queue = self._queue, []
+            self._wake.clear()
+
+            def finished(i: int, result: Result, batch: list = batch) -> None:
+                loop.call_soon_threadsafe(_resolve, batch[i][1], result)
+
+            try:
+                await loop.run_in_executor(None, self._generate, [r for r, _ in batch], finished)
+            except Exception as err:  # noqa: BLE001 - handed to every waiting step
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(err)
+
     def _generate(self, requests: list[Request], on_done: OnDone) -> None:
         from phiforge.generate import SamplingParams
-
         stops = tuple(self.tokenizer.stop_token_ids)
         prompts = [self.encode(r) for r in requests]
         params = [SamplingParams(max_new_tokens=r.sampling.max_new_tokens, temperature=r.sampling.temperature,
@@ -228,28 +296,20 @@ class OpenAITeacher(Teacher):
             body["prompt"] = request.system + request.prompt
         return body
 
-    def _generate(self, requests: list[Request], on_done: OnDone) -> None:
-        asyncio.run(self._run(requests, on_done))
-
-    async def _run(self, requests: list[Request], on_done: OnDone) -> None:
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[Teacher]:
         import httpx
 
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-        gate = asyncio.Semaphore(self.concurrency)
+        self._gate = asyncio.Semaphore(self.concurrency)
         async with httpx.AsyncClient(timeout=self.timeout, limits=limits, headers=headers) as client:
-            async def one(i: int) -> None:
-                async with gate:
-                    result = await self._with_retries(client, requests[i])
-                on_done(i, result)
+            self._client = client
+            yield self
 
-            tasks = [asyncio.ensure_future(one(i)) for i in range(len(requests))]
-            try:
-                await asyncio.gather(*tasks)
-            finally:  # a fatal error in one request: stop the rest (what finished is already handed back)
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+    async def _ask(self, request: Request) -> Result:
+        async with self._gate:
+            return await self._with_retries(self._client, request)
 
     async def _with_retries(self, client: Any, request: Request) -> Result:
         for attempt in range(self.max_retries + 1):
@@ -297,6 +357,11 @@ class OpenAITeacher(Teacher):
         usage = data.get("usage") or {}
         return Result(text.strip(), int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)),
                       str(choice.get("finish_reason") or ""))
+
+
+def _resolve(future: asyncio.Future[Result], result: Result) -> None:
+    if not future.done():  # a step cancelled by a fatal error elsewhere no longer waits
+        future.set_result(result)
 
 
 def _retry_after(value: str | None) -> float:
