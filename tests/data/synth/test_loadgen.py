@@ -29,15 +29,16 @@ def test_answers_have_the_requested_length_and_are_deterministic() -> None:
 
 
 def test_injected_faults_at_their_rates_are_retried_by_the_client() -> None:
-    faults = Faults(rate_429=0.1, rate_500=0.1, rate_timeout=0.05, rate_drop=0.1, rate_malformed=0.05, hang=0.5)
+    faults = Faults(rate_429=0.1, rate_500=0.1, rate_timeout=0.05, rate_drop=0.1, rate_malformed=0.05, hang=1.5)
     n = 200
     with LoadGenerator(faults=faults) as server:
-        teacher = OpenAITeacher(server.base_url, "m", timeout=0.25, backoff=0.001, backoff_max=0.01, max_retries=10,
+        teacher = OpenAITeacher(server.base_url, "m", timeout=0.75, backoff=0.001, backoff_max=0.01, max_retries=10,
                                 concurrency=32)
         results = teacher.generate([Request(f"p{i}", seed=i, sampling=Sampling(max_new_tokens=8)) for i in range(n)])
         assert len(results) == n and all(r.completion_tokens == 8 for r in results)
         seen = server.outcomes
-        assert seen["ok"] == n and all(seen[k] > 0 for k in ("429", "500", "timeout", "drop", "malformed")), seen
+        # >= n: on a loaded machine an answer may come after the client's timeout, and is asked again
+        assert seen["ok"] >= n and all(seen[k] > 0 for k in ("429", "500", "timeout", "drop", "malformed")), seen
         attempts = sum(seen.values())
         assert 0.25 < 1 - n / attempts < 0.55  # ~40% of attempts fail
         assert teacher.stats["requests"] == attempts
