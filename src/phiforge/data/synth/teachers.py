@@ -19,9 +19,10 @@ import json
 import os
 import random
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +60,15 @@ class Result:
 
 
 class RequestCache:
-    """Completed requests by content hash, in SQLite (atomic commits; safe to kill at any moment)."""
+    """Completed requests by content hash, in SQLite (atomic commits; safe to kill at any moment).
 
-    def __init__(self, path: str | Path) -> None:
+    Commits are grouped (every ``commit_every`` seconds, and on close): a kill loses at most that much of
+    the cache, whose only cost is asking again; the run's results themselves are in the synth journal.
+    """
+
+    def __init__(self, path: str | Path, commit_every: float = 1.0) -> None:
         self.path = Path(path)
+        self.commit_every, self.last_commit = commit_every, time.monotonic()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -75,14 +81,18 @@ class RequestCache:
         return Result(**json.loads(row[0])) if row else None
 
     def put(self, key: str, result: Result) -> None:
-        value = {k: v for k, v in asdict(result).items() if k != "cached"}
+        value = {"text": result.text, "prompt_tokens": result.prompt_tokens,
+                 "completion_tokens": result.completion_tokens, "finish_reason": result.finish_reason}
         self.db.execute("INSERT OR REPLACE INTO results VALUES (?, ?)", (key, json.dumps(value)))
-        self.db.commit()
+        if time.monotonic() - self.last_commit >= self.commit_every:
+            self.db.commit()
+            self.last_commit = time.monotonic()
 
     def __len__(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
 
     def close(self) -> None:
+        self.db.commit()
         self.db.close()
 
 
@@ -103,7 +113,8 @@ class Teacher:
         raise NotImplementedError
 
     def key(self, request: Request) -> str:
-        blob = json.dumps({"teacher": self.identity(), **asdict(request)}, sort_keys=True)
+        blob = json.dumps({"teacher": self.identity(), "prompt": request.prompt, "seed": request.seed,
+                           "sampling": vars(request.sampling), "system": request.system}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     @contextlib.asynccontextmanager
@@ -306,8 +317,9 @@ class OpenAITeacher(Teacher):
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=self.timeout)
         connector = aiohttp.TCPConnector(limit=self.concurrency)
         self._gate = asyncio.Semaphore(self.concurrency)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers,
-                                         trust_env=True) as client:
+        # trust_env off: with it aiohttp looks proxies up in a thread per request; a teacher fleet is on the
+        # cluster's own network
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as client:
             self._client = client
             yield self
 
