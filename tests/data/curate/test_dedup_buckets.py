@@ -34,7 +34,7 @@ def union_find_roots(n: int, edges: np.ndarray) -> np.ndarray:
 
 def test_components_match_union_find_and_star_edges_group_equal_keys() -> None:
     rng = np.random.default_rng(0)
-    for trial in range(20):
+    for _ in range(20):
         n = int(rng.integers(2, 300))
         edges = rng.integers(0, n, size=(int(rng.integers(1, 2 * n)), 2))
         nodes, roots = components(edges)

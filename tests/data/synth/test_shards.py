@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -37,8 +36,7 @@ min_words = 20
 
 def finished_in(out: Path, shards: range) -> int:
     """Records on disk (journaled or in complete shards) of the given output shards."""
-    files = [out / "journal" / f"shard-{s:05d}.jsonl" for s in shards]
-    files += [out / f"shard-{s:05d}.jsonl" for s in shards] + [out / "rejected" / f"shard-{s:05d}.jsonl" for s in shards]
+    files = [folder / f"shard-{s:05d}.jsonl" for s in shards for folder in (out / "journal", out, out / "rejected")]
     return sum(f.read_bytes().count(b"\n") for f in files if f.exists())
 
 
