@@ -391,9 +391,10 @@ def _run(config: CurateConfig, out: Path, executor: Executor) -> dict[str, Any]:
         current, _ = stage("heuristics", HeuristicShard(config.heuristics, out / "heuristics"), current)
     if config.dedup.enabled:
         d = out / "dedup"
-        parts = config.executor.bucket_parts
+        parts, t0 = config.executor.bucket_parts, time.perf_counter()
         counts = [s["docs"] for s in run_stage(executor, d / "signatures", SignatureShard(
             config.dedup, d / "buckets", parts), current, "dedup-signatures")]
+        t1 = time.perf_counter()
         columns = list(dedup.bucket_columns(np.zeros((0, config.dedup.num_perm), np.uint32), np.zeros(0, np.uint64),
                                             config.dedup))
         buckets = [f"{c}-p{p}" for c in columns for p in range(parts)]
@@ -401,7 +402,10 @@ def _run(config: CurateConfig, out: Path, executor: Executor) -> dict[str, Any]:
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
         run_stage(executor, d / "edges", BucketTask(names, offsets, d / "edges"),
                   [Shard(b, d / "buckets" / b) for b in buckets], "dedup-buckets")
+        t2 = time.perf_counter()
         clusters = cluster_shards(d, current, counts, config.dedup, buckets)
+        stats["dedup_steps_seconds"] = {"signatures": round(t1 - t0, 2), "buckets": round(t2 - t1, 2),
+                                        "merge": round(time.perf_counter() - t2, 2)}
         current, _ = stage("dedup", DedupFilterShard(d), current)
         stats["stages"]["dedup"]["clusters"] = clusters
     if config.decontam.enabled:
