@@ -164,18 +164,25 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from phiforge.data.synth.pipeline import SynthConfig, run_synth
+    from phiforge.data.synth.pipeline import SynthConfig, merge_stats, parse_shard, run_synth
     from phiforge.data.synth.teachers import TeacherError
 
     config = SynthConfig.from_toml(args.config, args.overrides)
     try:
-        stats = run_synth(config)
+        stats = merge_stats(config) if args.merge_stats else run_synth(config, shard=parse_shard(args.shard))
     except TeacherError as err:  # what finished is on disk: a rerun resumes from there
         print(f"phiforge synth: error: {err}", file=sys.stderr)
         return 2
     if not args.full_stats:
         stats.pop("per_topic")
     print(json.dumps(stats, indent=2))
+    return 0
+
+
+def cmd_loadgen(args: argparse.Namespace) -> int:
+    from phiforge.data.synth.loadgen import from_args
+
+    from_args(args).serve_forever()
     return 0
 
 
@@ -332,6 +339,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="synth TOML config (sections run, seeds, teacher, sampling, prompts, ...)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. run.num_documents=200 teacher.kind=openai")
     p.add_argument("--full-stats", action="store_true", help="also print the per-topic counts")
+    p.add_argument("--shard", default="0/1", metavar="K/N",
+                   help="run the K-th of N contiguous ranges of output shards (N processes on any hosts, one "
+                        "shared run.out_dir; each resumable); the last to finish folds the stats")
+    p.add_argument("--merge-stats", action="store_true",
+                   help="fold every shard's and process's stats into run.out_dir/stats.json (generates nothing)")
+
+    from phiforge.data.synth.loadgen import add_arguments as loadgen_arguments
+
+    p = add("loadgen", cmd_loadgen, "an OpenAI-compatible load generator on 127.0.0.1: instant deterministic "
+            "answers, optional injected faults; it stands in for a teacher fleet only to measure phiforge's overhead")
+    loadgen_arguments(p)
 
     p = add("curate", cmd_curate, "filter sharded documents: heuristics, dedup, benchmark decontamination, "
             "edu-value classifier (local processes or Ray); writes <output>/curated and stats.json")

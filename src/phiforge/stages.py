@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,33 +82,33 @@ def held_out(doc_id: str, fraction: float) -> bool:
 
 
 def stage_tokenize(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
-    from phiforge.data.packing import TokenizeConfig, tokenize_corpus
+    """Stream the documents to ``workers`` tokenizer processes, each block of documents its own token shard
+    of train/ or heldout/ (the side chosen by the record id's hash); no intermediate JSONL."""
+    from phiforge.data.packing import tokenize_stream
 
     folder = ctx.folder("tokenize")
-    split = folder / "split"
-    split.mkdir(exist_ok=True)
     counts = {"train": 0, "heldout": 0}
-    with open(split / "train.jsonl", "w", encoding="utf-8") as train, \
-            open(split / "heldout.jsonl", "w", encoding="utf-8") as heldout:
+
+    def documents() -> Iterator[tuple[int, str]]:
         for path in _documents(ctx):
-            for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                side = "heldout" if held_out(str(record.get("id", f"{path.name}:{line_no}")),
-                                             s["heldout_fraction"]) else "train"
-                (heldout if side == "heldout" else train).write(json.dumps({"text": record["text"]}) + "\n")
-                counts[side] += 1
+            with open(path, encoding="utf-8") as fh:
+                for line_no, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    record = json.loads(line)
+                    if not isinstance(record.get("text"), str):
+                        raise RecipeError(f"{path}:{line_no}: the record has no string field 'text'")
+                    side = held_out(str(record.get("id", f"{path.name}:{line_no}")), s["heldout_fraction"])
+                    counts["heldout" if side else "train"] += 1
+                    yield int(side), record["text"]
+
+    train, heldout = tokenize_stream(documents(), [folder / "train", folder / "heldout"], ctx.folder("tokenizer"),
+                                     workers=s["workers"], block_docs=s["block_docs"], progress=ctx.progress)
     if not counts["train"] or not counts["heldout"]:
         raise RecipeError(f"[tokenize] heldout_fraction {s['heldout_fraction']} left {counts} documents; "
                           "both sides need at least one")
-    stats = {"documents": counts}
-    for side in counts:
-        out = tokenize_corpus(TokenizeConfig(inputs=[str(split / f"{side}.jsonl")], output=str(folder / side),
-                                             tokenizer=str(ctx.folder("tokenizer")), workers=s["workers"],
-                                             progress=ctx.progress))
-        stats[f"{side}_tokens"] = out["num_tokens"]
-    return stats
+    return {"documents": counts, "train_tokens": train["num_tokens"], "heldout_tokens": heldout["num_tokens"],
+            "shards": {"train": train["num_shards"], "heldout": heldout["num_shards"]}}
 
 
 # ---- pretrain, pretrain2 ---------------------------------------------------------------------------------
@@ -283,7 +283,7 @@ STAGES: dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any] | None,
     "synth": (stage_synth, None, synth_config),
     "curate": (stage_curate, None, curate_config),
     "tokenizer": (stage_tokenizer, {"vocab_size": 4096, "chat_format": "", "min_frequency": 2}, None),
-    "tokenize": (stage_tokenize, {"heldout_fraction": 0.05, "workers": 1}, None),
+    "tokenize": (stage_tokenize, {"heldout_fraction": 0.05, "workers": 1, "block_docs": 4096}, None),
     "pretrain": (stage_pretrain, {"recipe": "tiny", "source": "text", "overrides": []}, check_pretrain),
     "pretrain2": (stage_pretrain2, {"recipe": "tiny", "source": "text", "overrides": []}, check_pretrain),
     "sft": (stage_sft, {"recipe": "sft", "data": "", "overrides": []}, check_sft),

@@ -21,7 +21,7 @@ import os
 import queue as queue_lib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -366,6 +366,137 @@ def _run_processes(files: list[Path], settings: PackSettings, workers: int,
         while not progress.empty():
             advance(*progress.get())
     return [r for r in results if r is not None]
+
+
+# ---- a stream of documents -> blocks, each its own shard, on N workers ---------------------------------
+def pack_block(job: tuple[str, str, list[str]]) -> ShardStats:
+    """Tokenize one block of texts into ``<output>/<name>.bin + .json`` (runs inside a worker); a rerun
+    skips a block whose shard holds the same texts (by hash) with the same tokenizer and dtype."""
+    output, name, texts = job
+    settings: PackSettings = _WORKER["settings"]
+    out = Path(output)
+    digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+    marker = out / f"{name}.json"
+    if marker.exists():
+        try:
+            index = json.loads(marker.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            index = {}
+        bin_path = out / index.get("bin", "-")
+        if (index.get("source_hash") == digest and index.get("tokenizer") == settings.fingerprint
+                and index.get("dtype") == settings.dtype and bin_path.exists()
+                and bin_path.stat().st_size == index["num_tokens"] * np.dtype(settings.dtype).itemsize):
+            _report(0, len(texts), 0)
+            return ShardStats(name, index["source"], index["num_docs"], index["num_tokens"], skipped=True)
+    stats, offsets = ShardStats(name, f"{out.name} block {name}"), []
+    tmp = out / f".{name}.bin.tmp"
+    with open(tmp, "wb") as sink:
+        for start in range(0, len(texts), settings.batch_size):
+            tokens = stats.num_tokens
+            _write_batch(texts[start:start + settings.batch_size], sink, offsets, stats, settings)
+            _report(0, min(settings.batch_size, len(texts) - start), stats.num_tokens - tokens)
+        sink.flush()
+        os.fsync(sink.fileno())
+    os.replace(tmp, out / f"{name}.bin")
+    atomic_write_json(marker, {
+        "format": FORMAT, "source": stats.source, "source_bytes": 0, "source_hash": digest, "bin": f"{name}.bin",
+        "dtype": settings.dtype, "tokenizer": settings.fingerprint, "eos_token_id": settings.eos_token_id,
+        "num_docs": stats.num_docs, "num_tokens": stats.num_tokens, "num_bad": 0, "bad_records": [],
+        "doc_offsets": offsets})
+    return stats
+
+
+def tokenize_stream(documents: Iterator[tuple[int, str]], outputs: list[str | Path], tokenizer: str | Path,
+                    workers: int = 1, block_docs: int = 4096, progress: bool = True,
+                    dtype: str = "auto") -> list[dict[str, Any]]:
+    """Tokenize ``(output number, text)`` pairs into the token folders ``outputs``, streaming.
+
+    Each output's documents are cut into blocks of ``block_docs`` in arrival order; each block is
+    tokenized by one of ``workers`` processes into its own shard ``part-NNNNNN`` of its folder, and the
+    folder's index lists the blocks in order, so the token stream is the same for any number of workers
+    (and the same as one shard of all the documents). At most ``2 * workers`` blocks are in flight, so
+    memory does not grow with the corpus. Returns each folder's summary."""
+    from tqdm.auto import tqdm
+
+    from phiforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_folder(str(tokenizer))
+    if tok.eos_token_id is None:
+        raise PackingError(f"{tokenizer}: the tokenizer has no eos_token; documents need a separator")
+    vocab = max(tok.vocab_size, len(tok))
+    settings = PackSettings("", str(tokenizer), tokenizer_fingerprint(tokenizer), choose_dtype(vocab, dtype).name,
+                            tok.eos_token_id, "text", 256)
+    folders = [Path(o) for o in outputs]
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(unit="doc", desc="tokenize", disable=not progress)
+    counts = {"tokens": 0, "start": time.perf_counter()}
+
+    def advance(_bytes: int, docs: int, tokens: int) -> None:
+        counts["tokens"] += tokens
+        bar.update(docs)
+        bar.set_postfix(tok_s=f"{counts['tokens'] / max(time.perf_counter() - counts['start'], 1e-9):,.0f}",
+                        refresh=False)
+
+    shards: list[list[ShardStats | None]] = [[] for _ in folders]  # per folder, in block order
+    buffers: list[list[str]] = [[] for _ in folders]
+
+    def take(side: int) -> tuple[int, int, tuple[str, str, list[str]]]:
+        job = (str(folders[side]), f"part-{len(shards[side]):06d}", buffers[side])
+        shards[side].append(None)  # its place, filled when the block is done
+        buffers[side] = []
+        return side, len(shards[side]) - 1, job
+
+    def blocks() -> Iterator[tuple[int, int, tuple[str, str, list[str]]]]:
+        for side, text in documents:
+            buffers[side].append(text)
+            if len(buffers[side]) >= block_docs:
+                yield take(side)
+        yield from (take(side) for side in range(len(folders)) if buffers[side])
+
+    try:
+        if workers <= 1:
+            _init_worker(settings, advance)
+            for side, slot, job in blocks():
+                shards[side][slot] = pack_block(job)
+        else:
+            ctx = mp.get_context("spawn")  # spawn, not fork: the parent may run tokenizer/torch threads
+            sink = ctx.Queue()
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(settings, sink)) as pool:
+                pending: list[tuple[int, int, Any]] = []
+
+                def drain(limit: int) -> None:
+                    while len(pending) > limit:
+                        while not pending[0][2].ready():
+                            _pump(sink, advance)
+                        side_, slot_, result = pending.pop(0)
+                        shards[side_][slot_] = result.get()  # re-raises a worker's error here
+                    _pump(sink, advance, wait=False)
+
+                for side, slot, job in blocks():
+                    pending.append((side, slot, pool.apply_async(pack_block, (job,))))
+                    drain(2 * workers)
+                drain(0)
+                while not sink.empty():
+                    advance(*sink.get())
+    finally:
+        bar.close()
+    summaries = []
+    for folder, listed in zip(folders, shards):
+        names = {f"part-{i:06d}" for i in range(len(listed))}
+        for stale in folder.glob("part-*"):  # blocks of an earlier, longer run
+            if stale.name.split(".")[0] not in names:
+                stale.unlink()
+        summaries.append(_write_index(folder, [s for s in listed if s is not None], replace(settings,
+                                      output=str(folder)), vocab))
+    return summaries
+
+
+def _pump(sink: Any, advance: Callable[[int, int, int], None], wait: bool = True) -> None:
+    try:
+        advance(*sink.get(timeout=0.05 if wait else 0))
+    except queue_lib.Empty:
+        pass
 
 
 def _write_index(out: Path, shards: list[ShardStats], settings: PackSettings, vocab: int) -> dict[str, Any]:

@@ -8,7 +8,6 @@ and a malformed JSON body. Every request is logged, so tests can count what the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
@@ -19,14 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from phiforge.data.synth import SynthConfig
+from phiforge.data.synth.loadgen import content_key, response_body
 
 FAULTS = ("429", "500", "timeout", "drop", "malformed")
 WORDS = ("energy light water cells numbers stories history friends code science learn explain example "
          "because first then finally remember simple careful idea").split()
-
-
-def content_key(body: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def default_answer(body: dict[str, Any]) -> str:
@@ -110,16 +106,7 @@ class FaultyOpenAIServer:
             self._send(h, 200, json.dumps(self.response(body)).encode())
 
     def response(self, body: dict[str, Any]) -> dict[str, Any]:
-        text = self.answer(body)
-        prompt = body.get("prompt") or " ".join(m["content"] for m in body.get("messages", []))
-        usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        if "messages" in body:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-            return {"id": "chatcmpl-test", "object": "chat.completion", "model": body.get("model"),
-                    "choices": [choice], "usage": usage}
-        return {"id": "cmpl-test", "object": "text_completion", "model": body.get("model"),
-                "choices": [{"index": 0, "text": text, "finish_reason": "stop"}], "usage": usage}
+        return response_body(body, self.answer(body))
 
     @staticmethod
     def _send(h: BaseHTTPRequestHandler, status: int, payload: bytes, headers: dict[str, str] | None = None) -> None:

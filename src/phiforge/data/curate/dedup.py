@@ -8,6 +8,13 @@ permutation is a multiply-add-shift hash of the n-gram, so one document is a few
 
 Clusters are the connected components of LSH collisions (plus exact matches). The kept document of a
 cluster is the first one in (shard, line) order, so results do not depend on workers or scheduling.
+
+At scale it runs the datatrove way (the pipeline's dedup stage): per-shard signatures and band keys go to
+per-band bucket files; each bucket (band, partition) is grouped by its own task into star edges (every
+member -> the bucket's first document); the edges of all buckets are merged into components (``components``:
+vectorised min-label propagation over the documents that have an edge, not over the corpus); a filter task
+per shard drops what the merge marked. No step holds every signature. ``cluster`` is the same clustering in
+memory, for small inputs and as the reference the distributed path is tested against.
 """
 
 from __future__ import annotations
@@ -181,15 +188,71 @@ def removal_reasons(roots: np.ndarray, exact: np.ndarray | None) -> list[str | N
 
 def cluster_stats(roots: np.ndarray, reasons: list[str | None]) -> dict[str, object]:
     sizes = Counter(Counter(roots.tolist()).values())
+    return size_stats(len(roots), sizes, reasons.count("dedup_exact"), reasons.count("dedup_minhash"))
+
+
+def size_stats(documents: int, sizes: Counter[int], removed_exact: int, removed_minhash: int) -> dict[str, object]:
+    """Cluster statistics from {cluster size: how many clusters} (size-1 entries are ignored)."""
     dup_sizes = {k: v for k, v in sizes.items() if k > 1}
     buckets = {"2": 0, "3-5": 0, "6-20": 0, ">20": 0}
     for size, count in dup_sizes.items():
         key = "2" if size == 2 else "3-5" if size <= 5 else "6-20" if size <= 20 else ">20"
         buckets[key] += count
-    return {"documents": int(len(roots)), "clusters": int(sum(dup_sizes.values())),
+    return {"documents": int(documents), "clusters": int(sum(dup_sizes.values())),
             "documents_in_clusters": int(sum(k * v for k, v in dup_sizes.items())),
             "largest_cluster": int(max(dup_sizes, default=1)), "cluster_sizes": buckets,
-            "removed_exact": reasons.count("dedup_exact"), "removed_minhash": reasons.count("dedup_minhash")}
+            "removed_exact": int(removed_exact), "removed_minhash": int(removed_minhash)}
+
+
+# ---- distributed clustering: buckets -> star edges -> components ---------------------------------------
+def bucket_columns(signatures: np.ndarray, exact: np.ndarray, config: DedupConfig) -> dict[str, np.ndarray]:
+    """The bucket keys of a shard's documents: ``exact`` (when on) and ``band-NN`` per LSH band (when on)."""
+    columns: dict[str, np.ndarray] = {"exact": exact} if config.exact else {}
+    if config.minhash and len(signatures):
+        keys = band_keys(signatures, config.bands, config.rows)
+        columns.update({f"band-{b:02d}": keys[:, b] for b in range(config.bands)})
+    elif config.minhash:
+        columns.update({f"band-{b:02d}": np.zeros(0, np.uint64) for b in range(config.bands)})
+    return columns
+
+
+def star_edges(keys: np.ndarray, docs: np.ndarray) -> np.ndarray:
+    """[E, 2] edges (first doc of the key's group, another doc of it): one bucket's clusters.
+
+    Within a band every document has one key, so a bucket's clusters are exactly its groups of equal keys."""
+    if len(keys) < 2:
+        return np.zeros((0, 2), np.int64)
+    order = np.lexsort((docs, keys))  # by key, then by document: a group's first member is its smallest
+    k, d = keys[order], docs[order].astype(np.int64)
+    starts = np.concatenate([[True], k[1:] != k[:-1]])
+    group = np.cumsum(starts) - 1
+    first = d[np.flatnonzero(starts)][group]
+    member = ~starts
+    return np.stack([first[member], d[member]], axis=1)
+
+
+def components(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(nodes, root of each node): connected components of an edge list, each rooted at its smallest node.
+
+    Min-label propagation with pointer jumping, vectorised; memory is the edges, not the corpus."""
+    if len(edges) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    nodes, inverse = np.unique(edges.ravel(), return_inverse=True)
+    a, b = inverse.reshape(-1, 2).T
+    label = np.arange(len(nodes), dtype=np.int64)  # nodes are sorted: the smallest label is the smallest doc
+    while True:
+        low = np.minimum(label[a], label[b])
+        new = label.copy()
+        np.minimum.at(new, a, low)
+        np.minimum.at(new, b, low)
+        while True:  # pointer jumping: follow labels to their labels' labels
+            jumped = new[new]
+            if np.array_equal(jumped, new):
+                break
+            new = jumped
+        if np.array_equal(new, label):
+            return nodes, nodes[label]
+        label = new
 
 
 def dedup_texts(texts: list[str], config: DedupConfig | None = None) -> tuple[list[bool], dict[str, object]]:

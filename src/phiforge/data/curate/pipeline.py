@@ -2,8 +2,9 @@
 
 Each stage writes ``<output>/<stage>/<shard>.jsonl`` plus the removed documents with their reason under
 ``removed/``, so nothing disappears without a trace; per-shard completion markers make every stage resumable.
-Global steps (dedup clustering, the benchmark index, the edu classifier) run once in the driver and write
-their results to disk for the shard tasks. The result lands in ``<output>/curated`` and ``stats.json``.
+Global steps (the merge of dedup clusters, the benchmark index, the edu classifier) run once in the driver and
+write their results to disk for the shard tasks; dedup's buckets are tasks of their own (one per band and key
+partition), so the driver never holds every signature. The result lands in ``<output>/curated`` and ``stats.json``.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class ExecutorSection:
     kind: str = "local"  # local | ray
     workers: int = 1
     address: str = ""  # ray: "" starts a local instance, "auto" joins a cluster
+    bucket_parts: int = 1  # dedup: key partitions per band bucket (more, smaller bucket tasks at scale)
 
 
 @dataclass
@@ -94,7 +96,8 @@ class CurateConfig:
                                                             "expected 'skip' or 'stop'"),
                   (self.executor.kind in ("local", "ray"), f"executor.kind = {self.executor.kind!r}; "
                                                            "expected 'local' or 'ray'"),
-                  (self.dedup.bands > 0 and self.dedup.rows > 0, "dedup.bands and dedup.rows must be > 0")]
+                  (self.dedup.bands > 0 and self.dedup.rows > 0, "dedup.bands and dedup.rows must be > 0"),
+                  (self.executor.bucket_parts > 0, "executor.bucket_parts must be > 0")]
         for ok, message in checks:
             if not ok:
                 raise CurateError(message)
@@ -175,15 +178,42 @@ class HeuristicShard:
 
 @dataclass
 class SignatureShard:
+    """A shard's MinHash band keys (and exact hashes) into per-bucket files: ``buckets/<column>-pP/<shard>.npz``."""
+
     config: dedup.DedupConfig
-    stage_dir: Path
+    bucket_dir: Path
+    parts: int = 1  # key-range partitions per bucket column
 
     def __call__(self, shard: Shard) -> dict[str, Any]:
         texts = [d["text"] for d in iter_docs(shard.path)]
         exact = np.array([dedup.exact_hash(t) for t in texts], np.uint64)
-        sigs = dedup.MinHasher(self.config).signatures(texts)
-        save_npz(self.stage_dir / f"{shard.name}.npz", exact=exact, signatures=sigs)
+        sigs = dedup.MinHasher(self.config).signatures(texts) if self.config.minhash else np.zeros((len(texts), 0))
+        local = np.arange(len(texts), dtype=np.uint32)
+        for column, keys in dedup.bucket_columns(sigs, exact, self.config).items():
+            part = keys % np.uint64(self.parts)
+            for p in range(self.parts):
+                mine = part == p
+                save_npz(self.bucket_dir / f"{column}-p{p}" / f"{shard.name}.npz", keys=keys[mine], docs=local[mine])
         return {"shard": shard.name, "docs": len(texts)}
+
+
+@dataclass
+class BucketTask:
+    """One bucket (a band's key partition) over every shard: its groups of equal keys as star edges."""
+
+    shards: list[str]
+    offsets: list[int]  # global index of each shard's first document ((shard, line) order)
+    edge_dir: Path
+
+    def __call__(self, bucket: Shard) -> dict[str, Any]:
+        keys, docs = [], []
+        for name, offset in zip(self.shards, self.offsets):
+            with np.load(bucket.path / f"{name}.npz", allow_pickle=False) as z:
+                keys.append(z["keys"])
+                docs.append(z["docs"].astype(np.int64) + offset)
+        edges = dedup.star_edges(np.concatenate(keys), np.concatenate(docs)) if keys else np.zeros((0, 2), np.int64)
+        save_npz(self.edge_dir / f"{bucket.name}.npz", edges=edges)
+        return {"shard": bucket.name, "docs": int(sum(map(len, keys))), "edges": len(edges)}
 
 
 @dataclass
@@ -252,24 +282,44 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 # ---- global steps -------------------------------------------------------------------------------------------
-def cluster_shards(stage_dir: Path, shards: list[Shard], config: dedup.DedupConfig) -> dict[str, Any]:
-    """Cluster all signatures in (shard, line) order; write each shard's removals; return cluster stats."""
+def cluster_shards(stage_dir: Path, shards: list[Shard], counts: list[int], config: dedup.DedupConfig,
+                   buckets: list[str]) -> dict[str, Any]:
+    """Merge every bucket's edges into clusters; write each shard's removals; return cluster stats.
+
+    The driver holds the edges (a few per duplicate document) and per-shard counts, never the signatures."""
     done = stage_dir / "clusters.json"
     if done.is_file():
         return json.loads(done.read_text())
-    loaded = [np.load(stage_dir / "signatures" / f"{s.name}.npz", allow_pickle=False) for s in shards]
-    counts = [len(z["exact"]) for z in loaded]
-    exact = np.concatenate([z["exact"] for z in loaded]) if loaded else np.zeros(0, np.uint64)
-    sigs = np.concatenate([z["signatures"] for z in loaded]) if loaded else None
-    roots = dedup.cluster(sigs, exact, config)
-    reasons = dedup.removal_reasons(roots, exact if config.exact else None)
-    starts = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+
+    def edges(names: list[str]) -> np.ndarray:
+        loaded = [np.load(stage_dir / "edges" / f"{b}.npz", allow_pickle=False)["edges"] for b in names]
+        return np.concatenate(loaded) if loaded else np.zeros((0, 2), np.int64)
+
+    exact = edges([b for b in buckets if b.startswith("exact-")])
+    nodes, roots = dedup.components(np.concatenate([exact, edges([b for b in buckets if b.startswith("band-")])]))
+    removed = roots != nodes
+    docs, roots = nodes[removed], roots[removed]
+    # exact groups are whole buckets (hash equality is transitive): a doc's exact root is its star's centre
+    order = np.argsort(exact[:, 1], kind="stable")
+    members, centres = exact[order, 1], exact[order, 0]
+
+    def exact_root(x: np.ndarray) -> np.ndarray:
+        if not len(members):
+            return x
+        at = np.minimum(np.searchsorted(members, x), len(members) - 1)
+        return np.where(members[at] == x, centres[at], x)
+
+    is_exact = exact_root(docs) == exact_root(roots)
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     (stage_dir / "decisions").mkdir(parents=True, exist_ok=True)
-    for shard, start, n in zip(shards, starts, counts):
-        decisions = {str(i): f"{reasons[start + i]} (cluster of document {int(roots[start + i])})"
-                     for i in range(n) if reasons[start + i] is not None}
+    for shard, lo, hi in zip(shards, starts[:-1], starts[1:]):
+        a, b = np.searchsorted(docs, [lo, hi])
+        decisions = {str(int(d - lo)): f"{'dedup_exact' if e else 'dedup_minhash'} (cluster of document {int(r)})"
+                     for d, r, e in zip(docs[a:b], roots[a:b], is_exact[a:b])}
         atomic_write_json(stage_dir / "decisions" / f"{shard.name}.json", decisions)
-    stats = dedup.cluster_stats(roots, reasons)
+    _, sizes = np.unique(np.concatenate([roots, np.unique(roots)]), return_counts=True)
+    stats = dedup.size_stats(int(starts[-1]), Counter(sizes.tolist()), int(is_exact.sum()),
+                             int((~is_exact).sum()))
     atomic_write_json(done, stats)
     return stats
 
@@ -341,9 +391,21 @@ def _run(config: CurateConfig, out: Path, executor: Executor) -> dict[str, Any]:
         current, _ = stage("heuristics", HeuristicShard(config.heuristics, out / "heuristics"), current)
     if config.dedup.enabled:
         d = out / "dedup"
-        run_stage(executor, d / "signatures", SignatureShard(config.dedup, d / "signatures"), current,
-                  "dedup-signatures")
-        clusters = cluster_shards(d, current, config.dedup)
+        parts, t0 = config.executor.bucket_parts, time.perf_counter()
+        counts = [s["docs"] for s in run_stage(executor, d / "signatures", SignatureShard(
+            config.dedup, d / "buckets", parts), current, "dedup-signatures")]
+        t1 = time.perf_counter()
+        columns = list(dedup.bucket_columns(np.zeros((0, config.dedup.num_perm), np.uint32), np.zeros(0, np.uint64),
+                                            config.dedup))
+        buckets = [f"{c}-p{p}" for c in columns for p in range(parts)]
+        names = [s.name for s in current]
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+        run_stage(executor, d / "edges", BucketTask(names, offsets, d / "edges"),
+                  [Shard(b, d / "buckets" / b) for b in buckets], "dedup-buckets")
+        t2 = time.perf_counter()
+        clusters = cluster_shards(d, current, counts, config.dedup, buckets)
+        stats["dedup_steps_seconds"] = {"signatures": round(t1 - t0, 2), "buckets": round(t2 - t1, 2),
+                                        "merge": round(time.perf_counter() - t2, 2)}
         current, _ = stage("dedup", DedupFilterShard(d), current)
         stats["stages"]["dedup"]["clusters"] = clusters
     if config.decontam.enabled:

@@ -1,16 +1,26 @@
 """``phiforge synth``: seeds -> prompts -> teacher (+ techniques) -> cleanup -> sharded, resumable output.
 
+Document i's seed and prompt are a pure function of (config, i), so a run is an index range cut into
+output shards of ``run.shard_size``; ``--shard K/N`` runs the K-th of N contiguous shard ranges, so N
+processes on any hosts share one output folder, each resumable after kill -9. Documents stream through
+a window of ``run.chunk_size`` in flight, each running its technique steps as soon as its own answers
+land; stats are per-shard counts folded at the end (``--merge-stats`` folds all processes' shards).
+
 The config is TOML with the sections below, loaded with the same ``section.key=value`` override
 machinery as ``phiforge train`` (unknown keys are errors that list the valid ones).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
+import itertools
 import json
 import re
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +29,8 @@ from phiforge.data.packing import atomic_write_json
 from phiforge.data.synth import prompts as P
 from phiforge.data.synth import seeds as S
 from phiforge.data.synth.teachers import LocalTeacher, OpenAITeacher, RequestCache, Sampling, Teacher
-from phiforge.data.synth.techniques import Draft, StepContext, check_steps, run_steps
-from phiforge.data.synth.writer import OutputError, ShardWriter, summarize
+from phiforge.data.synth.techniques import Draft, StepContext, check_steps, run_document
+from phiforge.data.synth.writer import OutputError, ShardWriter, fold_stats
 from phiforge.train.config import build_config, read_toml
 
 
@@ -31,7 +41,7 @@ class RunSection:
     seed: int = 0
     shard_size: int = 256  # documents per output shard (the unit of atomic completion)
     format: str = "jsonl"  # jsonl | parquet
-    chunk_size: int = 512  # documents handed to the teacher at once (all steps of a chunk run together)
+    chunk_size: int = 512  # documents in flight at once (each runs its steps on its own); bounds memory
     progress: bool = True
 
 
@@ -242,26 +252,47 @@ def check_resume(out: Path, config: SynthConfig) -> None:
         atomic_write_json(manifest, {"fingerprint": config.fingerprint(), "config": config.to_dict()})
 
 
-def run_synth(config: SynthConfig, teacher: Teacher | None = None) -> dict[str, Any]:
-    """Generate ``run.num_documents`` documents into ``run.out_dir`` (resuming what is there); stats."""
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` (0 <= K < N) -> (K, N)."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected K/N, e.g. 0/4 for the first of 4 processes") from None
+    if not 0 <= k < n:
+        raise ValueError(f"--shard {text!r}: need 0 <= K < N")
+    return k, n
+
+
+def shard_range(config: SynthConfig, shard: tuple[int, int]) -> range:
+    """The output shards process K of N owns: a contiguous range, so the N ranges tile the run."""
+    k, n = shard
+    total = -(-config.run.num_documents // config.run.shard_size)
+    return range(k * total // n, (k + 1) * total // n)
+
+
+def run_synth(config: SynthConfig, teacher: Teacher | None = None, shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """Generate process ``shard`` = (K, N)'s share of ``run.num_documents`` into ``run.out_dir`` (resuming
+    what is there); its stats. When every shard of the run is complete, ``stats.json`` folds them all."""
     out = Path(config.run.out_dir)
     planner = Planner(config)  # bad seeds fail before anything is loaded
     sampling = sampling_params(config.sampling)
     check_resume(out, config)
-    writer = ShardWriter(out, config.run.num_documents, config.run.shard_size, config.run.format)
-    todo = [i for i in range(config.run.num_documents) if i not in writer.done]
+    k, n = shard
+    name = f"{k}-of-{n}"
+    writer = ShardWriter(out, config.run.num_documents, config.run.shard_size, config.run.format,
+                         shards=shard_range(config, shard))
+    owned = sum(len(writer.shard_range(s)) for s in writer.shards)
+    todo = writer.todo()
+    first = next(todo, None)  # None: nothing left, so no teacher is loaded
     start, new_tokens = time.perf_counter(), 0
     own_teacher = teacher is None
-    if todo:
+    if first is not None:
         teacher = teacher or build_teacher(config)
         if config.teacher.cache and teacher.cache is None:
-            teacher.cache = RequestCache(config.teacher.cache_path or out / "cache.sqlite")
+            default = out / ("cache.sqlite" if n == 1 else f"cache-{name}.sqlite")  # one writer per SQLite file
+            teacher.cache = RequestCache(config.teacher.cache_path or default)
     identity = teacher.identity() if teacher else {}
-    ctx = StepContext(teacher, sampling, config.run.seed, config.teacher.system, config.techniques.rubric,
-                      config.techniques.plurality_samples, config.techniques.reversal_similarity,
-                      config.techniques.sandbox_timeout, cleanup if config.filter.cleanup else str.strip) \
-        if teacher else None
-    bar = _progress(config, len(writer.done))
+    bar = _progress(config, owned)
 
     def finished(d: Draft) -> None:
         nonlocal new_tokens
@@ -273,9 +304,12 @@ def run_synth(config: SynthConfig, teacher: Teacher | None = None) -> dict[str, 
             bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - start):.0f} tok/s")
 
     try:
-        for lo in range(0, len(todo), config.run.chunk_size):
-            drafts = [planner.draft(i) for i in todo[lo : lo + config.run.chunk_size]]
-            run_steps(drafts, config.techniques.steps, ctx, finished)
+        if first is not None and teacher is not None:
+            ctx = StepContext(teacher, sampling, config.run.seed, config.teacher.system, config.techniques.rubric,
+                              config.techniques.plurality_samples, config.techniques.reversal_similarity,
+                              config.techniques.sandbox_timeout, cleanup if config.filter.cleanup else str.strip)
+            indices = itertools.chain([first], todo)
+            asyncio.run(_pipeline(indices, planner, ctx, config.techniques.steps, config.run.chunk_size, finished))
     finally:
         writer.close()
         if bar is not None:
@@ -283,11 +317,66 @@ def run_synth(config: SynthConfig, teacher: Teacher | None = None) -> dict[str, 
         if teacher is not None and own_teacher:
             teacher.close()
     seconds = time.perf_counter() - start
-    stats = summarize(out)
-    stats.update({"out_dir": str(out), "resumed_from": config.run.num_documents - len(todo),
-                  "generated_this_run": len(todo), "seconds": round(seconds, 2),
-                  "new_completion_tokens": new_tokens, "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1),
+    stats, missing = fold_stats(writer)
+    generated = writer.written
+    stats.update({"out_dir": str(out), "shard": f"{k}/{n}", "output_shards": [writer.shards.start,
+                                                                               writer.shards.stop],
+                  "resumed_from": owned - generated, "generated_this_run": generated, "seconds": round(seconds, 2),
+                  "docs_per_s": round(generated / max(seconds, 1e-9), 1), "new_completion_tokens": new_tokens,
+                  "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1),
                   "teacher": identity, "teacher_stats": dict(teacher.stats) if teacher else {}})
+    if missing:  # only when a document failed: the run raised before this
+        raise OutputError(f"{out}: shards {missing[:5]} of process {k}/{n} are incomplete")
+    atomic_write_json(out / "stats" / f"process-{name}.json", stats)
+    if n == 1:
+        atomic_write_json(out / "stats.json", stats)
+    elif _all_complete(config):  # the last process to finish folds every shard (the same fold if two race)
+        merge_stats(config)
+    return stats
+
+
+async def _pipeline(indices: Iterator[int], planner: Planner, ctx: StepContext, steps: list[str], window: int,
+                    finished: Callable[[Draft], None]) -> None:
+    """Keep ``window`` documents in flight, each running its steps on its own; a document is written the
+    moment it finishes and a new one takes its place. Memory is the window, not the run."""
+    async with ctx.teacher.session():
+        running: set[asyncio.Task[Draft]] = set()
+        try:
+            for index in indices:
+                if len(running) >= window:
+                    done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    for task in sorted(done, key=lambda t: t.result().index):
+                        finished(task.result())
+                running.add(asyncio.ensure_future(run_document(planner.draft(index), steps, ctx)))
+            while running:
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=lambda t: t.result().index):
+                    finished(task.result())
+        finally:  # a fatal error: stop the rest (what finished is already written)
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+
+def _all_complete(config: SynthConfig) -> bool:
+    writer = ShardWriter(config.run.out_dir, config.run.num_documents, config.run.shard_size, config.run.format)
+    return all(writer.shard_path(s).exists() for s in writer.shards)
+
+
+def merge_stats(config: SynthConfig) -> dict[str, Any]:
+    """``phiforge synth --merge-stats``: fold every shard's counts and every process's teacher stats into
+    ``stats.json`` (names the shards still missing, if any)."""
+    out = Path(config.run.out_dir)
+    writer = ShardWriter(out, config.run.num_documents, config.run.shard_size, config.run.format)
+    stats, missing = fold_stats(writer)
+    teacher: Counter[str] = Counter()
+    processes = {}
+    for file in sorted((out / "stats").glob("process-*.json")):
+        p = json.loads(file.read_text())
+        teacher.update(p.get("teacher_stats", {}))
+        processes[p["shard"]] = {k: p[k] for k in ("output_shards", "generated_this_run", "seconds", "docs_per_s")}
+    stats.update({"out_dir": str(out), "complete": not missing, "missing_shards": len(missing),
+                  "teacher_stats": dict(teacher), "processes": processes})
     atomic_write_json(out / "stats.json", stats)
     return stats
 
@@ -306,9 +395,9 @@ def make_record(config: SynthConfig, d: Draft, text: str, status: str, teacher: 
             "text": text, "metadata": metadata}
 
 
-def _progress(config: SynthConfig, done: int) -> Any:
+def _progress(config: SynthConfig, total: int) -> Any:
     if not config.run.progress:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=config.run.num_documents, initial=done, unit="doc", desc="synth", dynamic_ncols=True)
+    return tqdm(total=total, unit="doc", desc="synth", dynamic_ncols=True)

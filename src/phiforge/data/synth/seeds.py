@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +73,8 @@ class Seed:
     passage: str = ""
 
     def metadata(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("passage")
-        return out
+        return {"index": self.index, "topic": self.topic, "area": self.area, "audience": self.audience,
+                "format": self.format, "style": self.style, "passage_id": self.passage_id}
 
 
 def load_topics(path: str | Path | None = None) -> list[Topic]:

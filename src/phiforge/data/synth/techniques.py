@@ -2,18 +2,19 @@
 
 A run's ``techniques.steps`` is a list like ``["generate", "self_revision"]``: the first step writes a
 draft per document (``generate`` from the seed prompt, or ``multi_agent``), later steps transform or
-filter drafts (``self_revision``, ``instruction_reversal``, ``plurality``). Each step batches one
-teacher call per round over all drafts of a chunk, records what it did in the draft's ``chain``, and
-marks drafts it drops with a reason (kept in rejected/, never silently lost).
+filter drafts (``self_revision``, ``instruction_reversal``, ``plurality``). Each step makes one
+teacher call per round for one document (awaited: many documents are in flight at once), records what it
+did in the draft's ``chain``, and marks drafts it drops with a reason (kept in rejected/, never silently lost).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -63,132 +64,93 @@ def request_seed(run_seed: int, index: int, *parts: Any) -> int:
     return int(hashlib.sha256(blob.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
-def _ask(ctx: StepContext, drafts: list[Draft], prompts: list[str], step: str,
-         on_each: Callable[[Draft, Result], None], sampling: Sampling | None = None, sample: int = 0) -> None:
-    """One batched teacher call: ``prompts[i]`` for ``drafts[i]``; ``on_each`` as each answer lands."""
-    requests = [Request(p, request_seed(ctx.run_seed, d.index, step, sample), sampling or ctx.sampling, ctx.system)
-                for d, p in zip(drafts, prompts)]
-
-    def landed(i: int, result: Result) -> None:
-        drafts[i].calls += 1
-        drafts[i].total_tokens += result.completion_tokens
-        on_each(drafts[i], replace(result, text=ctx.clean(result.text)))
-
-    ctx.teacher.generate(requests, landed)
+async def _ask(ctx: StepContext, d: Draft, prompt: str, step: str, sampling: Sampling | None = None,
+               sample: int = 0) -> Result:
+    """One teacher call for draft ``d``, counted on the draft; the answer comes back cleaned."""
+    request = Request(prompt, request_seed(ctx.run_seed, d.index, step, sample), sampling or ctx.sampling,
+                      ctx.system)
+    result = await ctx.teacher.ask(request)
+    d.calls += 1
+    d.total_tokens += result.completion_tokens
+    return replace(result, text=ctx.clean(result.text))
 
 
 # ---- first steps -------------------------------------------------------------------------------------
-def generate(drafts: list[Draft], ctx: StepContext, done: Done) -> None:
-    """The seed prompt -> the document (each draft is handed on as soon as its answer lands)."""
-    def landed(d: Draft, r: Result) -> None:
-        d.text, d.finish_reason = r.text, r.finish_reason
-        d.prompt_tokens, d.completion_tokens = r.prompt_tokens, r.completion_tokens
-        done(d)
-
-    _ask(ctx, drafts, [d.prompt for d in drafts], "generate", landed)
+async def generate(d: Draft, ctx: StepContext) -> None:
+    """The seed prompt -> the document."""
+    r = await _ask(ctx, d, d.prompt, "generate")
+    d.text, d.finish_reason = r.text, r.finish_reason
+    d.prompt_tokens, d.completion_tokens = r.prompt_tokens, r.completion_tokens
 
 
-def multi_agent(drafts: list[Draft], ctx: StepContext, done: Done) -> None:
+async def multi_agent(d: Draft, ctx: StepContext) -> None:
     """A student asks, a teacher answers, a reviewer checks; rejected answers are dropped."""
-    def asked(d: Draft, r: Result) -> None:
-        d.fields["question"] = r.text
-        d.prompt_tokens = r.prompt_tokens
-
-    def answered(d: Draft, r: Result) -> None:
-        d.fields["answer"] = r.text
-        d.finish_reason, d.completion_tokens = r.finish_reason, r.completion_tokens
-
-    def reviewed(d: Draft, r: Result) -> None:
-        verdict = re.search(r"VERDICT:\s*(correct|incorrect)", r.text, re.IGNORECASE)
-        d.chain.append({"step": "multi_agent", "question": d.fields["question"], "review": r.text})
-        if verdict and verdict.group(1).lower() == "incorrect":
-            d.status = "multi_agent: reviewer found the answer incorrect"
-        d.text = f"Question: {d.fields['question']}\n\nAnswer: {d.fields['answer']}"
-        done(d)
-
-    _ask(ctx, drafts, [P.render(P.QUESTION, topic=d.seed.topic) for d in drafts], "question", asked)
-    drafts = [d for d in drafts if d.fields.get("question")]
-    _ask(ctx, drafts, [P.render(P.ANSWER, question=d.fields["question"]) for d in drafts], "answer", answered)
-    _ask(ctx, drafts, [P.render(P.REVIEW, question=d.fields["question"], answer=d.fields["answer"])
-                       for d in drafts], "review", reviewed)
+    r = await _ask(ctx, d, P.render(P.QUESTION, topic=d.seed.topic), "question")
+    d.fields["question"], d.prompt_tokens = r.text, r.prompt_tokens
+    if not r.text:
+        d.status = "multi_agent: the student's question is empty"
+        return
+    r = await _ask(ctx, d, P.render(P.ANSWER, question=d.fields["question"]), "answer")
+    d.fields["answer"] = r.text
+    d.finish_reason, d.completion_tokens = r.finish_reason, r.completion_tokens
+    r = await _ask(ctx, d, P.render(P.REVIEW, question=d.fields["question"], answer=d.fields["answer"]), "review")
+    verdict = re.search(r"VERDICT:\s*(correct|incorrect)", r.text, re.IGNORECASE)
+    d.chain.append({"step": "multi_agent", "question": d.fields["question"], "review": r.text})
+    if verdict and verdict.group(1).lower() == "incorrect":
+        d.status = "multi_agent: reviewer found the answer incorrect"
+    d.text = f"Question: {d.fields['question']}\n\nAnswer: {d.fields['answer']}"
 
 
 # ---- transforms ----------------------------------------------------------------------------------------
-def self_revision(drafts: list[Draft], ctx: StepContext, done: Done) -> None:
+async def self_revision(d: Draft, ctx: StepContext) -> None:
     """Draft -> critique against the rubric -> revision; the draft and critique stay in the chain."""
-    critiques: dict[int, str] = {}
-
-    def critiqued(d: Draft, r: Result) -> None:
-        critiques[d.index] = r.text
-
-    def revised(d: Draft, r: Result) -> None:
-        d.chain.append({"step": "self_revision", "draft": d.text, "critique": critiques[d.index],
-                        "rubric": ctx.rubric})
-        d.text, d.finish_reason, d.completion_tokens = r.text, r.finish_reason, r.completion_tokens
-        done(d)
-
-    _ask(ctx, drafts, [P.render(P.CRITIQUE, rubric=ctx.rubric, draft=d.text) for d in drafts], "critique", critiqued)
-    _ask(ctx, drafts, [P.render(P.REVISE, draft=d.text, critique=critiques[d.index]) for d in drafts], "revise",
-         revised)
+    critique = (await _ask(ctx, d, P.render(P.CRITIQUE, rubric=ctx.rubric, draft=d.text), "critique")).text
+    r = await _ask(ctx, d, P.render(P.REVISE, draft=d.text, critique=critique), "revise")
+    d.chain.append({"step": "self_revision", "draft": d.text, "critique": critique, "rubric": ctx.rubric})
+    d.text, d.finish_reason, d.completion_tokens = r.text, r.finish_reason, r.completion_tokens
 
 
-def instruction_reversal(drafts: list[Draft], ctx: StepContext, done: Done) -> None:
+async def instruction_reversal(d: Draft, ctx: StepContext) -> None:
     """Output -> the instruction that would produce it -> regenerate; keep pairs whose regeneration agrees
     (code: the regenerated code passes the original's tests in the sandbox; text: word-cosine similarity)."""
-    instructions: dict[int, str] = {}
-    regenerated: dict[int, str] = {}
-
-    def reversed_(d: Draft, r: Result) -> None:
-        instructions[d.index] = r.text
-
-    def regenerated_(d: Draft, r: Result) -> None:
-        regenerated[d.index] = r.text
-
-    kinds = ["Python code" if d.seed.format == "python" else "text" for d in drafts]
-    _ask(ctx, drafts, [P.render(P.REVERSE, kind=k, output=d.text) for d, k in zip(drafts, kinds)], "reverse",
-         reversed_)
-    _ask(ctx, drafts, [instructions[d.index] for d in drafts], "regenerate", regenerated_)
-    code = [d for d in drafts if d.seed.format == "python"]
-    passed = _tests_pass([d.text for d in code], [regenerated[d.index] for d in code], ctx.sandbox_timeout)
-    for d in drafts:
-        link = {"step": "instruction_reversal", "instruction": instructions[d.index],
-                "regenerated": regenerated[d.index], "original": d.text}
-        if d.seed.format == "python":
-            link["check"], ok = "tests", passed[code.index(d)]
-            if not ok:
-                d.status = "instruction_reversal: regenerated code fails the original's tests"
-        else:
-            link["check"] = "similarity"
-            link["similarity"] = round(similarity(d.text, regenerated[d.index]), 4)
-            if link["similarity"] < ctx.reversal_similarity:
-                d.status = f"instruction_reversal: similarity {link['similarity']} < {ctx.reversal_similarity}"
-        d.chain.append(link)
-        d.fields["instruction"] = instructions[d.index]
-        d.text = f"{instructions[d.index]}\n\n{d.text}"
-        done(d)
+    code = d.seed.format == "python"
+    kind = "Python code" if code else "text"
+    instruction = (await _ask(ctx, d, P.render(P.REVERSE, kind=kind, output=d.text), "reverse")).text
+    regenerated = (await _ask(ctx, d, instruction, "regenerate")).text
+    link: dict[str, Any] = {"step": "instruction_reversal", "instruction": instruction, "regenerated": regenerated,
+                            "original": d.text}
+    if code:  # the sandbox blocks: off the event loop, so other documents' calls go on
+        [ok] = await asyncio.to_thread(_tests_pass, [d.text], [regenerated], ctx.sandbox_timeout)
+        link["check"] = "tests"
+        if not ok:
+            d.status = "instruction_reversal: regenerated code fails the original's tests"
+    else:
+        link["check"] = "similarity"
+        link["similarity"] = round(similarity(d.text, regenerated), 4)
+        if link["similarity"] < ctx.reversal_similarity:
+            d.status = f"instruction_reversal: similarity {link['similarity']} < {ctx.reversal_similarity}"
+    d.chain.append(link)
+    d.fields["instruction"] = instruction
+    d.text = f"{instruction}\n\n{d.text}"
 
 
-def plurality(drafts: list[Draft], ctx: StepContext, done: Done) -> None:
-    """Sample N answers to each question; drop it if they all agree (too easy) or no two agree (ambiguous)."""
-    answers: dict[int, list[str]] = {d.index: [] for d in drafts}
+async def plurality(d: Draft, ctx: StepContext) -> None:
+    """Sample N answers to the question; drop it if they all agree (too easy) or no two agree (ambiguous)."""
     hot = replace(ctx.sampling, temperature=max(ctx.sampling.temperature, 0.7))
-    questions = [d.fields.get("question", d.text) for d in drafts]
-    for k in range(ctx.plurality_samples):
-        _ask(ctx, drafts, [P.render(P.ANSWER, question=q) for q in questions], "plurality",
-             lambda d, r: answers[d.index].append(final_answer(r.text)), sampling=hot, sample=k)
-    for d in drafts:
-        counts = Counter(a for a in answers[d.index] if a)
-        top = counts.most_common(1)[0][1] if counts else 0
-        d.chain.append({"step": "plurality", "answers": answers[d.index], "majority": counts.most_common(1)[0][0]
-                        if counts else "", "agreement": top})
-        if top == len(answers[d.index]):
-            d.status = "plurality: every sampled answer agrees (too easy)"
-        elif top <= 1:
-            d.status = "plurality: no two sampled answers agree (ambiguous)"
-        done(d)
+    question = d.fields.get("question", d.text)
+    answers = [final_answer((await _ask(ctx, d, P.render(P.ANSWER, question=question), "plurality", sampling=hot,
+                                        sample=k)).text) for k in range(ctx.plurality_samples)]
+    counts = Counter(a for a in answers if a)
+    top = counts.most_common(1)[0][1] if counts else 0
+    d.chain.append({"step": "plurality", "answers": answers, "majority": counts.most_common(1)[0][0]
+                    if counts else "", "agreement": top})
+    if top == len(answers):
+        d.status = "plurality: every sampled answer agrees (too easy)"
+    elif top <= 1:
+        d.status = "plurality: no two sampled answers agree (ambiguous)"
 
 
-STEPS: dict[str, Callable[[list[Draft], StepContext, Done], None]] = {
+STEPS: dict[str, Callable[[Draft, StepContext], Awaitable[None]]] = {
     "generate": generate, "multi_agent": multi_agent, "self_revision": self_revision,
     "instruction_reversal": instruction_reversal, "plurality": plurality}
 
@@ -202,22 +164,14 @@ def check_steps(steps: list[str]) -> None:
                              f"{list(TRANSFORMS)}")
 
 
-def run_steps(drafts: list[Draft], steps: list[str], ctx: StepContext, done: Done) -> None:
-    """Run the steps in order; ``done`` gets each draft once, when the last step finished it (or it was
-    dropped earlier). ``filter_draft`` decides between steps whether a draft goes on."""
-    live = drafts
-    for n, name in enumerate(steps):
-        last = n == len(steps) - 1
-        survivors: list[Draft] = []
-
-        def finished(d: Draft, last: bool = last, survivors: list[Draft] = survivors) -> None:
-            if last or d.status != "kept":
-                done(d)
-            else:
-                survivors.append(d)
-
-        STEPS[name](live, ctx, finished)
-        live = sorted(survivors, key=lambda d: d.index)
+async def run_document(d: Draft, steps: list[str], ctx: StepContext) -> Draft:
+    """One document through the steps in order, as a pipeline: it moves on as soon as its own answer lands
+    (no barrier across documents); a step that drops it ends its run."""
+    for name in steps:
+        await STEPS[name](d, ctx)
+        if d.status != "kept":
+            break
+    return d
 
 
 # ---- checks ---------------------------------------------------------------------------------------------
