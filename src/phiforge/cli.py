@@ -148,7 +148,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          host=args.host, port=args.port, api_key=args.api_key or None,
                          max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                          max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
-                         max_tokens_limit=args.max_tokens_limit)
+                         max_tokens_limit=args.max_tokens_limit, max_prompts_per_request=args.max_prompts_per_request,
+                         max_request_tokens=args.max_request_tokens, max_queued_tokens=args.max_queued_tokens,
+                         allowed_hosts=tuple(args.allowed_host) if args.allowed_host else None)
     engine = Engine(model, tokenizer, max_batch_size=config.max_batch_size, max_seq_len=config.max_seq_len)
     config.max_seq_len = engine.max_seq_len
     serve_forever(engine, config)
@@ -320,6 +322,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024)
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: max-seq-len - 1")
     p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens; default: max-seq-len - 1")
+    p.add_argument("--max-prompts-per-request", type=int, default=256)
+    p.add_argument("--max-request-tokens", type=int, default=1 << 20,
+                   help="prompts x n x (prompt + max_tokens) of one request (else 413)")
+    p.add_argument("--max-queued-tokens", type=int, default=1 << 22,
+                   help="the same over all queued and running requests (else 429 with Retry-After)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host header to serve (repeatable; '*' for any); default: localhost names and --host")
 
     p = add("export", cmd_export, "write a GGUF file for llama.cpp / Ollama (phi2, phi3, llama architectures)")
     model_options(p, quantize=False)
