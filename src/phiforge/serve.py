@@ -163,6 +163,7 @@ class Worker:
         self.running: dict[int, _Job] = {}
         self.peak = 0  # most jobs in flight at once (visible in /health: shows the batching)
         self.load = 0  # prompt + max_new_tokens of every job submitted and not finished
+        self.cancelled = 0  # jobs whose client went away before they finished
         self._lock = threading.Lock()
         self.stopping = threading.Event()
         self._keys = iter(range(1 << 62))
@@ -217,6 +218,7 @@ class Worker:
     def _done(self, job: _Job, event: str | None) -> None:
         with self._lock:
             self.load -= job.cost
+            self.cancelled += job.result.finish_reason == "cancelled"
         job.post(event)
 
     def _main(self) -> None:
@@ -514,6 +516,7 @@ async def _finish_all(request: Request, jobs: list[_Job]) -> None:
         if not waiting.done():
             _cancel(jobs)
             waiting.cancel()
+            waiting.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no warning
 
 
 def _logprobs(req: _Sampling) -> int | None:
@@ -575,7 +578,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         worker = srv.worker
         return {"status": "ok" if worker and worker.thread.is_alive() else "stopping",
                 "model": config.model_name, "running": len(worker.running) if worker else 0,
-                "queued": worker.inbox.qsize() if worker else 0, "peak_running": worker.peak if worker else 0}
+                "queued": worker.inbox.qsize() if worker else 0, "peak_running": worker.peak if worker else 0,
+                "queued_tokens": worker.load if worker else 0, "cancelled": worker.cancelled if worker else 0}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
