@@ -25,7 +25,8 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
     from phiforge.quantize import quantize_model
 
     dtype = None if args.dtype == "auto" else args.dtype
-    model, tokenizer = load_pretrained(args.model, dtype=dtype, device=args.device)
+    model, tokenizer = load_pretrained(args.model, dtype=dtype, device=args.device,
+                                       check_finite_values=getattr(args, "check_finite", False))
     if tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer.json next to the weights")
     if getattr(args, "quantize", None):
@@ -239,6 +240,8 @@ def _parser() -> argparse.ArgumentParser:
     def model_options(p: argparse.ArgumentParser, quantize: bool = True) -> None:
         p.add_argument("--model", "-m", required=True, help="model folder, .gguf file or embedded alias")
         p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+        p.add_argument("--check-finite", action="store_true",
+                       help="refuse weights holding NaN/Inf (every tensor is checked; small ones always are)")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
         if quantize:
             p.add_argument("--quantize", choices=["int8", "int4"], default=None,
