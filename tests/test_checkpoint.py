@@ -136,3 +136,118 @@ def test_loading_streams_with_peak_near_one_copy(tmp_path: Path) -> None:
                          check=True)
     grown = int(out.stdout.strip().splitlines()[-1])
     assert grown < 1.25 * weights, f"peak grew {grown / 1e6:.0f} MB for {weights / 1e6:.0f} MB of weights"
+
+
+# ---- every header field and config value checked before anything is allocated ------------------------------------
+def _rewrite_header(file: Path, edit) -> None:
+    """Rewrite a .safetensors header (a JSON value) in place, keeping the data bytes."""
+    raw = file.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = edit(json.loads(raw[8:8 + n]))
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    file.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+def _first(header: dict) -> str:
+    return next(k for k in header if k != "__metadata__")
+
+
+def _set(field: str, value):  # noqa: ANN202
+    def edit(h: dict) -> dict:
+        h[_first(h)][field] = value
+        return h
+    return edit
+
+
+def _overlap(h: dict) -> dict:
+    a, b = [k for k in h if k != "__metadata__"][:2]
+    h[b]["data_offsets"] = [h[a]["data_offsets"][0], h[a]["data_offsets"][0] + (
+        h[b]["data_offsets"][1] - h[b]["data_offsets"][0])]
+    return h
+
+
+def _duplicate(h: dict) -> bytes:
+    key = _first(h)
+    text = json.dumps(h)
+    return text.replace("{", "{" + json.dumps(key) + ": " + json.dumps(h[key]) + ", ", 1).encode()
+
+
+HEADERS = [
+    ("negative offset", _set("data_offsets", [-64, 0]), r"data_offsets \[-64, 0\] are not"),
+    ("string offsets", _set("data_offsets", ["0", "8"]), r"data_offsets \['0', '8'\] are not"),
+    ("no data_offsets", lambda h: {**h, _first(h): {"dtype": "F32", "shape": [1]}}, r"needs exactly dtype, shape"),
+    ("a list", lambda h: list(h), r"header is a list, not an object"),
+    ("tensor meta a string", lambda h: {**h, _first(h): "F32"}, r"needs exactly dtype, shape and data_offsets"),
+    ("unknown dtype", _set("dtype", "F8_E9M9"), r"unsupported dtype 'F8_E9M9'"),
+    ("dtype a number", _set("dtype", 7), r"unsupported dtype 7"),
+    ("negative shape", _set("shape", [-1, 4]), r"shape \[-1, 4\] is not a list"),
+    ("boolean shape", _set("shape", [True]), r"shape \[True\] is not a list"),
+    ("offsets past the data", _set("data_offsets", [0, 10**12]), r"truncated: tensor"),
+    ("overlapping tensors", _overlap, r"overlap"),
+    ("duplicate names", _duplicate, r"is named twice"),
+    ("bad metadata", lambda h: {**h, "__metadata__": {"format": 1}}, r"__metadata__ must map strings"),
+    ("not JSON", lambda h: b"{" + b"[" * 5000, r"unreadable safetensors header"),
+]
+
+
+@pytest.mark.parametrize("case", HEADERS, ids=[c[0] for c in HEADERS])
+def test_corrupted_header_names_file_and_field(saved, case) -> None:
+    folder, _ = saved
+    _, edit, message = case
+    _rewrite_header(folder / "model.safetensors", edit)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*" + message):
+        load_hf_folder(folder)
+
+
+@pytest.mark.parametrize("shard", ["/etc/passwd", "../outside.safetensors", "sub/model.safetensors", ".."])
+def test_index_shards_are_confined_to_the_folder(saved, shard: str) -> None:
+    folder, _ = saved
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": shard}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"index\.json: weight_map\['model\.embed_tokens\.weight'\] = .* is not "
+                                              r"a file name"):
+        load_hf_folder(folder)
+
+
+CONFIGS = [
+    ({"hidden_size": -1}, r"hidden_size must be an integer in \[1, 65536\], got -1"),
+    ({"hidden_size": "64"}, r"wrong type or value|hidden_size must be an integer"),
+    ({"hidden_size": [64]}, r"wrong type or value|hidden_size must be an integer"),
+    ({"num_hidden_layers": 10**9},
+     r"num_layers \(config\.json num_hidden_layers\) must be an integer in \[1, 1024\], got 1000000000"),
+    ({"num_attention_heads": 0}, r"wrong type or value|num_heads must be an integer"),
+    ({"rope_theta": float("nan")}, r"rope_theta must be a finite number"),
+    ({"vocab_size": 3.5}, r"vocab_size must be an integer"),
+    ({"eos_token_id": "</s>"}, r"eos_token_id must be a token id"),
+    ({"max_position_embeddings": None}, r"max_position_embeddings must be an integer"),
+]
+
+
+@pytest.mark.parametrize("change,message", CONFIGS, ids=[next(iter(c)) + "=" + repr(v)[:12] for c, _ in CONFIGS
+                                                          for v in c.values()])
+def test_bad_config_json_refused_before_allocating(saved, change: dict, message: str) -> None:
+    import tracemalloc
+
+    folder, _ = saved
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError, match=r"config\.json: .*" + message):
+            load_hf_folder(folder)
+        assert tracemalloc.get_traced_memory()[1] < 50 * 1024**2
+    finally:
+        tracemalloc.stop()
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"config\.json: config\.json must be a JSON object, not list"):
+        load_hf_folder(folder)
+
+
+def test_nan_weights_warn_and_check_finite_refuses(saved) -> None:
+    folder, _ = saved
+    _edit_weights(folder, lambda t: t["model.norm.weight"].__setitem__(0, float("nan")))
+    with pytest.warns(UserWarning, match=r"model\.safetensors: tensor 'model\.norm\.weight' holds 1 NaN/Inf"):
+        load_hf_folder(folder)
+    _edit_weights(folder, lambda t: t["model.embed_tokens.weight"].__setitem__((0, 0), float("inf")))
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.(norm|embed_tokens)\.weight' holds 1 NaN/Inf"):
+        load_hf_folder(folder, check_finite_values=True)

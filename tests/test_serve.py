@@ -6,6 +6,7 @@ generate` in a subprocess) on the same weights, so a served answer is checked to
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -270,3 +271,125 @@ def test_cli_serve_subprocess_and_sigterm(tiny_folder: Path) -> None:
         worker.join(60)
     assert code in (0, -15)  # uvicorn re-raises the SIGTERM it handled once the shutdown is done
     assert replies and replies[0].choices[0].finish_reason in ("length", "stop") and replies[0].choices[0].text
+
+
+# ---- hostile clients: each refusal stays with its request, 8 other clients are answered meanwhile ---------------
+def _rss_kb(pid: int) -> dict[str, int]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return {k: int(line.split()[1]) for line in status.splitlines() for k in ("VmRSS", "VmHWM") if line.startswith(k)}
+
+
+def _raw(url: str, head: str, body: bytes = b"", wait: float = 10.0) -> tuple[str, float]:
+    """Send a hand-made request on a socket; the status line and how long the answer took."""
+    import socket
+    from urllib.parse import urlparse
+
+    where = urlparse(url)
+    start = time.monotonic()
+    with socket.create_connection((where.hostname, where.port), timeout=wait) as sock:
+        sock.sendall(head.encode() + b"\r\n\r\n" + body)
+        answer = sock.recv(4096).decode(errors="replace")
+    return answer.split("\r\n", 1)[0], time.monotonic() - start
+
+
+def test_hostile_requests_leave_eight_other_clients_answered(tiny_folder: Path) -> None:
+    from phiforge.checkpoint import load_pretrained
+
+    model, tokenizer = load_pretrained(tiny_folder, device="cpu")
+    prompts = [f"a b {w} c" for w in "defghijk"]
+    params = SamplingParams(max_new_tokens=40, stop_token_ids=tuple(tokenizer.stop_token_ids))
+    want = [c.text for c in Engine(model, tokenizer).generate([tokenizer.encode(p) for p in prompts], params)]
+    with spawn_server(str(tiny_folder), "--served-model-name", "tiny", "--max-seq-len", "256", env=env()) as child:
+        base, pid = child.url.removesuffix("/v1"), child.process.pid
+        post = {"Content-Type": "application/json"}
+        before = _rss_kb(pid)
+
+        def polite(prompt: str) -> list[str]:
+            c = openai.OpenAI(base_url=child.url, api_key="none", max_retries=0, timeout=300)
+            return [c.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0).choices[0].text
+                    for _ in range(3)]
+
+        fan_out = json.dumps({"model": "tiny", "prompt": ["a b"] * 20000, "n": 64, "max_tokens": 16})
+        hostile = [
+            ("seed 2**70", {"json": {"prompt": "a b", "seed": 2**70, "temperature": 1}}, 400),
+            ("seed + n past 64 bits", {"json": {"prompt": "a b", "seed": 2**64 - 2, "n": 3, "temperature": 1}}, 400),
+            ("NaN temperature", {"content": b'{"prompt": "a b", "temperature": NaN}', "headers": post}, 400),
+            ("infinite penalty", {"content": b'{"prompt": "a b", "repetition_penalty": 1e999}', "headers": post}, 400),
+            ("JSON 10,000 deep", {"content": b'{"prompt": ' + b"[" * 10000 + b"]" * 10000 + b"}", "headers": post},
+             400),
+            ("JSON 40 deep", {"content": b'{"stream_options": ' + b'{"a": ' * 40 + b"1" + b"}" * 41, "headers": post},
+             400),
+            ("lone surrogate in the prompt", {"content": b'{"prompt": "a \\ud800 b"}', "headers": post}, 400),
+            ("lone surrogate in the model", {"content": b'{"model": "\\ud800", "prompt": "a"}', "headers": post}, 400),
+            ("20,000 prompts x n=64", {"content": fan_out.encode(), "headers": post}, 413),
+            ("n=64 x max_tokens", {"json": {"prompt": ["a"] * 256, "n": 64, "max_tokens": 200}}, 413),
+            ("text/plain", {"content": b'{"prompt": "a b"}', "headers": {"Content-Type": "text/plain"}}, 415),
+            ("foreign Host", {"json": {"prompt": "a b"}, "headers": {"Host": "evil.example:80"}}, 421),
+        ]
+        with ThreadPoolExecutor(8) as pool:
+            answers = [pool.submit(polite, p) for p in prompts]
+            for name, kwargs, status in hostile:
+                response = httpx.post(f"{child.url}/completions", timeout=60, **kwargs)
+                assert response.status_code == status, (name, response.text)
+                assert response.json()["error"]["message"], name
+            line, seconds = _raw(child.url, "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                 "Content-Type: application/json\r\nContent-Length: 99999999999999999999", b'{"a"')
+            assert " 413 " in line and seconds < 5, (line, seconds)
+            chat = {"model": "tiny", "messages": [{"role": "user", "content": "x\ud800"}]}
+            bad_chat = httpx.post(f"{child.url}/chat/completions", timeout=60, headers=post,
+                                  content=json.dumps(chat).encode())
+            assert bad_chat.status_code == 400 and bad_chat.json()["error"]["code"] == "invalid_string"
+            for answer, expected_text in zip(answers, want):
+                assert answer.result() == [expected_text] * 3
+        after = _rss_kb(pid)
+        print(f"\nserver RSS: before {before}, after the hostile requests {after} (kB)")
+        assert after["VmHWM"] - before["VmHWM"] < 300 * 1024, (before, after)
+        health = httpx.get(f"{base}/health").json()
+        assert health["status"] == "ok" and health["running"] == 0 and health["queued_tokens"] == 0
+
+        # a client that goes away: streaming and not, its rows are freed at once
+        stream = httpx.Client(timeout=60).stream("POST", f"{child.url}/completions", json={
+            "prompt": "a b", "max_tokens": 250, "n": 4, "temperature": 1, "stream": True})
+        with stream as response:
+            next(response.iter_lines())
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{child.url}/completions", json={"prompt": "a b", "max_tokens": 250, "n": 4,
+                                                         "temperature": 1}, timeout=0.5)
+        deadline = time.monotonic() + 10
+        while (health := httpx.get(f"{base}/health").json())["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health["running"] == 0 and health["cancelled"] >= 4, health
+        assert polite(prompts[0]) == [want[0]] * 3
+
+
+def test_queued_tokens_cap_gives_429_with_retry_after(tiny_folder: Path) -> None:
+    from phiforge.checkpoint import load_pretrained
+
+    model, tokenizer = load_pretrained(tiny_folder, device="cpu")
+    params = SamplingParams(max_new_tokens=250, stop_token_ids=tuple(tokenizer.stop_token_ids))
+    candidates = [[t, t + 1] for t in range(5, 300, 7)]  # a greedy prompt that runs to length: a long-lived job
+    long_lived = next(p for p, c in zip(candidates, Engine(model, tokenizer).generate(candidates, params))
+                      if c.finish_reason == "length")
+    with start_server(model, tokenizer, model_name="tiny", max_seq_len=256, max_queued_tokens=700,
+                      max_request_tokens=600, api_key=KEY, max_batch_size=1) as running:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        too_big = httpx.post(f"{running.url}/completions", headers=auth, timeout=60,
+                             json={"prompt": ["a b"] * 3, "max_tokens": 250})
+        assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
+        with httpx.Client(timeout=60).stream("POST", f"{running.url}/completions", headers=auth, json={
+                "prompt": long_lived, "max_tokens": 250, "n": 2, "temperature": 0, "stream": True}) as first:
+            lines = first.iter_lines()  # held: a dropped iterator closes the response (a disconnect)
+            next(lines)
+            busy = httpx.post(f"{running.url}/completions", headers=auth, timeout=60,
+                              json={"prompt": "a b", "max_tokens": 250})
+            assert busy.status_code == 429 and busy.headers["retry-after"] == "1", busy.text
+        deadline = time.monotonic() + 10
+        while httpx.get(running.url.removesuffix("/v1") + "/health").json()["queued_tokens"] and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        again = httpx.post(f"{running.url}/completions", headers=auth, timeout=60,
+                           json={"prompt": "a b", "max_tokens": 8})
+        assert again.status_code == 200, again.text
+        docs = httpx.get(running.url.removesuffix("/v1") + "/docs")
+        assert docs.status_code == 401 and httpx.get(running.url.removesuffix("/v1") + "/openapi.json",
+                                                     headers=auth).status_code == 200

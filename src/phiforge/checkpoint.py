@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,8 +162,13 @@ def safetensors_files(folder: Path) -> list[Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({err})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+        for key, name in weight_map.items():  # shards are files of this folder, nothing else
+            if name != Path(name).name or name in ("", ".", "..") or "\\" in name:
+                raise CheckpointError(f"{index}: weight_map[{key!r}] = {name!r} is not a file name in {folder}")
         files = [folder / name for name in sorted(set(weight_map.values()))]
         for file in files:
             if not file.exists():
@@ -193,33 +199,68 @@ class TensorEntry:
     end: int
 
 
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise CheckpointError(f"tensor {next(k for k in keys if keys.count(k) > 1)!r} is named twice")
+    return dict(pairs)
+
+
+def _nonneg_int(value: Any) -> bool:  # noqa: ANN401
+    return type(value) is int and value >= 0
+
+
 def read_safetensors_header(file: Path) -> dict[str, TensorEntry]:
-    """Parse and check a .safetensors header: every tensor must lie inside the file (catches truncation)."""
+    """Parse and check a .safetensors header before anything is allocated: its structure, every dtype and
+    shape, offsets inside the data region, no duplicate names, no two tensors sharing bytes (truncation too)."""
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
-            if not 2 <= header_len <= size - 8:
-                raise CheckpointError(f"{file}: not a safetensors file (header length {header_len}, file {size} B)")
-            header = json.loads(f.read(header_len))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            if not 2 <= header_len <= min(size - 8, MAX_HEADER_BYTES):
+                raise CheckpointError(f"{file}: not a safetensors file (header length {header_len}, file {size} B)"
+                                      + (": truncated?" if size < 8 + header_len else ""))
+            header = json.loads(f.read(header_len), object_pairs_hook=_no_duplicates)
+    except CheckpointError as err:
+        raise CheckpointError(f"{file}: {err}" if not str(err).startswith(str(file)) else str(err)) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise CheckpointError(f"{file}: unreadable safetensors header ({err})") from None
-    base = 8 + header_len
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: the safetensors header is a {type(header).__name__}, not an object")
+    base, data = 8 + header_len, size - 8 - header_len
     entries = {}
     for key, meta in header.items():
+        where = f"{file}: tensor {key!r}"
         if key == "__metadata__":
+            if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+                raise CheckpointError(f"{file}: __metadata__ must map strings to strings")
             continue
-        dtype = SAFETENSORS_DTYPES.get(meta.get("dtype"))
+        if not isinstance(meta, dict) or set(meta) != {"dtype", "shape", "data_offsets"}:
+            got = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+            raise CheckpointError(f"{where}: needs exactly dtype, shape and data_offsets (got {got})")
+        dtype = SAFETENSORS_DTYPES.get(meta["dtype"]) if isinstance(meta["dtype"], str) else None
         if dtype is None:
-            raise CheckpointError(f"{file}: tensor {key!r} has unsupported dtype {meta.get('dtype')!r}")
-        start, end = (base + offset for offset in meta["data_offsets"])
-        shape = tuple(meta["shape"])
-        if end > size:
-            raise CheckpointError(f"{file}: truncated: tensor {key!r} ends at byte {end}, file has {size}")
-        if end - start != math.prod(shape) * dtype.itemsize:
-            raise CheckpointError(f"{file}: tensor {key!r} spans {end - start} B, shape {list(shape)} "
+            raise CheckpointError(f"{where}: unsupported dtype {meta['dtype']!r}")
+        shape, offsets = meta["shape"], meta["data_offsets"]
+        if not (isinstance(shape, list) and len(shape) <= 8 and all(map(_nonneg_int, shape))):
+            raise CheckpointError(f"{where}: shape {shape!r:.80} is not a list of at most 8 sizes >= 0")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_nonneg_int, offsets))
+                and offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{where}: data_offsets {offsets!r:.80} are not [begin, end] with 0 <= begin <= end")
+        if offsets[1] > data:
+            raise CheckpointError(f"{file}: truncated: tensor {key!r} ends at byte {base + offsets[1]}, "
+                                  f"file has {size}")
+        if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{where}: spans {offsets[1] - offsets[0]} B, shape {list(shape)} "
                                   f"needs {math.prod(shape) * dtype.itemsize}")
-        entries[key] = TensorEntry(file, dtype, shape, start, end)
+        entries[key] = TensorEntry(file, dtype, tuple(shape), base + offsets[0], base + offsets[1])
+    ordered = sorted(entries.items(), key=lambda item: (item[1].start, item[1].end))
+    for (name_a, a), (name_b, b) in zip(ordered, ordered[1:]):
+        if b.start < a.end:
+            raise CheckpointError(f"{file}: tensors {name_a!r} and {name_b!r} overlap (bytes {b.start}-{a.end})")
     return entries
 
 
@@ -244,12 +285,29 @@ def _read_headers(files: list[Path]) -> dict[str, TensorEntry]:
     return found
 
 
+CHEAP_FINITE = 1 << 16  # tensors up to this many elements (norms, biases) are always checked for NaN/Inf
+
+
+def check_finite(key: str, entry: TensorEntry, tensor: torch.Tensor, strict: bool) -> None:
+    """NaN/Inf in a loaded tensor: an error with ``strict`` (--check-finite), else a warning for small tensors."""
+    if not tensor.is_floating_point() or not (strict or tensor.numel() <= CHEAP_FINITE):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if not bad:
+        return
+    message = f"{entry.file}: tensor {key!r} holds {bad} NaN/Inf values of {tensor.numel()}"
+    if strict:
+        raise CheckpointError(message)
+    warnings.warn(message + " (--check-finite checks every tensor and refuses)", stacklevel=3)
+
+
 def load_hf_folder(path: str | Path, *, dtype: torch.dtype | str | None = None,
-                   device: str | torch.device = "cpu") -> PhiForgeModel:
+                   device: str | torch.device = "cpu", check_finite_values: bool = False) -> PhiForgeModel:
     """Load a Hugging Face model folder (config.json + safetensors, sharded or not).
 
     Every header is checked against the config before any weight is read; then tensors stream one at a
-    time into an uninitialised model, so peak memory is the model plus its largest tensor.
+    time into an uninitialised model, so peak memory is the model plus its largest tensor. Small tensors are
+    checked for NaN/Inf (a warning); ``check_finite_values`` checks all of them and refuses.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -271,7 +329,9 @@ def load_hf_folder(path: str | Path, *, dtype: torch.dtype | str | None = None,
         with open(file, "rb") as handle:
             for key, entry in sorted(wanted.items(), key=lambda item: item[1].start):
                 if entry.file == file:
-                    filler.put(key, read_tensor(entry, handle))
+                    tensor = read_tensor(entry, handle)
+                    check_finite(key, entry, tensor, check_finite_values)
+                    filler.put(key, tensor)
     return filler.finish(str(folder))
 
 
@@ -364,13 +424,15 @@ def default_device() -> torch.device:
 
 
 def load_model(ref: str | Path, *, dtype: torch.dtype | str | None = None,
-               device: str | torch.device | None = None) -> PhiForgeModel:
+               device: str | torch.device | None = None, check_finite_values: bool = False) -> PhiForgeModel:
     """A model from a Hugging Face folder, a .gguf file, or an embedded alias (e.g. smollm2-135m-instruct)."""
-    return load_pretrained(ref, dtype=dtype, device=device, with_tokenizer=False)[0]
+    return load_pretrained(ref, dtype=dtype, device=device, with_tokenizer=False,
+                           check_finite_values=check_finite_values)[0]
 
 
 def load_pretrained(ref: str | Path, *, dtype: torch.dtype | str | None = None,
-                    device: str | torch.device | None = None, with_tokenizer: bool = True) -> tuple[PhiForgeModel, Any]:
+                    device: str | torch.device | None = None, with_tokenizer: bool = True,
+                    check_finite_values: bool = False) -> tuple[PhiForgeModel, Any]:
     """(model, tokenizer or None) from a folder, a .gguf file or an alias; the tokenizer when the source has one."""
     device = device or default_device()
     gguf_path = _gguf_path(ref)
@@ -381,7 +443,7 @@ def load_pretrained(ref: str | Path, *, dtype: torch.dtype | str | None = None,
             dtype = torch.float32
         model, tokenizer = load_gguf(gguf_path, dtype=resolve_dtype(dtype, None), device=device)
         return model, tokenizer if with_tokenizer else None
-    model = load_hf_folder(ref, dtype=dtype, device=device)
+    model = load_hf_folder(ref, dtype=dtype, device=device, check_finite_values=check_finite_values)
     tokenizer = None
     if with_tokenizer and (Path(ref) / "tokenizer.json").exists():
         from phiforge.tokenizer import Tokenizer

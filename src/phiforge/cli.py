@@ -25,7 +25,8 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
     from phiforge.quantize import quantize_model
 
     dtype = None if args.dtype == "auto" else args.dtype
-    model, tokenizer = load_pretrained(args.model, dtype=dtype, device=args.device)
+    model, tokenizer = load_pretrained(args.model, dtype=dtype, device=args.device,
+                                       check_finite_values=getattr(args, "check_finite", False))
     if tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer.json next to the weights")
     if getattr(args, "quantize", None):
@@ -148,7 +149,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          host=args.host, port=args.port, api_key=args.api_key or None,
                          max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                          max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
-                         max_tokens_limit=args.max_tokens_limit)
+                         max_tokens_limit=args.max_tokens_limit, max_prompts_per_request=args.max_prompts_per_request,
+                         max_request_tokens=args.max_request_tokens, max_queued_tokens=args.max_queued_tokens,
+                         allowed_hosts=tuple(args.allowed_host) if args.allowed_host else None)
     engine = Engine(model, tokenizer, max_batch_size=config.max_batch_size, max_seq_len=config.max_seq_len)
     config.max_seq_len = engine.max_seq_len
     serve_forever(engine, config)
@@ -244,6 +247,8 @@ def _parser() -> argparse.ArgumentParser:
     def model_options(p: argparse.ArgumentParser, quantize: bool = True) -> None:
         p.add_argument("--model", "-m", required=True, help="model folder, .gguf file or embedded alias")
         p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+        p.add_argument("--check-finite", action="store_true",
+                       help="refuse weights holding NaN/Inf (every tensor is checked; small ones always are)")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
         if quantize:
             p.add_argument("--quantize", choices=["int8", "int4"], default=None,
@@ -327,6 +332,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024)
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: max-seq-len - 1")
     p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens; default: max-seq-len - 1")
+    p.add_argument("--max-prompts-per-request", type=int, default=256)
+    p.add_argument("--max-request-tokens", type=int, default=1 << 20,
+                   help="prompts x n x (prompt + max_tokens) of one request (else 413)")
+    p.add_argument("--max-queued-tokens", type=int, default=1 << 22,
+                   help="the same over all queued and running requests (else 429 with Retry-After)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host header to serve (repeatable; '*' for any); default: localhost names and --host")
 
     p = add("export", cmd_export, "write a GGUF file for llama.cpp / Ollama (phi2, phi3, llama architectures)")
     model_options(p, quantize=False)

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,25 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ConfigError(ValueError):
     """A model configuration that phiforge cannot run, with the field that is wrong."""
+
+
+# Bounds well past every real model (Phi-4: 40 layers, 5120 hidden, 100,352 vocab), checked before any allocation
+INT_BOUNDS = {"vocab_size": (1, 1 << 22), "hidden_size": (1, 1 << 16), "intermediate_size": (1, 1 << 18),
+              "num_layers": (1, 1024), "num_heads": (1, 1024), "num_kv_heads": (1, 1024), "head_dim": (1, 4096),
+              "max_position_embeddings": (1, 1 << 24), "original_max_position_embeddings": (1, 1 << 24),
+              "sliding_window": (1, 1 << 24), "blocksparse_block_size": (1, 1 << 16),
+              "blocksparse_local_blocks": (1, 1 << 16), "blocksparse_vert_stride": (1, 1 << 16),
+              "dense_attention_every_n_layers": (1, 1024)}
+OPTIONAL_INTS = {"original_max_position_embeddings", "sliding_window", "blocksparse_block_size"}
+FLOAT_BOUNDS = {"partial_rotary_factor": (0.0, 1.0), "rope_theta": (1e-6, 1e12), "norm_eps": (0.0, 1.0),
+                "embd_pdrop": (0.0, 1.0), "resid_pdrop": (0.0, 1.0), "attn_pdrop": (0.0, 1.0),
+                "initializer_range": (0.0, 1e3), "attn_scale": (0.0, 1e6), "embedding_multiplier": (1e-9, 1e9),
+                "logits_divisor": (1e-9, 1e9), "gegelu_limit": (0.0, 1e9)}
+OPTIONAL_FLOATS = {"attn_scale", "gegelu_limit"}
+BOOL_FIELDS = ("parallel_residual", "gated_mlp", "attn_bias", "mlp_bias", "lm_head_bias", "qk_layernorm",
+               "tie_word_embeddings", "qkv_grouped", "blocksparse_homo_head")
+MAX_PARAMETERS = 10**12
+HF_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads"}
 
 
 @dataclass
@@ -116,6 +136,7 @@ class ModelConfig:
             if not ok:
                 raise ConfigError(f"model config {self.name!r}: {what}")
 
+        self._check_fields(need)
         need(self.model_type in FAMILIES, f"model_type {self.model_type!r} is not one of {FAMILIES}")
         need(self.num_heads % self.num_kv_heads == 0,
              f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
@@ -141,10 +162,46 @@ class ModelConfig:
             need(self.head_dim * self.num_heads == self.hidden_size,
                  "phi models need head_dim * num_heads == hidden_size")
 
+    def _check_fields(self, need: Callable[[bool, str], None]) -> None:
+        """Types and ranges of every field, before any size is used (so a huge config allocates nothing)."""
+        for name, (low, high) in INT_BOUNDS.items():
+            value = getattr(self, name)
+            if value is None and name in OPTIONAL_INTS:
+                continue
+            hf = f" (config.json {HF_KEYS[name]})" if name in HF_KEYS else ""
+            need(type(value) is int and low <= value <= high,
+                 f"{name}{hf} must be an integer in [{low}, {high}], got {value!r:.60}")
+        for name, (low, high) in FLOAT_BOUNDS.items():
+            value = getattr(self, name)
+            if value is None and name in OPTIONAL_FLOATS:
+                continue
+            need(type(value) in (int, float) and math.isfinite(value) and low <= value <= high,
+                 f"{name} must be a finite number in [{low}, {high}], got {value!r:.60}")
+        for name in BOOL_FIELDS:
+            need(type(getattr(self, name)) is bool, f"{name} must be true or false, got {getattr(self, name)!r:.60}")
+        for name in ("name", "model_type", "norm", "hidden_act", "torch_dtype"):
+            need(isinstance(getattr(self, name), str), f"{name} must be a string, got {getattr(self, name)!r:.60}")
+        for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) else [value]
+            need(value is None or all(type(i) is int and 0 <= i < 2**31 for i in ids),
+                 f"{name} must be a token id or a list of them, got {value!r:.60}")
+        need(self.rope_scaling is None or isinstance(self.rope_scaling, dict),
+             f"rope_scaling must be an object, got {self.rope_scaling!r:.60}")
+        need(self.masked_token_ids is None or (isinstance(self.masked_token_ids, list) and all(
+            type(i) is int and 0 <= i < self.vocab_size for i in self.masked_token_ids)),
+             "masked_token_ids must be a list of ids below vocab_size")
+        h = self.hidden_size
+        params = self.num_layers * (4 * h * max(self.q_size, self.kv_size) + 3 * h * self.intermediate_size)
+        params += 2 * self.vocab_size * h
+        need(params <= MAX_PARAMETERS, f"~{params:.3g} parameters: over {MAX_PARAMETERS:.0e}")
+
     # ---- Hugging Face config.json ----------------------------------------------------------
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], name: str | None = None) -> ModelConfig:
         """Build from a Hugging Face ``config.json`` dict (transformers 4.x or 5.x rope format)."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"config.json must be a JSON object, not {type(hf).__name__}")
         model_type = hf.get("model_type")
         if model_type not in FAMILIES:
             raise ConfigError(f"config.json model_type {model_type!r} is not supported; phiforge runs {FAMILIES}")
@@ -152,6 +209,10 @@ class ModelConfig:
             return _from_hf(hf, name or hf.get("_name_or_path") or model_type)
         except KeyError as missing:
             raise ConfigError(f"config.json ({model_type}) lacks the required key {missing}") from None
+        except (TypeError, AttributeError, ValueError, ZeroDivisionError, OverflowError) as err:
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(f"config.json ({model_type}): a field has the wrong type or value ({err})") from None
 
     def to_hf_config(self) -> dict[str, Any]:
         """The ``config.json`` that transformers loads into the matching *ForCausalLM class."""
@@ -164,9 +225,12 @@ class ModelConfig:
             hf = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such file (a model folder needs config.json)") from None
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_hf_config(hf, name=path.parent.name)
+        try:
+            return cls.from_hf_config(hf, name=path.parent.name)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

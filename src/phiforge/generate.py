@@ -9,6 +9,7 @@ generator, so a request's output does not depend on what it was batched with.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -44,6 +45,9 @@ class SamplingParams:
             (0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
             (self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0, got {self.logprobs}"),
+            (self.seed is None or -(2**63) <= self.seed < 2**64, f"seed must be a 64-bit integer, got {self.seed}"),
+            (all(math.isfinite(x) for x in (self.temperature, self.top_p, self.min_p, self.repetition_penalty)),
+             "temperature, top_p, min_p and repetition_penalty must be finite"),
         ]
         for ok, message in checks:
             if not ok:
@@ -55,7 +59,8 @@ class Completion:
     prompt_tokens: int
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str = ""  # "stop" (stop id or string) | "length"
+    finish_reason: str = ""  # "stop" (stop id or string) | "length" | "cancelled"
+    cancelled: bool = False  # set by another thread (a client went away): the engine frees the row at its next step
     seconds: float = 0.0
     # with SamplingParams.logprobs: per token (its logprob, [(id, logprob) of the top k]), after repetition penalty
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
@@ -175,6 +180,7 @@ class Engine:
             while waiting or any(live) or open_:
                 if open_:
                     open_ = refill(not waiting and not any(live))
+                    self._drop_cancelled(live, waiting)
                 free = [r for r in range(rows) if live[r] is None][: len(waiting)]
                 if free:
                     admitted = {r: waiting.popleft() for r in free}
@@ -185,6 +191,16 @@ class Engine:
                 tokens = self._decode_step(live, cache)
                 for row, token in tokens.items():
                     yield from self._accept(live, row, [token])
+
+    @staticmethod
+    def _drop_cancelled(live: list[_Live | None], waiting: deque) -> None:
+        """Requests cancelled from another thread leave their row (or the queue's front) now."""
+        for row, state in enumerate(live):
+            if state is not None and state.result.cancelled:
+                state.result.finish_reason = "cancelled"
+                live[row] = None
+        while waiting and waiting[0][3].cancelled:
+            waiting.popleft()[3].finish_reason = "cancelled"
 
     def batch_size(self, num_prompts: int, capacity: int) -> int:
         """Cache rows for a call: ``max_batch_size`` when set, else as many as help (up to 128: larger

@@ -57,24 +57,38 @@ class ServeConfig:
     max_prompt_tokens: int | None = None  # default: max_seq_len - 1
     max_tokens_limit: int | None = None  # largest max_tokens accepted; default: max_seq_len - 1
     default_max_tokens: int = 512  # chat requests without max_tokens (completions default to 16, as OpenAI)
+    # what one client may ask for, so that no request can starve the others or the server's memory
+    max_prompts_per_request: int = 256
+    max_n: int = 64
+    max_request_tokens: int = 1 << 20  # prompts x n x (prompt + max_tokens) of one request
+    max_queued_tokens: int = 1 << 22  # the same summed over every queued and running request (else 429)
+    max_json_depth: int = 32
+    # Host headers served (DNS rebinding): localhost names and the bound address; ("*",) serves any
+    allowed_hosts: tuple[str, ...] | None = None
+
+    def hosts(self) -> set[str]:
+        if self.allowed_hosts is not None:
+            return {h.lower() for h in self.allowed_hosts}
+        return {"localhost", "127.0.0.1", "::1", self.host.lower()} - {"0.0.0.0", "::", ""}
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 # ---- request bodies (OpenAI's fields; top_k, min_p, repetition_penalty as vLLM-style extensions) ---------------
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -84,14 +98,14 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64 - 64)  # torch's range, room for n choices
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0, lt=1)
-    repetition_penalty: float = Field(1.0, gt=0)
+    repetition_penalty: float = Field(1.0, gt=0, le=100)
 
 
 class _Message(BaseModel):
@@ -129,6 +143,10 @@ class _Job:
     def __post_init__(self) -> None:
         self.result = Completion(len(self.prompt))
 
+    @property
+    def cost(self) -> int:
+        return len(self.prompt) + self.params.max_new_tokens
+
     def post(self, event: int | str | None) -> None:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -144,15 +162,32 @@ class Worker:
         self.inbox: queue.Queue[tuple[int, _Job]] = queue.Queue()
         self.running: dict[int, _Job] = {}
         self.peak = 0  # most jobs in flight at once (visible in /health: shows the batching)
+        self.load = 0  # prompt + max_new_tokens of every job submitted and not finished
+        self.cancelled = 0  # jobs whose client went away before they finished
+        self._lock = threading.Lock()
         self.stopping = threading.Event()
         self._keys = iter(range(1 << 62))
         self.thread = threading.Thread(target=self._main, name="phiforge-engine", daemon=True)
         self.thread.start()
 
-    def submit(self, job: _Job) -> None:
+    def submit(self, jobs: list[_Job], limit: int) -> None:
+        """Queue a request's jobs, all or none: 429 when they would take the queue past ``limit`` tokens."""
         if self.stopping.is_set():
             raise APIError(503, "the server is shutting down", kind="server_error")
-        self.inbox.put((next(self._keys), job))
+        for job in jobs:  # what the engine thread would raise, raised here for this request alone
+            try:
+                self.engine._check_fits(0, job.prompt, job.params)
+            except ValueError as err:
+                raise APIError(400, str(err)) from None
+        cost = sum(job.cost for job in jobs)
+        with self._lock:
+            if self.load and self.load + cost > limit:
+                raise APIError(429, f"the server has {self.load} tokens queued; this request adds {cost} "
+                                    f"(at most {limit})", code="rate_limit_exceeded", kind="rate_limit_error",
+                               headers={"Retry-After": "1"})
+            self.load += cost
+        for job in jobs:
+            self.inbox.put((next(self._keys), job))
 
     def stop(self) -> None:
         """Finish every queued and running job, then end the thread."""
@@ -176,9 +211,15 @@ class Worker:
         return [(key, job.prompt, job.params, job.result) for key, job in new]
 
     def _sweep(self) -> None:
-        """Jobs whose completion the engine has finished: tell their handlers."""
+        """Jobs whose completion the engine has finished (or dropped, cancelled): tell their handlers."""
         for key in [k for k, job in self.running.items() if job.result.finish_reason]:
-            self.running.pop(key).post(None)
+            self._done(self.running.pop(key), None)
+
+    def _done(self, job: _Job, event: str | None) -> None:
+        with self._lock:
+            self.load -= job.cost
+            self.cancelled += job.result.finish_reason == "cancelled"
+        job.post(event)
 
     def _main(self) -> None:
         while True:
@@ -188,8 +229,8 @@ class Worker:
                 self._sweep()
                 return
             except Exception as err:  # noqa: BLE001 - a failed step fails its jobs, not the server
-                for job in self.running.values():
-                    job.post(f"generation failed: {err}")
+                for job in self.running.values():  # requests are checked at the edge: this is the engine's fault
+                    self._done(job, f"generation failed: {err}")
                 self.running.clear()
 
 
@@ -208,10 +249,6 @@ class Server:
     # -- request reading --
     async def read(self, request: Request, schema: type[BaseModel]) -> Any:
         self.authorize(request)
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.config.max_body_bytes:
-            await self._drain(request)
-            raise self._too_large()
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
@@ -222,8 +259,12 @@ class Server:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise APIError(400, f"the request body is not valid JSON ({err})", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, f"the request body nests deeper than {self.config.max_json_depth}",
+                           code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        _check_json(data, self.config.max_json_depth)
         try:
             return schema.model_validate(data)
         except ValidationError as err:
@@ -244,6 +285,42 @@ class Server:
                     break
         except Exception:  # noqa: BLE001 - the stream may be consumed already or the client gone
             pass
+
+    async def screen(self, scope: dict[str, Any], receive: Any) -> JSONResponse | None:  # noqa: ANN401
+        """Refusals before the app sees a request: Host, content type, declared size, the docs' key."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        host = headers.get("host", "")
+        name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
+        allowed = self.config.hosts()
+        if "*" not in allowed and name.lower() not in allowed:
+            return APIError(421, f"Host {host!r} is not served here (allowed: {', '.join(sorted(allowed))}; "
+                                 "see --allowed-host)", code="host_not_allowed").response()
+        path, method = scope.get("path", ""), scope.get("method", "GET")
+        if method == "POST":
+            media = headers.get("content-type", "").partition(";")[0].strip().lower()
+            if media != "application/json":
+                return APIError(415, f"the body must be application/json, not {media or 'untyped'!r}",
+                                code="unsupported_media_type").response()
+            declared = headers.get("content-length")
+            if declared is not None and (not declared.isdigit() or len(declared) > 18):
+                return self._close(APIError(413 if declared.isdigit() else 400,
+                                            f"Content-Length {declared[:40]!r} is not a size this server takes",
+                                            code="body_too_large" if declared.isdigit() else "invalid_request"))
+            if declared is not None and int(declared) > self.config.max_body_bytes:
+                if int(declared) <= 64 * 1024 * 1024:  # a client really sending it can then read the answer
+                    await _drain_receive(receive, int(declared), seconds=5.0)
+                return self._close(self._too_large())
+        if self.config.api_key is not None and path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+            try:
+                self.authorize(Request(scope))
+            except APIError as err:
+                return err.response()
+        return None
+
+    @staticmethod
+    def _close(err: APIError) -> JSONResponse:
+        err.headers = {**(err.headers or {}), "Connection": "close"}
+        return err.response()
 
     def _too_large(self) -> APIError:
         return APIError(413, f"the request body exceeds {self.config.max_body_bytes} bytes", code="body_too_large")
@@ -357,10 +434,89 @@ class Server:
         return {"tokens": [t for t, _, _ in scored], "token_logprobs": [lp for _, lp, _ in scored],
                 "top_logprobs": [dict(top) for _, _, top in scored], "text_offset": offsets}
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> _Job:
-        job = _Job(prompt, params, asyncio.get_running_loop())
-        self.worker.submit(job)
-        return job
+    def submit(self, requests: list[tuple[list[int], SamplingParams]]) -> list[_Job]:
+        loop = asyncio.get_running_loop()
+        jobs = [_Job(prompt, params, loop) for prompt, params in requests]
+        if sum(job.cost for job in jobs) > self.config.max_request_tokens:
+            raise APIError(413, f"the request asks for {sum(job.cost for job in jobs)} prompt + completion tokens "
+                                f"over all its prompts and choices; at most {self.config.max_request_tokens}",
+                           code="request_too_large")
+        self.worker.submit(jobs, self.config.max_queued_tokens)
+        return jobs
+
+    def check_fan_out(self, prompts: int, n: int, max_tokens: int | None) -> None:
+        """Caps on prompts, n and their product with max_tokens, checked before anything is tokenized."""
+        c = self.config
+        if prompts > c.max_prompts_per_request:
+            raise APIError(413, f"{prompts} prompts in one request; at most {c.max_prompts_per_request}", "prompt",
+                           "too_many_prompts")
+        if n > c.max_n:
+            raise APIError(400, f"n is {n}; this server takes at most {c.max_n}", "n", "invalid_value")
+        if prompts * n * (max_tokens or 1) > c.max_request_tokens:
+            raise APIError(413, f"{prompts} prompts x n={n} x max_tokens={max_tokens} exceeds "
+                                f"{c.max_request_tokens} tokens", "n", "request_too_large")
+
+
+def _check_json(data: Any, max_depth: int) -> None:  # noqa: ANN401
+    """Depth and string validity of a decoded body (lone surrogates cannot be encoded, tokenized or echoed)."""
+    stack = [(data, 1, "")]
+    while stack:
+        value, depth, where = stack.pop()
+        if depth > max_depth:
+            raise APIError(400, f"the request body nests deeper than {max_depth} (at {where or 'the top'})",
+                           where or None, "invalid_json")
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            path = f"{where}.{key}" if where else str(key)
+            for text in (key, item):
+                if isinstance(text, str):
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise APIError(400, f"'{path.encode('utf-8', 'replace').decode()}' holds a string that is "
+                                            "not valid Unicode (a lone surrogate)", None, "invalid_string") from None
+            if isinstance(item, (dict, list)):
+                stack.append((item, depth + 1, path))
+
+
+async def _drain_receive(receive: Any, size: int, seconds: float) -> None:  # noqa: ANN401
+    """Read and drop up to ``size`` body bytes, for at most ``seconds`` (a client may never send them)."""
+    async def drain() -> None:
+        seen = 0
+        while seen < size:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            seen += len(message.get("body", b""))
+            if not message.get("more_body"):
+                return
+
+    try:
+        await asyncio.wait_for(drain(), seconds)
+    except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - the client may be gone: the answer still goes out
+        pass
+
+
+def _cancel(jobs: list[_Job]) -> None:
+    for job in jobs:
+        job.result.cancelled = True
+
+
+async def _finish_all(request: Request, jobs: list[_Job]) -> None:
+    """Wait for every job; a client that disconnects meanwhile has its jobs cancelled (rows freed at once)."""
+    waiting = asyncio.ensure_future(asyncio.gather(*(_finish(j) for j in jobs)))
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=0.2)
+            if done:
+                return waiting.result()
+            if await request.is_disconnected():
+                raise APIError(499, "the client closed the connection", code="client_closed")
+    finally:
+        if not waiting.done():
+            _cancel(jobs)
+            waiting.cancel()
+            waiting.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no warning
 
 
 def _logprobs(req: _Sampling) -> int | None:
@@ -403,6 +559,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     app = FastAPI(title="phiforge", lifespan=lifespan)
     app.state.server = srv
+    app.add_middleware(_Guard, server=srv)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
@@ -421,7 +578,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         worker = srv.worker
         return {"status": "ok" if worker and worker.thread.is_alive() else "stopping",
                 "model": config.model_name, "running": len(worker.running) if worker else 0,
-                "queued": worker.inbox.qsize() if worker else 0, "peak_running": worker.peak if worker else 0}
+                "queued": worker.inbox.qsize() if worker else 0, "peak_running": worker.peak if worker else 0,
+                "queued_tokens": worker.load if worker else 0, "cancelled": worker.cancelled if worker else 0}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -435,12 +593,13 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         srv.check_common(req)
         prompt, extra = srv.chat_prompt(req)
         max_tokens = req.max_completion_tokens or req.max_tokens
-        params = [srv.params(req, prompt, max_tokens, config.default_max_tokens, i, extra) for i in range(req.n)]
-        jobs = [srv.submit(prompt, p) for p in params]
+        srv.check_fan_out(1, req.n, max_tokens)
+        jobs = srv.submit([(prompt, srv.params(req, prompt, max_tokens, config.default_max_tokens, i, extra))
+                           for i in range(req.n)])
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": config.model_name}
         if req.stream:
-            return _sse(_chat_chunks(engine, jobs, head, req))
-        await asyncio.gather(*(_finish(j) for j in jobs))
+            return _sse(_chat_chunks(engine, jobs, head, req), jobs)
+        await _finish_all(request, jobs)
         choices = [{"index": i, "message": {"role": "assistant", "content": j.result.text},
                     "logprobs": srv.chat_logprobs(j) if req.logprobs else None,
                     "finish_reason": j.result.finish_reason} for i, j in enumerate(jobs)]
@@ -452,15 +611,17 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         srv.check_common(req)
         if req.suffix:
             raise APIError(400, "suffix is not supported", "suffix", "unsupported")
+        count = len(req.prompt) if isinstance(req.prompt, list) and req.prompt and not isinstance(
+            req.prompt[0], int) else 1
+        srv.check_fan_out(count, req.n, req.max_tokens or 16)
         prompts = srv.completion_prompts(req)
-        params = [(p, srv.params(req, p, req.max_tokens, 16, i)) for p in prompts for i in range(req.n)]
-        jobs = [srv.submit(p, sp) for p, sp in params]
+        jobs = srv.submit([(p, srv.params(req, p, req.max_tokens, 16, i)) for p in prompts for i in range(req.n)])
         prefix = [srv.tok.decode(j.prompt) if req.echo else "" for j in jobs]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": config.model_name}
         firsts = jobs[::req.n]
         if req.stream:
-            return _sse(_completion_chunks(engine, jobs, prefix, head, req, firsts))
-        await asyncio.gather(*(_finish(j) for j in jobs))
+            return _sse(_completion_chunks(engine, jobs, prefix, head, req, firsts), jobs)
+        await _finish_all(request, jobs)
         choices = [{"index": i, "text": pre + j.result.text, "finish_reason": j.result.finish_reason,
                     "logprobs": srv.completion_logprobs(j, pre) if req.logprobs is not None else None}
                    for i, (j, pre) in enumerate(zip(jobs, prefix))]
@@ -469,16 +630,34 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     return app
 
 
+class _Guard:
+    """ASGI middleware: ``Server.screen``'s refusals, before routing (a pure ASGI layer keeps streaming and
+    disconnect detection intact, which Starlette's BaseHTTPMiddleware does not)."""
+
+    def __init__(self, app: Any, server: Server) -> None:  # noqa: ANN401
+        self.app, self.server = app, server
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:  # noqa: ANN401
+        if scope["type"] == "http":
+            refusal = await self.server.screen(scope, receive)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 # ---- streaming -------------------------------------------------------------------------------------------------
 
 
-def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+def _sse(chunks: AsyncIterator[dict[str, Any]], jobs: list[_Job]) -> StreamingResponse:
     async def body() -> AsyncIterator[str]:
         try:
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
         except APIError as err:  # headers are gone already: report in-band, as OpenAI does
             yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.kind}})}\n\n"
+        finally:  # the client went away (Starlette cancels the body) or it ended: nothing keeps generating
+            _cancel([j for j in jobs if not j.result.finish_reason])
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,24 +33,48 @@ class Line:
 
 
 def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[Line]:
-    """Every non-blank line of a .jsonl or .jsonl.gz file, parsed; bad lines carry an error."""
+    """Every non-blank line of a .jsonl or .jsonl.gz file, parsed; bad lines carry an error.
+
+    A truncated or corrupt archive ends with one bad line (after the last whole line read); records whose
+    strings are not valid Unicode (JSON escapes of lone surrogates) are bad lines, since nothing can write them."""
     path = Path(path)
     with open(path, "rb") as raw:
         stream = gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz") else raw
-        for line_no, line in enumerate(stream, 1):
+        lines = enumerate(stream, 1)
+        line_no = 0
+        while True:
+            try:
+                line_no, line = next(lines)
+            except StopIteration:
+                return
+            except (EOFError, OSError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+                yield Line(path, line_no + 1, None, f"truncated or corrupt archive ({err or type(err).__name__}); "
+                                                    f"the records after line {line_no} are lost")
+                return
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
                 yield Line(path, line_no, None, f"malformed JSON ({err}); expected one JSON object per line",
                            line[:1000].decode("utf-8", "replace"))
                 continue
             if not isinstance(record, dict):
                 yield Line(path, line_no, None, f"expected a JSON object, got {type(record).__name__}",
                            line[:1000].decode("utf-8", "replace"))
+            elif b"\\u" in line and not _encodable(record):
+                yield Line(path, line_no, None, "a string holds a lone surrogate (\\ud800-\\udfff): not valid "
+                           "Unicode, so it cannot be written", line[:1000].decode("utf-8", "replace"))
             else:
                 yield Line(path, line_no, record)
+
+
+def _encodable(record: dict[str, Any]) -> bool:
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def iter_parquet(path: str | os.PathLike[str], batch_size: int = 1024) -> Iterator[Line]:
@@ -91,11 +116,17 @@ def write_jsonl(path: str | os.PathLike[str], records: Iterable[dict[str, Any]])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     count = 0
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-            count += 1
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for record in records:
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+                count += 1
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)  # never a half-written temp file left behind
+        if isinstance(err, UnicodeEncodeError):
+            raise ValueError(f"{path}: record {count + 1} holds a string that is not valid Unicode ({err})") from None
+        raise
     return count

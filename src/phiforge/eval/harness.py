@@ -41,6 +41,7 @@ class EvalConfig:
     code_timeout: float = 3.0
     code_samples: int = 1  # generations per problem (pass@k needs k <= samples and a temperature)
     code_temperature: float = 0.0
+    unsafe_no_sandbox: bool = False  # run generated code without bubblewrap (recorded in the results)
     fewshot_seed: int = 1234
     published: tuple[str, ...] = DEFAULT_PUBLISHED
     progress: bool = True
@@ -57,11 +58,13 @@ def load_tasks(config: EvalConfig) -> list[Any]:
     tasks = [get_task(name, config.data.get(name), config.data_dir) for name in names]
     for task in tasks:
         if isinstance(task, CodeTask):
-            from phiforge.eval.sandbox import SandboxLimits
+            from phiforge.eval.sandbox import SandboxLimits, sandbox_kind
 
             ks = tuple(k for k in (1, 10, 100) if k <= config.code_samples)
             task.configure(config.code_samples, config.code_temperature, ks,
-                           SandboxLimits(timeout=config.code_timeout), config.code_workers)
+                           SandboxLimits(timeout=config.code_timeout,
+                                         unsafe_no_sandbox=config.unsafe_no_sandbox), config.code_workers)
+            sandbox_kind(task.limits)  # refuse before any model is loaded
         task.load()
     return tasks
 
@@ -93,6 +96,11 @@ def evaluate(config: EvalConfig, *, model: Any = None, tokenizer: Any = None) ->
                          "device": str(model.embed.weight.device), "max_length": lm.max_length,
                          "batch_tokens": config.batch_tokens, "limit": config.limit,
                          "fewshot_seed": config.fewshot_seed}
+    code_tasks = [task for task in tasks if hasattr(task, "limits")]
+    if code_tasks:
+        from phiforge.eval.sandbox import sandbox_kind
+
+        results["config"]["code_sandbox"] = sandbox_kind(code_tasks[0].limits)
     results["published"] = {name: asdict(PUBLISHED[name]) | {"unverified": sorted(PUBLISHED[name].unverified),
                                                              "lm_eval_comparable":
                                                                  sorted(PUBLISHED[name].lm_eval_comparable)}
@@ -288,6 +296,8 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--code-workers", type=int, default=2)
     p.add_argument("--code-samples", type=int, default=1)
     p.add_argument("--code-temperature", type=float, default=0.0)
+    p.add_argument("--unsafe-no-sandbox", action="store_true",
+                   help="run generated code without bubblewrap (only in-process guards; recorded in the results)")
     p.add_argument("--published", default=",".join(DEFAULT_PUBLISHED),
                    help=f"reference columns, from: {', '.join(PUBLISHED)}")
     p.add_argument("--no-progress", action="store_true")
@@ -306,6 +316,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
                       device=args.device, max_length=args.max_length, batch_tokens=args.batch_tokens,
                       gen_batch_size=args.gen_batch_size, code_workers=args.code_workers,
                       code_samples=args.code_samples, code_temperature=args.code_temperature,
+                      unsafe_no_sandbox=args.unsafe_no_sandbox,
                       published=tuple(p for p in args.published.split(",") if p), progress=not args.no_progress)
 
 

@@ -161,11 +161,11 @@ def exact_oracle(record: dict[str, Any], texts: list[str], ids: list[list[int]])
 
 def code_oracle(record: dict[str, Any], texts: list[str], ids: list[list[int]]) -> list[bool]:
     """The solution's code, then the record's tests (a list of asserts or one string), passes in the sandbox."""
-    from phiforge.eval.sandbox import run_programs
+    from phiforge.eval.sandbox import Program, run_programs
 
     tests = record["tests"]
     tests = "\n".join(tests) if isinstance(tests, list) else str(tests)
-    programs = [_code_of(t) + "\n" + tests for t in texts]
+    programs = [Program(_code_of(t) + "\n", tests) for t in texts]
     return [r.passed for r in run_programs(programs)]
 
 

@@ -93,6 +93,34 @@ def test_bad_lines_empty_shards_and_stop_mode(tmp_path: Path, capsys: pytest.Cap
         run_curate(stop)
 
 
+def test_truncated_archive_surrogates_and_bad_ids_are_counted(tmp_path: Path) -> None:
+    import gzip
+
+    (tmp_path / "in").mkdir()
+    good = [{"id": f"d{i}", "text": f"document number {i} about rivers and hills and the sea"} for i in range(40)]
+    whole = gzip.compress("".join(json.dumps(d) + "\n" for d in good).encode())
+    (tmp_path / "in" / "cut.jsonl.gz").write_bytes(whole[: len(whole) * 2 // 3])
+    lines = [json.dumps({"id": "s0", "text": "fine"}), '{"id": "s1", "text": "bad \\ud800 text"}',
+             '{"id": "s2", "text": "ok", "meta": {"k": "\\udfff"}}', json.dumps({"id": 7, "text": "int id"}),
+             json.dumps({"id": "s0", "text": "again"}), json.dumps({"id": "s5", "text": "fine too"})]
+    (tmp_path / "in" / "odd.jsonl").write_text("\n".join(lines) + "\n")
+    stats = run_curate(config(tmp_path / "out", tmp_path / "in", decontam={"enabled": False},
+                              dedup={"enabled": False}))
+    read = stats["stages"]["read"]
+    assert read["removed"] == {"malformed": 5}, read
+    messages = "\n".join(read["bad_lines"])
+    assert "cut.jsonl.gz line" in messages and "truncated or corrupt archive" in messages
+    surrogate = "a string holds a lone surrogate"
+    for line, what in ((2, surrogate), (3, surrogate), (4, "field 'id' is 7, not a non-empty string"),
+                       (5, "duplicate id 's0' (first on line 1)")):
+        assert f"odd.jsonl line {line}: {what}" in messages, messages
+    kept = ids(tmp_path / "out")
+    assert {"s0", "s5"} <= kept and not {"s1", "s2"} & kept and len(kept & {d["id"] for d in good}) > 5
+    assert not list((tmp_path / "out").rglob("*.tmp")), "a temp file was left behind"
+    with pytest.raises(CurateError, match=r"cut\.jsonl\.gz line \d+: truncated or corrupt archive"):
+        run_curate(config(tmp_path / "stop", tmp_path / "in", input={"on_error": "stop"}))
+
+
 def test_resume_redoes_only_unfinished_shards(tmp_path: Path) -> None:
     write_shards(tmp_path / "in")
     cfg = config(tmp_path / "out", tmp_path / "in", decontam={"enabled": False})

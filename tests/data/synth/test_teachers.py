@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from collections import Counter
 from pathlib import Path
@@ -98,6 +99,41 @@ def test_non_json_teacher_is_retried_then_reported_and_nothing_is_lost(tmp_path:
     assert stats["documents"] + stats["rejected"] == 12
     assert sorted(r["metadata"]["index"] for r in read_records(tmp_path / "out")) == list(range(12))
     assert Planner(config).draft(0).prompt  # the plan is unchanged by the failure
+
+
+MALFORMED = [  # well-formed JSON, wrong fields: each must be a counted retry, never a crash
+    lambda r: {**r, "usage": {**r["usage"], "prompt_tokens": None}},
+    lambda r: {**r, "usage": "lots"},
+    lambda r: {**r, "choices": [{**r["choices"][0], "finish_reason": 3}]},
+    lambda r: {**r, "choices": [None]},
+    lambda r: [r],
+]
+
+
+def test_malformed_fields_are_retried_teacher_errors(tmp_path: Path) -> None:
+    class Odd(FaultyOpenAIServer):
+        def handle(self, h, body) -> None:  # noqa: ANN001
+            with self.lock:
+                attempt = self.attempts[str(body)]
+                self.attempts[str(body)] += 1
+            if attempt < len(MALFORMED):
+                self.log.append(("", "malformed"))
+                self._send(h, 200, json.dumps(MALFORMED[attempt](self.response(body))).encode())
+            else:
+                self.log.append((str(body), "ok"))
+                self._send(h, 200, json.dumps(self.response(body)).encode())
+
+    with Odd(faults=False) as server:
+        config = http_config(tmp_path, server.base_url, 3, f"teacher.max_retries={len(MALFORMED)}",
+                             "teacher.backoff=0.01", "teacher.backoff_max=0.02")
+        stats = run_synth(config)
+        assert server.outcomes()["malformed"] == 3 * len(MALFORMED)
+    assert stats["teacher_stats"]["retries_malformed"] == 3 * len(MALFORMED), stats["teacher_stats"]
+    assert stats["documents"] + stats["rejected"] == 3
+    with Odd(faults=False) as server:
+        config = http_config(tmp_path / "b", server.base_url, 1, "teacher.max_retries=0")
+        with pytest.raises(TeacherError, match=r"last error: malformed response \(TypeError: usage token counts"):
+            run_synth(config)
 
 
 def test_client_errors_are_not_retried(tmp_path: Path) -> None:

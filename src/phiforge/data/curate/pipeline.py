@@ -35,7 +35,7 @@ from phiforge.data.curate.executor import (
     merge_stats,
     run_stage,
 )
-from phiforge.data.jsonl import DOCUMENT_SUFFIXES, iter_lines, write_jsonl
+from phiforge.data.jsonl import DOCUMENT_SUFFIXES, Line, iter_lines, write_jsonl
 from phiforge.data.packing import atomic_write_bytes, atomic_write_json
 
 
@@ -146,7 +146,19 @@ class ReadShard:
 
     def __call__(self, shard: Shard) -> dict[str, Any]:
         good, bad = [], []
+        seen: dict[str, int] = {}  # id -> the line that first had it
+        id_field = self.section.id_field
         for line in checked_records(iter_lines(shard.path), self.section.text_field):
+            if line.record is not None:
+                ident = line.record.get(id_field, f"{shard.name}:{line.line}")
+                if not isinstance(ident, str) or not ident:
+                    line = Line(line.path, line.line, None, f"field {id_field!r} is {ident!r:.40}, not a non-empty "
+                                                            "string (expected the document id)")
+                elif ident in seen:
+                    line = Line(line.path, line.line, None, f"duplicate {id_field} {ident!r:.80} (first on line "
+                                                            f"{seen[ident]})")
+                else:
+                    seen[ident] = line.line
             if line.record is None:
                 if self.section.on_error == "stop":
                     raise CurateError(f"{line.where}: {line.error} (input.on_error = 'stop'; "
@@ -154,7 +166,7 @@ class ReadShard:
                 bad.append({"file": str(line.path), "line": line.line, "error": line.error, "raw": line.raw})
                 continue
             record = dict(line.record)
-            record.setdefault(self.section.id_field, f"{shard.name}:{line.line}")
+            record.setdefault(id_field, f"{shard.name}:{line.line}")
             if self.section.text_field != "text":
                 record["text"] = record[self.section.text_field]
             good.append(record)

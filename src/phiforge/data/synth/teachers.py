@@ -365,18 +365,27 @@ class OpenAITeacher(Teacher):
         return self._parse(content)
 
     def _parse(self, content: bytes) -> Result:
-        try:
+        try:  # every field checked: any malformed answer is a retryable teacher error, never a crash
             data = json.loads(content)
             choice = data["choices"][0]
             text = choice["message"]["content"] if self.api == "chat" else choice["text"]
             if not isinstance(text, str):
                 raise TypeError(f"content is {type(text).__name__}")
-        except (ValueError, KeyError, IndexError, TypeError) as err:
+            usage = data.get("usage", {})
+            if usage is None:
+                usage = {}
+            if not isinstance(usage, dict):
+                raise TypeError(f"usage is {type(usage).__name__}")
+            counts = [usage.get(key, 0) for key in ("prompt_tokens", "completion_tokens")]
+            if not all(type(n) is int and n >= 0 for n in counts):
+                raise TypeError(f"usage token counts are {counts!r:.60}, not integers >= 0")
+            reason = choice.get("finish_reason") or ""
+            if not isinstance(reason, str):
+                raise TypeError(f"finish_reason is {type(reason).__name__}")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as err:
             raise _RetryableError("malformed", f"malformed response ({type(err).__name__}: {err}): {content[:120]!r}") \
                 from None
-        usage = data.get("usage") or {}
-        return Result(text.strip(), int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)),
-                      str(choice.get("finish_reason") or ""))
+        return Result(text.strip(), counts[0], counts[1], reason)
 
 
 def _resolve(future: asyncio.Future[Result], result: Result) -> None:

