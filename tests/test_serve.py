@@ -352,9 +352,11 @@ def test_hostile_requests_leave_eight_other_clients_answered(tiny_folder: Path) 
             "prompt": "a b", "max_tokens": 250, "n": 4, "temperature": 1, "stream": True})
         with stream as response:
             next(response.iter_lines())
-        with pytest.raises(httpx.TimeoutException):
+        try:  # a non-streaming client that gives up; on a quiet machine the tiny model may finish first
             httpx.post(f"{child.url}/completions", json={"prompt": "a b", "max_tokens": 250, "n": 4,
                                                          "temperature": 1}, timeout=0.5)
+        except httpx.TimeoutException:
+            pass
         deadline = time.monotonic() + 10
         while (health := httpx.get(f"{base}/health").json())["running"] and time.monotonic() < deadline:
             time.sleep(0.05)
