@@ -528,15 +528,32 @@ _GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm
                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
                 r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
                 r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# tokenizer.ggml.pre -> split regex, as transformers' GGUF converter has them. Any other value ("gpt2",
-# "default", "phi-2", "smollm", ...) gets GPT-2's byte-level regex, as there. Note llama.cpp itself also
-# isolates digits for "smollm"; that only differs on whitespace runs right before a digit.
+# tokenizer.ggml.pre -> split regex, as transformers' GGUF converter has them (llama.cpp's src/llama-vocab.cpp
+# groups the same names under the same regex).
 _PRE_SPLITS = {
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
                      "jina-v5-nano", "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
     **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
 }
+# Names llama.cpp runs with GPT-2's own regex, and those that first isolate every digit (\p{N}) and then apply
+# GPT-2's regex, as StarCoder's and SmolLM's tokenizer.json do (Digits(individual_digits) + ByteLevel).
+# transformers' GGUF converter gives the second group GPT-2's regex alone; llama.cpp and the original
+# tokenizers isolate digits, and so does phiforge.
+GPT2_PRES = ("gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion", "granite-docling", "jina-es", "jina-de",
+             "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum", "modern-bert")
+DIGIT_PRES = ("starcoder", "smollm", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2")
+# what the exporter writes for each kind of byte-level pre-tokenizer, unless the source's own name is of that kind
+CANONICAL_PRES = {"gpt2": "gpt-2", "digits": "starcoder", _LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2",
+                  _GPT4O_SPLIT: "gpt-4o"}
+
+
+def pre_tokenizer_kind(name: str | None) -> str | None:
+    """The kind of split a llama.cpp ``tokenizer.ggml.pre`` name stands for: "gpt2", "digits", a split regex,
+    or None for a name phiforge does not know (read with GPT-2's regex, as transformers does)."""
+    if name in _PRE_SPLITS:
+        return _PRE_SPLITS[name]
+    return "gpt2" if name in GPT2_PRES else "digits" if name in DIGIT_PRES else None
 
 
 def read_gguf_tokenizer(path: str | Path) -> Tokenizer:
@@ -558,8 +575,12 @@ def _tokenizer(f: _GGUF) -> Tokenizer:
     # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise
     add_bos = bool(f.get("tokenizer.ggml.add_bos_token", kind == "llama")) and names["bos_token"] is not None
     add_eos = bool(f.get("tokenizer.ggml.add_eos_token", False)) and names["eos_token"] is not None
-    return Tokenizer(backend, **names, chat_template=f.get("tokenizer.chat_template", None),
-                     add_bos_token=add_bos, add_eos_token=add_eos)
+    tok = Tokenizer(backend, **names, chat_template=f.get("tokenizer.chat_template", None),
+                    add_bos_token=add_bos, add_eos_token=add_eos)
+    named = {name: f.get(f"tokenizer.chat_template.{name}", None) for name in f.get("tokenizer.chat_templates", [])}
+    tok.chat_templates = {name: template for name, template in named.items() if template is not None}
+    tok.gguf_pre = f.get("tokenizer.ggml.pre", None) if kind == "gpt2" else None
+    return tok
 
 
 _SPECIAL_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
@@ -593,9 +614,13 @@ def _byte_level_backend(tokens: list[str], merges: list[str], pre: str | None
              for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ")) for m in merges]
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
-    split = _PRE_SPLITS.get(pre or "")
-    if split is None:
+    split = pre_tokenizer_kind(pre)
+    if split in (None, "gpt2"):
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    elif split == "digits":
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     else:
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(split), behavior="isolated"),
