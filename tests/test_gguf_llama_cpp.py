@@ -9,21 +9,28 @@ read from tests/fixtures/llama_cpp/pre_tokenizers.txt (extracted from the same s
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import gguf
 import pytest
 import tokenizers
-from conftest import LLAMA_CPP_SRC, randomize_
+import torch
+from conftest import LLAMA_CPP_BIN, LLAMA_CPP_SRC, randomize_
 from tokenizers import Regex, pre_tokenizers
+from train.gsm8k_corpus import build_corpus, gsm8k_texts
 
 from phiforge import gguf_io
+from phiforge.checkpoint import load_pretrained
 from phiforge.config import preset
 from phiforge.gguf_export import export_gguf
 from phiforge.model import build_model
 from phiforge.tokenizer import Tokenizer, train_bpe
+from phiforge.train import TrainConfig, train
 
 FIXTURE = Path(__file__).parent / "fixtures" / "llama_cpp" / "pre_tokenizers.txt"
 
@@ -132,3 +139,118 @@ def test_reexporting_the_teacher_keeps_smollm(tmp_path: Path, teacher_path: Path
     # and through a folder: the name survives tokenizer_config.json
     tok.save(tmp_path / "folder")
     assert Tokenizer.from_folder(tmp_path / "folder").gguf_pre == "smollm"
+
+
+# ---- the real llama.cpp (slow) ---------------------------------------------------------------------------------
+# Built from the llama-cpp-python 0.3.36 sdist (README, "GGUF export"); $PHIFORGE_LLAMA_CPP names its bin folder.
+ROUND_TRIP = {"phi2": "tiny-phi", "phi3": "tiny-phi3", "phi3-longrope": "tiny-phi3-longrope", "llama": "tiny-llama"}
+PPL_TOLERANCE = {"q8_0": 0.01, "q4_0": 0.05}  # relative to phiforge's perplexity of the float model
+N_CTX, N_PREDICT = 64, 16
+
+
+def llama_cpp(tool: str, *args: str) -> bytes:
+    exe = LLAMA_CPP_BIN / tool
+    if not exe.is_file():
+        pytest.skip(f"{exe} not built (README, 'GGUF export': build llama.cpp, or set $PHIFORGE_LLAMA_CPP)")
+    done = subprocess.run([str(exe), *args], capture_output=True, timeout=600)
+    assert done.returncode == 0, f"{tool} failed:\n{done.stderr.decode(errors='replace')[-3000:]}"
+    return done.stdout + b"\n" + done.stderr if tool == "llama-perplexity" else done.stdout
+
+
+def piece_bytes(tok: Tokenizer, ids: list[int]) -> bytes:
+    """What llama.cpp prints for ``ids`` (llama_token_to_piece, specials as text): a byte-level token's bytes."""
+    inverse = {c: b for b, c in gguf_io._byte_alphabet().items()}
+    added = {i: t.content for i, t in tok.backend.get_added_tokens_decoder().items()}
+    return b"".join(added[i].encode() if i in added else bytes(inverse[c] for c in tok.id_to_token(i)) for i in ids)
+
+
+def greedy(model: Any, ids: list[int], n: int) -> list[int]:
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids
+
+
+def perplexity(model: Any, tok: Tokenizer, text: str) -> float:
+    """llama-perplexity's measure: the text cut into n_ctx-token chunks (bos first when the vocabulary adds one),
+    each scored on the tokens of its second half."""
+    ids = tok.encode(text)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) // N_CTX * N_CTX, N_CTX):
+            chunk = ids[start:start + N_CTX]
+            if tok.add_bos_token:
+                chunk = [tok.bos_token_id, *chunk[1:]]
+            logp = torch.log_softmax(model(torch.tensor([chunk]))[0].double(), -1)
+            first = N_CTX // 2
+            targets = torch.tensor(chunk[first + 1:])
+            nll -= logp[first:-1].gather(1, targets[:, None]).sum().item()
+            count += len(targets)
+    return math.exp(nll / count)
+
+
+def llama_ppl(path: Path, text_file: Path) -> float:
+    out = llama_cpp("llama-perplexity", "-m", str(path), "-f", str(text_file), "-c", str(N_CTX), "-b", str(N_CTX),
+                    "-t", "2", "--no-warmup").decode(errors="replace")
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
+    assert found, out[-2000:]
+    return float(found.group(1))
+
+
+@pytest.fixture(scope="module")
+def trained_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """phi2, phi3 and llama tiny models pretrained on GSM8K by phiforge.train (40 steps each)."""
+    corpus = build_corpus(tmp_path_factory.getbasetemp() / "gsm8k-corpus")
+    out = {}
+    for arch in ("phi2", "phi3", "llama"):
+        folder = tmp_path_factory.mktemp(f"trained-{arch}")
+        config = TrainConfig.from_toml("tiny", [
+            f"model.preset={ROUND_TRIP[arch]}", f"data.tokenizer={corpus.tokenizer}",
+            f"data.sources.text.path={corpus.train_tokens}", f"run.out_dir={folder}", "data.val_fraction=0.0",
+            "log.progress=false", "log.peak_flops=1e11", "run.max_steps=40", "batch.global_sequences=8",
+            "batch.micro_batch_size=8", "schedule.warmup_steps=4", "log.eval_every=1000", "checkpoint.every=1000"])
+        out[arch] = Path(train(config)["export"])
+    return out
+
+
+REPORT: list[dict[str, Any]] = []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weights", ["random", "trained"])
+@pytest.mark.parametrize("arch", list(ROUND_TRIP))
+def test_llama_cpp_round_trip(tmp_path: Path, request: pytest.FixtureRequest, arch: str, weights: str) -> None:
+    if weights == "random":
+        lines = [line for line in Path(__file__).read_text().splitlines() if line.strip()]
+        tok = train_bpe(lines * 5, 320, chat_format="phi3")
+        model = randomize_(build_model(preset(ROUND_TRIP[arch])), seed=5).eval()
+    else:
+        if arch == "phi3-longrope":
+            pytest.skip("the trained phi3 case covers phi3; LongRoPE is covered with random weights")
+        model, tok = load_pretrained(request.getfixturevalue("trained_models")[arch], dtype="float32", device="cpu")
+        model.eval()
+    text = "\n\n".join(gsm8k_texts("test")[:60])
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(text, encoding="utf-8")
+    prompt = "Natalia sold clips to 48 of her friends in April, and then she sold"
+    row: dict[str, Any] = {"arch": arch, "weights": weights, "ppl_phiforge": perplexity(model, tok, text)}
+    for quant in ("f32", "q8_0", "q4_0"):
+        path = tmp_path / f"{quant}.gguf"
+        export_gguf(model, tok, path, quant=quant)
+        if quant == "f32":
+            # llama-tokenize gives phiforge's ids, and llama-simple's greedy continuation is phiforge's
+            ids = tok.encode(prompt)
+            out = llama_cpp("llama-tokenize", "-m", str(path), "-p", prompt, "--ids", "--log-disable")
+            assert json.loads(out.decode().strip().splitlines()[-1]) == ids
+            want = greedy(model, ids, N_PREDICT)
+            specials = set(tok.backend.get_added_tokens_decoder())
+            end = next((i for i in range(len(ids), len(want)) if want[i] in specials), len(want))
+            got = llama_cpp("llama-simple", "-m", str(path), "-n", str(N_PREDICT), prompt)
+            assert got.startswith(piece_bytes(tok, want[:end])), (got, piece_bytes(tok, want[:end]))
+            row["greedy_tokens_equal"] = end - len(ids)
+        row[f"ppl_llama_cpp_{quant}"] = ppl = llama_ppl(path, text_file)
+        limit = PPL_TOLERANCE.get(quant, 1e-3)
+        assert abs(ppl / row["ppl_phiforge"] - 1) <= limit, row
+    REPORT.append(row)
+    print(json.dumps(row))
