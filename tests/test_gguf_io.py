@@ -268,7 +268,11 @@ def test_sentencepiece_tokenizer_matches_transformers(tmp_path: Path, spm_vocab:
                                                   feed_forward_length=128, **{"attention.head_count": 4}).items()}
     path = write_gguf(tmp_path / "spm.gguf", arch, {**meta, **spm_vocab}, {})
     ours = read_gguf_tokenizer(path)
-    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    # transformers reads a llama SentencePiece GGUF with Metaspace, which adds no prefix to text that starts with a
+    # space, unlike SentencePiece and llama.cpp (test_gguf_vocab's reference ids); its phi3 reading is theirs
+    phi3_meta = {k.replace(f"{arch}.", "phi3.", 1): v for k, v in meta.items()}
+    write_gguf(tmp_path / "ref.gguf", "phi3", {**phi3_meta, **spm_vocab}, {})
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="ref.gguf")
     assert ours.add_bos_token and ours.bos_token == "<s>"
     for text in ["Hello world", " one leading space", "Phi-3 has 32064 rows and eps 1e-5.", "微软 phi 模型 🙂",
                  "a  b   c\n\nd\t e", "<|user|>\nhi<|end|>", "ünïcödé Ωmega"]:

@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType as QType
 
 from phiforge.checkpoint import _atomic_write, hf_state_dict
 from phiforge.config import ModelConfig
-from phiforge.gguf_io import CANONICAL_PRES, pre_tokenizer_kind
+from phiforge.gguf_io import CANONICAL_PRES, IGNORE_MERGES_PRES, pre_tokenizer_kind
 from phiforge.model import PhiForgeModel
 from phiforge.tokenizer import TURN_END_TOKENS, Tokenizer
 
@@ -183,8 +183,12 @@ def _end_of_turn_id(tok: Tokenizer) -> int | None:
 def byte_level_pre(spec: dict[str, Any], source: str | None = None) -> str:
     """llama.cpp's tokenizer.ggml.pre name for a byte-level tokenizer.json's split: ``source`` (the name the
     tokenizer was read with) when it stands for the same split, else the usual name of that split."""
-    kind = _byte_level_kind(spec)
-    return source if source is not None and pre_tokenizer_kind(source) == kind else CANONICAL_PRES[kind]
+    key = (_byte_level_kind(spec), bool(spec.get("model", {}).get("ignore_merges")))
+    if source is not None and (pre_tokenizer_kind(source), source in IGNORE_MERGES_PRES) == key:
+        return source
+    if key not in CANONICAL_PRES:
+        raise GGUFExportError(f"llama.cpp has no pre-tokenizer for this split with ignore_merges={key[1]}")
+    return CANONICAL_PRES[key]
 
 
 def _byte_level_kind(spec: dict[str, Any]) -> str:
@@ -202,7 +206,7 @@ def _byte_level_kind(spec: dict[str, Any]) -> str:
         return "digits"
     if len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel":
         regex = steps[0].get("pattern", {}).get("Regex")
-        if regex in CANONICAL_PRES:
+        if regex in {kind for kind, _ in CANONICAL_PRES}:
             return regex
     raise GGUFExportError(f"byte-level pre-tokenizer {json.dumps(pre)[:200]} has no llama.cpp pre-tokenizer name")
 
