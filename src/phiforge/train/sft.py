@@ -392,13 +392,14 @@ class PostTrainer(Pretrainer):
         self.tokenizer = load_tokenizer(config.data, config.model.init_from)
         self.skipped: list[dict[str, str]] = []
         super().__init__(config, env)
-        if config.lora.rank and config.distributed.strategy == "fsdp" and env.distributed:
-            raise TrainConfigError("lora with distributed.strategy=fsdp is not supported; use ddp")
+        if config.lora.rank and config.shard_plan().sharded and env.distributed:
+            raise TrainConfigError(f"lora with distributed.strategy={config.distributed.strategy} is not "
+                                   "supported; use ddp (adapters are small: replicating them is cheap)")
 
-    def _load_init_weights(self, model: nn.Module) -> None:
-        super()._load_init_weights(model)
+    def _init_weights(self, model: nn.Module, init_from: str, trainable: bool) -> None:
+        super()._init_weights(model, init_from, trainable)
         lora = self.config.lora
-        if lora.rank:
+        if lora.rank and trainable:
             adapted = apply_lora(model, lora.rank, lora.alpha, lora.targets)
             self._say(f"LoRA rank {lora.rank} on {len(adapted)} layers; "
                       f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
