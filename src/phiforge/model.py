@@ -14,6 +14,7 @@ checkpoint.py maps each family's Hugging Face keys onto these parameters.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +123,19 @@ class Linear(nn.Linear):
             self.amx_packed = kernels.amx_pack(self.weight.detach())
         self.packed_version = self.weight._version
         return True
+
+
+_FLEX: list = []
+
+
+def _compiled_flex() -> Any:
+    """torch.compile(flex_attention), made once: eager flex_attention is a slow reference; compiled, it is a
+    fused kernel that skips fully masked blocks (packed documents, sliding windows) on CUDA and CPU."""
+    if not _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX.append(torch.compile(flex_attention))
+    return _FLEX[0]
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
@@ -399,6 +413,11 @@ class Attention(nn.Module):
             q, k, v = q.float(), k.float(), v.float()
         gqa = self.config.num_kv_heads != self.config.num_heads
         dropout = self.config.attn_pdrop if self.training else 0.0
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
+            if dropout:
+                raise ValueError("flex attention has no attention dropout: set attn_pdrop=0 or run.attention=sdpa")
+            y = _compiled_flex()(q, k, v, block_mask=mask, scale=self.config.attn_scale, enable_gqa=gqa)
+            return y.to(dtype)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
                                            enable_gqa=gqa, scale=self.config.attn_scale)
         return y.to(dtype)

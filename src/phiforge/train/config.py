@@ -86,6 +86,8 @@ class RunSection:
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling)
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each block
+    attention: str = "auto"  # packed documents (SFT): flex (FlexAttention block masks) | sdpa (explicit masks)
+    # | auto (flex on CUDA, sdpa elsewhere)
     threads: int = 0  # torch CPU threads per process; 0 = torch's default
 
 
@@ -174,6 +176,7 @@ class TrainConfig:
         need(b.micro_batch_size > 0, "batch.micro_batch_size must be > 0")
         need((r.max_steps > 0) != (r.max_tokens > 0), "run: give exactly one of run.max_steps and run.max_tokens")
         _choice("run.precision", r.precision, ("fp32", "bf16", "fp16"))
+        _choice("run.attention", r.attention, ("auto", "sdpa", "flex"))
         _choice("schedule.kind", self.schedule.kind, ("constant", "cosine", "linear", "wsd"))
         _choice("schedule.decay_shape", self.schedule.decay_shape, ("linear", "1-sqrt"))
         dist = self.distributed

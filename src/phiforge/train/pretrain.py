@@ -156,6 +156,9 @@ class Pretrainer:
         r = config.run
         self.total_steps = r.max_steps or math.ceil(r.max_tokens / self.plan.tokens_per_step)
         self.autocast_dtype = AUTOCAST[r.precision]
+        # packed documents' masks as FlexAttention block masks: a fused kernel on CUDA; on the CPU the explicit
+        # mask with SDPA stays the default there (flex compiles once per batch shape; not measured faster on CPU)
+        self.flex_attention = r.attention == "flex" or (r.attention == "auto" and env.device.type == "cuda")
 
     # ---- hooks for post-training stages (SFT, DPO): their data, loss and export ---------------------------
     def build_data(self) -> tuple[Any, Any]:
