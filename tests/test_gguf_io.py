@@ -411,9 +411,11 @@ LLAMA_META = {"llama.context_length": 128, "llama.embedding_length": 64, "llama.
 
 def test_unsupported_architecture(tmp_path: Path) -> None:
     path = write_gguf(tmp_path / "gpt2.gguf", "gpt2", {"gpt2.block_count": 1}, {})
-    for read in (read_gguf_config, read_gguf_tokenizer, load_gguf):
+    for read in (read_gguf_config, load_gguf):  # a tokenizer alone reads from any architecture (its own test)
         with pytest.raises(GGUFError, match=r"gpt2\.gguf: architecture 'gpt2' is not supported.*llama, phi2, phi3"):
             read(path)
+    with pytest.raises(GGUFError, match=r"gpt2\.gguf: metadata key 'tokenizer\.ggml\.model' is missing"):
+        read_gguf_tokenizer(path)
 
 
 def test_unsupported_quantization_type(tmp_path: Path) -> None:
