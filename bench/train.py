@@ -45,7 +45,7 @@ def bench_model_config(args: argparse.Namespace) -> ModelConfig:
 
 
 def phiforge_trainer(args: argparse.Namespace, model_config: ModelConfig, folder: Path,
-                     use_compile: bool) -> Pretrainer:
+                     use_compile: bool, device: str = "cpu") -> Pretrainer:
     overrides = {k: v for k, v in vars(model_config).items() if k in (
         "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
         "max_position_embeddings")}
@@ -55,10 +55,10 @@ def phiforge_trainer(args: argparse.Namespace, model_config: ModelConfig, folder
         "batch": {"global_sequences": args.batch, "micro_batch_size": args.micro_batch},
         "optim": {"lr": 2e-4, "grad_clip": 1.0},
         "run": {"out_dir": str(folder / "run"), "max_steps": 10**6, "precision": args.precision,
-                "compile": use_compile},
+                "compile": use_compile, "device": device},
         "log": {"progress": False, "tensorboard": False},
     }
-    trainer = Pretrainer(TrainConfig.from_dict(raw), init_distributed("cpu"))
+    trainer = Pretrainer(TrainConfig.from_dict(raw), init_distributed(device))
     trainer._build()
     return trainer
 
@@ -76,26 +76,26 @@ def transformers_model(model_config: ModelConfig, weights: dict[str, torch.Tenso
 class PlainLoop:
     """What a hand-written transformers training loop does per optimizer step."""
 
-    def __init__(self, model: torch.nn.Module, micro: int, dtype: torch.dtype | None) -> None:
-        self.model, self.micro, self.dtype = model, micro, dtype
+    def __init__(self, model: torch.nn.Module, micro: int, dtype: torch.dtype | None, device: str = "cpu") -> None:
+        self.model, self.micro, self.dtype, self.device = model.to(device), micro, dtype, torch.device(device)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, betas=(0.9, 0.98), eps=1e-7,
                                            weight_decay=0.1)
 
     def step(self, batch: np.ndarray) -> float:
-        ids = torch.from_numpy(batch)
+        ids = torch.from_numpy(batch).to(self.device)
         accum = len(ids) // self.micro
         total = 0.0
         for m in range(accum):
             chunk = ids[m * self.micro : (m + 1) * self.micro]
-            with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype is not None):
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
                 logits = self.model(input_ids=chunk[:, :-1]).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten())
             (loss / accum).backward()
-            total += loss.item()
+            total += loss.detach()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / accum
+        return float(total) / accum
 
 
 def main() -> None:

@@ -16,6 +16,12 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # shared/ sits beside the checkout (locally and in CI): the benchmark files and research notes
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+# llama.cpp beside the checkout too: the sources vendored in the llama-cpp-python 0.3.36 sdist and a build of them
+# (README, "GGUF export"); $PHIFORGE_LLAMA_CPP_SRC / $PHIFORGE_LLAMA_CPP point elsewhere
+_CACHE = Path(__file__).resolve().parents[2] / "cache"
+LLAMA_CPP_SRC = Path(os.environ.get("PHIFORGE_LLAMA_CPP_SRC",
+                                    _CACHE / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"))
+LLAMA_CPP_BIN = Path(os.environ.get("PHIFORGE_LLAMA_CPP", _CACHE / "llama.cpp-build" / "bin"))
 TEACHER = "smollm2-135m-instruct"
 
 

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,12 +104,18 @@ def expected_shape(model: PhiForgeModel, target: Target) -> tuple[int, ...]:
 
 # ---- loading ------------------------------------------------------------------------------------
 class _Filler:
-    """Copies named on-disk tensors into an empty model, then proves nothing is missing."""
+    """Copies named on-disk tensors into an empty model, then proves nothing is missing.
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> None:
-        self.model = build_model(config, device="meta", dtype=dtype)
+    The model may hold row shards (FSDP DTensors): each tensor's rows outside this process's shard are
+    never read (``put_rows``), so no rank ever holds more than its shards plus one tensor's slice.
+    """
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32, device: Any = None, *,
+                 model: PhiForgeModel | None = None) -> None:
+        """A meta-built model of ``config`` to ``allocate``, or an existing ``model`` to fill in place."""
+        self.model = model if model is not None else build_model(config, device="meta", dtype=dtype)
         self.keys = hf_key_map(self.model)
-        self.tied_head = config.tie_word_embeddings
+        self.tied_head = self.model.config.tie_word_embeddings
         self.filled: set[str] = set()
 
     def check(self, key: str, shape: tuple[int, ...], where: str) -> bool:
@@ -132,18 +138,28 @@ class _Filler:
             self.model.lm_head.weight = self.model.embed.weight
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
+        self.put_rows(key, len(tensor) if tensor.dim() else 1, lambda a, b: tensor[a:b] if tensor.dim() else tensor)
+
+    def put_rows(self, key: str, rows: int, read: Callable[[int, int], torch.Tensor]) -> None:
+        """Copy rows of on-disk tensor ``key`` (``read(a, b)`` gives its rows a..b) that land in this
+        process's part of the target parameter."""
+        from phiforge.model import local_rows
+
         target = self.keys[key]
-        dest = self.model.get_parameter(target.param)
-        with torch.no_grad():
-            (dest if target.rows is None else dest[target.rows]).copy_(tensor)
+        dest, offset = local_rows(self.model.get_parameter(target.param))
+        base = target.rows.start if target.rows is not None else 0  # where the tensor's row 0 lands
+        lo, hi = max(base, offset), min(base + rows, offset + (len(dest) if dest.dim() else 1))
+        if lo < hi:
+            with torch.no_grad():
+                (dest[lo - offset : hi - offset] if dest.dim() else dest).copy_(read(lo - base, hi - base))
         self.filled.add(key)
 
-    def finish(self, where: str) -> PhiForgeModel:
+    def finish(self, where: str, eval_mode: bool = True) -> PhiForgeModel:
         missing = sorted(set(self.keys) - self.filled)
         if missing:
             shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
             raise CheckpointError(f"{where}: missing tensors {shown}")
-        return self.model.eval()
+        return self.model.eval() if eval_mode else self.model
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig | None) -> torch.dtype:
@@ -264,15 +280,20 @@ def read_safetensors_header(file: Path) -> dict[str, TensorEntry]:
     return entries
 
 
-def read_tensor(entry: TensorEntry, handle: Any) -> torch.Tensor:
-    """Read one tensor with a plain file read: no mmap keeps the file's pages resident."""
-    buffer = bytearray(entry.end - entry.start)
-    handle.seek(entry.start)
+def read_tensor(entry: TensorEntry, handle: Any, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Read one tensor (or its rows a..b) with a plain file read: no mmap keeps the file's pages resident."""
+    shape, start, end = entry.shape, entry.start, entry.end
+    if rows is not None and shape:
+        row_bytes = (end - start) // shape[0] if shape[0] else 0
+        shape = (rows[1] - rows[0], *shape[1:])
+        start, end = start + rows[0] * row_bytes, start + rows[1] * row_bytes
+    buffer = bytearray(end - start)
+    handle.seek(start)
     if handle.readinto(buffer) != len(buffer):
-        raise CheckpointError(f"{entry.file}: short read at byte {entry.start}")
+        raise CheckpointError(f"{entry.file}: short read at byte {start}")
     if not buffer:
-        return torch.empty(entry.shape, dtype=entry.dtype)
-    return torch.frombuffer(buffer, dtype=entry.dtype).view(entry.shape)
+        return torch.empty(shape, dtype=entry.dtype)
+    return torch.frombuffer(buffer, dtype=entry.dtype).view(shape)
 
 
 def _read_headers(files: list[Path]) -> dict[str, TensorEntry]:
@@ -317,22 +338,40 @@ def load_hf_folder(path: str | Path, *, dtype: torch.dtype | str | None = None,
         from phiforge.quantize import load_quantized
 
         return load_quantized(folder, dtype=dtype, device=device)
-    filler = _Filler(config, resolve_dtype(dtype, config), device)
+    filler = _Filler(config, resolve_dtype(dtype, config))
+    filler.allocate(device)
+    return _fill(filler, folder, check_finite_values=check_finite_values)
+
+
+def fill_from_hf_folder(model: PhiForgeModel, path: str | Path) -> PhiForgeModel:
+    """Load a Hugging Face folder's weights into an existing model, in place, whose parameters may be
+    FSDP row shards: each tensor is read once, and only the rows of this process's shards."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a model folder")
+    return _fill(_Filler(model.config, model=model), folder, eval_mode=False)
+
+
+def _fill(filler: _Filler, folder: Path, eval_mode: bool = True, check_finite_values: bool = False) -> PhiForgeModel:
+    """Every header is checked against the model before any weight is read; then tensors stream one at
+    a time (their needed rows only), so peak memory is the model plus one tensor."""
     headers = _read_headers(safetensors_files(folder))
     wanted = {key: e for key, e in headers.items() if filler.check(key, e.shape, str(e.file))}
     missing = sorted(set(filler.keys) - set(wanted))
     if missing:
         raise CheckpointError(f"{folder}: missing tensors {', '.join(missing[:5])}"
                               + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
-    filler.allocate(device)
     for file in sorted({e.file for e in wanted.values()}):
         with open(file, "rb") as handle:
             for key, entry in sorted(wanted.items(), key=lambda item: item[1].start):
                 if entry.file == file:
-                    tensor = read_tensor(entry, handle)
-                    check_finite(key, entry, tensor, check_finite_values)
-                    filler.put(key, tensor)
-    return filler.finish(str(folder))
+                    def read_rows(a: int, b: int, key: str = key, entry: TensorEntry = entry) -> torch.Tensor:
+                        tensor = read_tensor(entry, handle, (a, b) if entry.shape else None)
+                        check_finite(key, entry, tensor, check_finite_values)
+                        return tensor
+
+                    filler.put_rows(key, entry.shape[0] if entry.shape else 1, read_rows)
+    return filler.finish(str(folder), eval_mode)
 
 
 def model_from_tensors(hf_config: dict[str, Any], tensors: Iterable[tuple[str, torch.Tensor]], *,
@@ -340,7 +379,7 @@ def model_from_tensors(hf_config: dict[str, Any], tensors: Iterable[tuple[str, t
                        device: str | torch.device = "cpu", source: str = "tensors") -> PhiForgeModel:
     """Build a model from (HF key, tensor) pairs, e.g. converted from a GGUF file."""
     config = ModelConfig.from_hf_config(hf_config)
-    filler = _Filler(config, resolve_dtype(dtype, config), device)
+    filler = _Filler(config, resolve_dtype(dtype, config))
     filler.allocate(device)
     for key, tensor in tensors:
         if filler.check(key, tuple(tensor.shape), source):

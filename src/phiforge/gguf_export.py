@@ -20,9 +20,9 @@ from gguf import GGMLQuantizationType as QType
 
 from phiforge.checkpoint import _atomic_write, hf_state_dict
 from phiforge.config import ModelConfig
-from phiforge.gguf_io import _PRE_SPLITS
+from phiforge.gguf_io import CANONICAL_PRES, IGNORE_MERGES_PRES, pre_tokenizer_kind
 from phiforge.model import PhiForgeModel
-from phiforge.tokenizer import Tokenizer
+from phiforge.tokenizer import TURN_END_TOKENS, Tokenizer
 
 QUANTS: dict[str, tuple[QType, gguf.LlamaFileType]] = {
     "f32": (QType.F32, gguf.LlamaFileType.ALL_F32),
@@ -138,7 +138,9 @@ def _add_tokenizer(w: gguf.GGUFWriter, tok: Tokenizer, c: ModelConfig) -> None:
     byte_fallback = bool(model.get("byte_fallback"))
     types = []
     for i, t in enumerate(tokens):
-        if i in added:
+        if i == tok.unk_token_id:
+            types.append(gguf.TokenType.UNKNOWN)
+        elif i in added:
             types.append(gguf.TokenType.CONTROL if added[i] else gguf.TokenType.USER_DEFINED)
         elif byte_fallback and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
             types.append(gguf.TokenType.BYTE)
@@ -150,37 +152,62 @@ def _add_tokenizer(w: gguf.GGUFWriter, tok: Tokenizer, c: ModelConfig) -> None:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     if byte_fallback:
         w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
         w.add_token_scores([-float(i) for i in range(len(tokens))])
         w.add_add_space_prefix(_sentencepiece_prefix(spec))
     else:
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(_byte_level_pre(spec))
+        w.add_tokenizer_pre(byte_level_pre(spec, tok.gguf_pre))
     w.add_token_list(tokens)
     w.add_token_types([int(t) for t in types])
     w.add_token_merges(merges)
     for key, token_id in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("unk", tok.unk_token_id),
-                          ("pad", tok.pad_token_id)):
+                          ("pad", tok.pad_token_id), ("eot", _end_of_turn_id(tok))):
         if token_id is not None:
             getattr(w, f"add_{key}_token_id")(token_id)
     w.add_add_bos_token(tok.add_bos_token)
     w.add_add_eos_token(tok.add_eos_token)
     if tok.chat_template:
-        w.add_chat_template(tok.chat_template)
+        w.add_chat_template([{"name": "default", "template": tok.chat_template},
+                             *({"name": n, "template": t} for n, t in tok.chat_templates.items())])
 
 
-def _byte_level_pre(spec: dict[str, Any]) -> str:
-    """llama.cpp's name for the split regex: "gpt2" for plain ByteLevel, else the name gguf_io reads back."""
+def _end_of_turn_id(tok: Tokenizer) -> int | None:
+    """The token the chat template ends a turn with (llama.cpp stops on tokenizer.ggml.eot_token_id)."""
+    for token in TURN_END_TOKENS:
+        if token in (tok.chat_template or "") and tok.token_to_id(token) is not None:
+            return tok.token_to_id(token)
+    return None
+
+
+def byte_level_pre(spec: dict[str, Any], source: str | None = None) -> str:
+    """llama.cpp's tokenizer.ggml.pre name for a byte-level tokenizer.json's split: ``source`` (the name the
+    tokenizer was read with) when it stands for the same split, else the usual name of that split."""
+    key = (_byte_level_kind(spec), bool(spec.get("model", {}).get("ignore_merges")))
+    if source is not None and (pre_tokenizer_kind(source), source in IGNORE_MERGES_PRES) == key:
+        return source
+    if key not in CANONICAL_PRES:
+        raise GGUFExportError(f"llama.cpp has no pre-tokenizer for this split with ignore_merges={key[1]}")
+    return CANONICAL_PRES[key]
+
+
+def _byte_level_kind(spec: dict[str, Any]) -> str:
     pre = spec.get("pre_tokenizer") or {}
     if spec.get("normalizer"):
         raise GGUFExportError("a byte-level tokenizer with a normalizer has no llama.cpp equivalent")
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+
+    def gpt2(step: dict[str, Any]) -> bool:
+        return step.get("type") == "ByteLevel" and step.get("use_regex", True) and not step.get("add_prefix_space")
+
+    if gpt2(pre):
         return "gpt2"
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    if len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits") and gpt2(steps[1]):
+        return "digits"
     if len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel":
         regex = steps[0].get("pattern", {}).get("Regex")
-        for name, split in _PRE_SPLITS.items():
-            if split == regex:
-                return name
+        if regex in {kind for kind, _ in CANONICAL_PRES}:
+            return regex
     raise GGUFExportError(f"byte-level pre-tokenizer {json.dumps(pre)[:200]} has no llama.cpp pre-tokenizer name")
 
 

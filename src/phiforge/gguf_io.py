@@ -13,8 +13,10 @@ The tokenizer follows transformers' GGUF converter, so ids match ``AutoTokenizer
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import math
+import struct
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -231,29 +233,35 @@ def _gguf_fallback(data: np.ndarray, qtype: QType, name: str) -> torch.Tensor:
 
 
 class _GGUF:
-    """One opened GGUF file: metadata on demand, tensors by name."""
+    """One opened GGUF file: metadata read at once (phiforge's own parser), tensors on first use (gguf-py's)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, any_architecture: bool = False) -> None:
         self.path = Path(path)
         _check_magic(self.path)
         try:
-            # copy-on-write: torch can wrap the memory map without a copy or a read-only warning
-            self.reader = gguf.GGUFReader(self.path, "c")
-        except (ValueError, IndexError, OSError) as err:
+            self.meta = _read_metadata(self.path)
+        except (ValueError, IndexError, OSError, struct.error, UnicodeDecodeError) as err:
             raise GGUFError(f"{self.path}: unreadable GGUF file ({err})") from None
-        self.tensors = {t.name: t for t in self.reader.tensors}
         self.arch = str(self.get("general.architecture", "<missing>"))
-        if self.arch not in ARCHITECTURES:
+        if self.arch not in ARCHITECTURES and not any_architecture:
             raise GGUFError(f"{self.path}: architecture {self.arch!r} is not supported "
                             f"(general.architecture must be one of {', '.join(ARCHITECTURES)})")
 
+    @functools.cached_property
+    def tensors(self) -> dict[str, Any]:
+        try:
+            # copy-on-write: torch can wrap the memory map without a copy or a read-only warning
+            reader = gguf.GGUFReader(self.path, "c")
+        except (ValueError, IndexError, OSError) as err:
+            raise GGUFError(f"{self.path}: unreadable GGUF file ({err})") from None
+        return {t.name: t for t in reader.tensors}
+
     def get(self, key: str, default: Any = ...) -> Any:
-        field = self.reader.fields.get(key)
-        if field is None:
+        if key not in self.meta:
             if default is ...:
                 raise GGUFError(f"{self.path}: metadata key {key!r} is missing")
             return default
-        return _plain(field.contents())
+        return _plain(self.meta[key])
 
     def arch_key(self, key: str, default: Any = ...) -> Any:
         return self.get(f"{self.arch}.{key}", default)
@@ -261,6 +269,71 @@ class _GGUF:
     def hf_shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape in numpy/Hugging Face order (GGUF lists dimensions fastest first)."""
         return tuple(int(n) for n in reversed(self.tensors[name].shape.tolist()))
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    """The key/value section of a GGUF file. gguf-py's reader builds a numpy view per string, which takes
+    20-50 s for a 150k-token vocabulary on a busy 2-core machine; this reads the same values in well under one."""
+    with open(path, "rb") as fh:
+        data = fh.read(24)
+        version, _tensors, count = struct.unpack_from("<IQQ", data, 4)
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is not supported (2 or 3)")
+        buf = data + fh.read(4 << 20)  # most vocabularies fit; need() reads further when one does not
+    pos = 24
+    meta: dict[str, Any] = {}
+
+    def need(n: int) -> None:
+        nonlocal buf
+        if pos + n > len(buf):
+            with open(path, "rb") as fh:
+                buf = fh.read(max(2 * len(buf), pos + n))
+            if pos + n > len(buf):
+                raise ValueError("file ends inside the metadata")
+
+    def string() -> str:
+        nonlocal pos
+        need(8)
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        need(8 + n)
+        text = buf[pos + 8:pos + 8 + n].decode("utf-8")
+        pos += 8 + n
+        return text
+
+    def value(kind: int) -> Any:
+        nonlocal pos
+        if kind == _STRING:
+            return string()
+        if kind == _ARRAY:
+            need(12)
+            item, n = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            if item in _SCALARS:
+                size = struct.calcsize(_SCALARS[item])
+                need(n * size)
+                values = np.frombuffer(buf, dtype=np.dtype(_SCALARS[item]), count=n, offset=pos).tolist()
+                pos += n * size
+                return values
+            return [value(item) for _ in range(n)]
+        if kind not in _SCALARS:
+            raise ValueError(f"unknown metadata value type {kind}")
+        size = struct.calcsize(_SCALARS[kind])
+        need(size)
+        (v,) = struct.unpack_from(_SCALARS[kind], buf, pos)
+        pos += size
+        return v
+
+    for _ in range(count):
+        key = string()
+        need(4)
+        (kind,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        meta[key] = value(kind)
+    return meta
 
 
 def _check_magic(path: Path) -> None:
@@ -323,8 +396,8 @@ def _vocab_size(f: _GGUF) -> int:
     size = f.arch_key("vocab_size", None)
     if size is None and "token_embd.weight" in f.tensors:
         size = f.hf_shape("token_embd.weight")[0]
-    if size is None and "tokenizer.ggml.tokens" in f.reader.fields:
-        size = len(f.reader.fields["tokenizer.ggml.tokens"].data)
+    if size is None and "tokenizer.ggml.tokens" in f.meta:
+        size = len(f.meta["tokenizer.ggml.tokens"])
     if size is None:
         raise GGUFError(f"{f.path}: cannot tell the vocabulary size (no {f.arch}.vocab_size, token_embd or tokens)")
     return int(size)
@@ -528,20 +601,42 @@ _GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm
                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
                 r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
                 r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# tokenizer.ggml.pre -> split regex, as transformers' GGUF converter has them. Any other value ("gpt2",
-# "default", "phi-2", "smollm", ...) gets GPT-2's byte-level regex, as there. Note llama.cpp itself also
-# isolates digits for "smollm"; that only differs on whitespace runs right before a digit.
+# tokenizer.ggml.pre -> split regex, as transformers' GGUF converter has them (llama.cpp's src/llama-vocab.cpp
+# groups the same names under the same regex).
 _PRE_SPLITS = {
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
                      "jina-v5-nano", "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
     **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
 }
+# Names llama.cpp runs with GPT-2's own regex, and those that first isolate every digit (\p{N}) and then apply
+# GPT-2's regex, as StarCoder's and SmolLM's tokenizer.json do (Digits(individual_digits) + ByteLevel).
+# transformers' GGUF converter gives the second group GPT-2's regex alone; llama.cpp and the original
+# tokenizers isolate digits, and so does phiforge.
+GPT2_PRES = ("gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion", "granite-docling", "jina-es", "jina-de",
+             "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum", "modern-bert")
+DIGIT_PRES = ("starcoder", "smollm", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2")
+# Names for which llama.cpp takes a whole pre-token that is in the vocabulary as one token before merging
+# (tokenizer.json's "ignore_merges": true, as in Llama-3's).
+IGNORE_MERGES_PRES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                      "jina-v5-nano")
+# what the exporter writes for each (kind, ignore_merges), unless the source's own name is of that kind
+CANONICAL_PRES = {("gpt2", False): "gpt-2", ("digits", False): "starcoder", (_LLAMA3_SPLIT, True): "llama-bpe",
+                  (_LLAMA3_SPLIT, False): "dbrx", (_QWEN2_SPLIT, False): "qwen2", (_GPT4O_SPLIT, False): "gpt-4o"}
+
+
+def pre_tokenizer_kind(name: str | None) -> str | None:
+    """The kind of split a llama.cpp ``tokenizer.ggml.pre`` name stands for: "gpt2", "digits", a split regex,
+    or None for a name phiforge does not know (read with GPT-2's regex, as transformers does)."""
+    if name in _PRE_SPLITS:
+        return _PRE_SPLITS[name]
+    return "gpt2" if name in GPT2_PRES else "digits" if name in DIGIT_PRES else None
 
 
 def read_gguf_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer stored in a GGUF's metadata (BPE "gpt2" or SentencePiece "llama"), with its chat template."""
-    return _tokenizer(_GGUF(path))
+    """The tokenizer stored in a GGUF's metadata (BPE "gpt2" or SentencePiece "llama"), with its chat template.
+    Any architecture: a vocabulary-only GGUF of a model phiforge cannot run still gives its tokenizer."""
+    return _tokenizer(_GGUF(path, any_architecture=True))
 
 
 def _tokenizer(f: _GGUF) -> Tokenizer:
@@ -558,8 +653,12 @@ def _tokenizer(f: _GGUF) -> Tokenizer:
     # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise
     add_bos = bool(f.get("tokenizer.ggml.add_bos_token", kind == "llama")) and names["bos_token"] is not None
     add_eos = bool(f.get("tokenizer.ggml.add_eos_token", False)) and names["eos_token"] is not None
-    return Tokenizer(backend, **names, chat_template=f.get("tokenizer.chat_template", None),
-                     add_bos_token=add_bos, add_eos_token=add_eos)
+    tok = Tokenizer(backend, **names, chat_template=f.get("tokenizer.chat_template", None),
+                    add_bos_token=add_bos, add_eos_token=add_eos)
+    named = {name: f.get(f"tokenizer.chat_template.{name}", None) for name in f.get("tokenizer.chat_templates", [])}
+    tok.chat_templates = {name: template for name, template in named.items() if template is not None}
+    tok.gguf_pre = f.get("tokenizer.ggml.pre", None) if kind == "gpt2" else None
+    return tok
 
 
 _SPECIAL_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
@@ -592,10 +691,15 @@ def _byte_level_backend(tokens: list[str], merges: list[str], pre: str | None
     vocab = {t if set(t) <= chars else "".join(alphabet[b] for b in t.encode("utf-8")): i
              for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ")) for m in merges]
-    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
-    split = _PRE_SPLITS.get(pre or "")
-    if split is None:
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False,
+                                              ignore_merges=pre in IGNORE_MERGES_PRES))
+    split = pre_tokenizer_kind(pre)
+    if split in (None, "gpt2"):
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    elif split == "digits":
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     else:
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(split), behavior="isolated"),
@@ -613,11 +717,10 @@ def _sentencepiece_backend(f: _GGUF, tokens: list[str]) -> tuple[tokenizers.Toke
         pairs = _merges_from_scores(tokens, f.get("tokenizer.ggml.scores"), vocab)
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=True, byte_fallback=True))
     prefix = bool(f.get("tokenizer.ggml.add_space_prefix", True))
-    if f.arch == "phi3":  # Phi-3's tokenizer.json prepends and replaces spaces in a normalizer
-        backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    else:
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(
-            replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False)
+    # As llama.cpp (and Llama-2's / Phi-3's tokenizer.json): every space becomes "\u2581" and each stretch of text
+    # between special tokens gets one prepended, even one that starts with spaces (Metaspace would skip that one).
+    steps = [normalizers.Prepend("\u2581")] if prefix else []
+    backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "\u2581")])
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
     return backend, vocab

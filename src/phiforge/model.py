@@ -14,6 +14,7 @@ checkpoint.py maps each family's Hugging Face keys onto these parameters.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +123,19 @@ class Linear(nn.Linear):
             self.gemm_packed = kernels.bf16_pack(self.weight.detach())
         self.packed_version = self.weight._version
         return True
+
+
+_FLEX: list = []
+
+
+def _compiled_flex() -> Any:
+    """torch.compile(flex_attention), made once: eager flex_attention is a slow reference; compiled, it is a
+    fused kernel that skips fully masked blocks (packed documents, sliding windows) on CUDA and CPU."""
+    if not _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX.append(torch.compile(flex_attention))
+    return _FLEX[0]
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
@@ -399,6 +413,11 @@ class Attention(nn.Module):
             q, k, v = q.float(), k.float(), v.float()
         gqa = self.config.num_kv_heads != self.config.num_heads
         dropout = self.config.attn_pdrop if self.training else 0.0
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
+            if dropout:
+                raise ValueError("flex attention has no attention dropout: set attn_pdrop=0 or run.attention=sdpa")
+            y = _compiled_flex()(q, k, v, block_mask=mask, scale=self.config.attn_scale, enable_gqa=gqa)
+            return y.to(dtype)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
                                            enable_gqa=gqa, scale=self.config.attn_scale)
         return y.to(dtype)
@@ -532,18 +551,30 @@ class PhiForgeModel(nn.Module):
                        device=self.embed.weight.device)
 
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """GPT-style init: N(0, initializer_range) for matrices and embeddings, zero biases, unit norms."""
+    def init_weights(self, seed: int = 0) -> None:
+        """GPT-style init: N(0, initializer_range) for matrices and embeddings, zero biases, unit norms.
+
+        Each matrix draws its rows in fixed chunks of INIT_ROWS from a generator seeded by (seed, name,
+        chunk), so a model whose parameters are row shards (FSDP DTensors after a meta-device build)
+        fills its local rows with exactly the numbers a single process draws for them.
+        """
         std = self.config.initializer_range
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std, generator=generator)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
-                module.weight.fill_(1.0)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
+        done: set[int] = set()
+        for prefix, module in self.named_modules():
+            random_weight = isinstance(module, (nn.Linear, nn.Embedding))
+            if not (random_weight or isinstance(module, (nn.LayerNorm, RMSNorm))):
+                continue
+            for leaf, param in module.named_parameters(recurse=False):
+                if id(param) in done:  # a tied head: initialised once, as the embedding
+                    continue
+                done.add(id(param))
+                local, offset = local_rows(param)
+                if leaf == "bias":
+                    local.zero_()
+                elif not random_weight:
+                    local.fill_(1.0)
+                else:
+                    _seeded_normal_rows(local, offset, param.shape[0], std, f"{seed}/{prefix}.{leaf}")
 
     def pack_weights(self, when: bool | None = None) -> int:
         """Pre-block bf16 Linear weights for faster batched CPU inference (see Linear); bytes added.
@@ -561,12 +592,49 @@ class PhiForgeModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+INIT_ROWS = 512  # rows per seeded draw in init_weights (fixed: any row sharding sees the same numbers)
+
+
+def local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(this process's part of ``param``, the global index of its first row); (param, 0) when unsharded.
+
+    FSDP2 shards dim 0 only (Shard(0), optionally replicated on a second mesh dim for HSDP).
+    """
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return param, 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    if any(offset[1:]):
+        raise ValueError(f"a parameter of shape {list(param.shape)} is sharded beyond dim 0 ({param.placements})")
+    return param.to_local(), int(offset[0]) if offset else 0
+
+
+def _seeded_normal_rows(local: torch.Tensor, offset: int, total_rows: int, std: float, key: str) -> None:
+    """Fill rows offset..offset+len(local) of a [total_rows, ...] matrix with N(0, std), drawn per chunk of
+    INIT_ROWS rows (each chunk drawn whole, whichever rows this process keeps)."""
+    import hashlib
+
+    rows = local.shape[0]
+    first, last = offset // INIT_ROWS, (offset + rows - 1) // INIT_ROWS if rows else -1
+    generator = torch.Generator(device=local.device)
+    for chunk in range(first, last + 1):
+        digest = hashlib.blake2b(f"{key}/{chunk}".encode(), digest_size=7).digest()
+        generator.manual_seed(int.from_bytes(digest, "little"))
+        lo = chunk * INIT_ROWS
+        block = torch.empty((min(INIT_ROWS, total_rows - lo), *local.shape[1:]), device=local.device)
+        block.normal_(0.0, std, generator=generator)
+        a, b = max(lo, offset), min(lo + INIT_ROWS, offset + rows)
+        local[a - offset : b - offset].copy_(block[a - lo : b - lo])
+
+
 def build_model(config: ModelConfig, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                 seed: int | None = 0) -> PhiForgeModel:
     """A model with freshly initialised weights (``device="meta"`` allocates nothing)."""
     with torch.device(device):
         model = PhiForgeModel(config).to(dtype)
     if str(device) != "meta":
-        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        model.init_weights(generator)
+        model.init_weights(seed or 0)
     return model

@@ -150,7 +150,10 @@ class Runner:
     def _fingerprint(self, stage: str) -> str:
         inputs = [self.state["stages"].get(i, {}).get("fingerprint", "") for i in self._inputs(stage)]
         inputs += [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in self._outside_files(stage)]
-        return fingerprint(self.plan.recipe.get(stage, {}), inputs)
+        from phiforge.train.launch import LAUNCH_KEYS
+
+        section = {k: v for k, v in self.plan.recipe.get(stage, {}).items() if k not in LAUNCH_KEYS}
+        return fingerprint(section, inputs)
 
     def _outside_files(self, stage: str) -> list[Path]:
         """Files from outside the run that a stage reads: an edited one makes the stage's fingerprint change."""

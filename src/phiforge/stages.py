@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from phiforge.pipeline import RecipeError, RunContext
+from phiforge.train import launch
 
 if TYPE_CHECKING:
     from phiforge.train.sft import SFTConfig
@@ -121,7 +122,10 @@ def _pretrain(s: dict[str, Any], ctx: RunContext, stage: str, init: list[str]) -
                  f'data.val_sources=[{{name = "heldout", path = "{tokens / "heldout"}"}}]', "data.val_fraction=0.0",
                  f"run.out_dir={ctx.folder(stage)}", "checkpoint.resume=auto",
                  f"log.progress={'true' if ctx.progress else 'false'}", *init, *s["overrides"]]
-    summary = train(TrainConfig.from_toml(s["recipe"], overrides))
+    if launch.distributed(s):
+        summary = launch.run_torchrun("phiforge.train.pretrain", s["recipe"], overrides, s, ctx.folder(stage), ctx.log)
+    else:
+        summary = train(TrainConfig.from_toml(s["recipe"], overrides))
     return {k: v for k, v in summary.items() if k != "losses"}
 
 
@@ -139,17 +143,25 @@ def sft_config(s: dict[str, Any], ctx: RunContext | None = None) -> SFTConfig:
     """The SFT config of an [sft] section; without ctx, stand-ins for the folders the run will fill."""
     from phiforge.train.sft import SFTConfig
 
+    return SFTConfig.from_toml(s["recipe"], _sft_overrides(s, ctx))
+
+
+def _sft_overrides(s: dict[str, Any], ctx: RunContext | None) -> list[str]:
     model, out = (ctx.model_folder("sft"), ctx.folder("sft")) if ctx else ("pretrain/final", "runs/sft")
     progress = "true" if ctx is None or ctx.progress else "false"
-    overrides = [f"model.init_from={model}", f"data.path={s['data']}", f"run.out_dir={out}",
-                 "checkpoint.resume=auto", f"log.progress={progress}", *s["overrides"]]
-    return SFTConfig.from_toml(s["recipe"], overrides)
+    return [f"model.init_from={model}", f"data.path={s['data']}", f"run.out_dir={out}",
+            "checkpoint.resume=auto", f"log.progress={progress}", *s["overrides"]]
 
 
 def stage_sft(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     from phiforge.train.sft import sft
 
-    summary = sft(sft_config(s, ctx))
+    if launch.distributed(s):
+        summary = launch.run_torchrun("phiforge.train.sft", s["recipe"], _sft_overrides(s, ctx), s,
+                                      ctx.folder("sft"), ctx.log)
+        summary.setdefault("skipped_records", [])
+    else:
+        summary = sft(sft_config(s, ctx))
     skipped = summary.pop("skipped_records")  # their ids and reasons are in the log
     return {**{k: v for k, v in summary.items() if k != "losses"}, "skipped_records": len(skipped)}
 
@@ -170,21 +182,22 @@ def unigram_loss(train: np.ndarray, heldout: np.ndarray, vocab_size: int) -> flo
 
 
 def heldout_loss(model_folder: Path, heldout: np.ndarray, window: int) -> float:
-    from phiforge.checkpoint import load_pretrained
+    from phiforge.checkpoint import default_device, load_pretrained
     from phiforge.eval.perplexity import perplexity
 
-    model, _ = load_pretrained(str(model_folder), dtype="float32", device="cpu")
+    # fp32 on any device: the figure is compared with a unigram baseline, rounding must not move it
+    model, _ = load_pretrained(str(model_folder), dtype="float32", device=default_device())
     result = perplexity(model, heldout.tolist(), window=window)
     return result.nll / result.tokens
 
 
 def usage_mode_samples(model_folder: Path, prompts: dict[str, str], max_new_tokens: int) -> dict[str, Any]:
     """Greedy completions in each phi-1.5 usage mode (the report shows them beside the prompts)."""
-    from phiforge.checkpoint import load_pretrained
+    from phiforge.checkpoint import default_device, load_pretrained
     from phiforge.generate import Engine, SamplingParams
     from phiforge.prompts import format_prompt, stop_strings
 
-    model, tokenizer = load_pretrained(str(model_folder), dtype="float32", device="cpu")
+    model, tokenizer = load_pretrained(str(model_folder), dtype="float32", device=default_device())
     engine = Engine(model, tokenizer)
     out = {}
     for mode, prompt in prompts.items():
@@ -243,6 +256,7 @@ def stage_report(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
 def check_pretrain(section: dict[str, Any]) -> None:
     from phiforge.train import TrainConfig
 
+    launch.check_launch(section)
     config = TrainConfig.from_toml(section["recipe"], list(section["overrides"]))  # unknown keys, bad values: now
     names = [src.name for src in config.data.sources]
     if section["source"] not in names:
@@ -255,6 +269,7 @@ def check_sft(section: dict[str, Any]) -> None:
                           '{"messages": [...]} records, as `phiforge sft` reads)')
     if not Path(section["data"]).is_file():
         raise RecipeError(f"data = {section['data']!r}: no such file")
+    launch.check_launch(section)
     sft_config(section)  # unknown keys and bad values in the sft recipe or its overrides: now
 
 
@@ -284,9 +299,11 @@ STAGES: dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any] | None,
     "curate": (stage_curate, None, curate_config),
     "tokenizer": (stage_tokenizer, {"vocab_size": 4096, "chat_format": "", "min_frequency": 2}, None),
     "tokenize": (stage_tokenize, {"heldout_fraction": 0.05, "workers": 1, "block_docs": 4096}, None),
-    "pretrain": (stage_pretrain, {"recipe": "tiny", "source": "text", "overrides": []}, check_pretrain),
-    "pretrain2": (stage_pretrain2, {"recipe": "tiny", "source": "text", "overrides": []}, check_pretrain),
-    "sft": (stage_sft, {"recipe": "sft", "data": "", "overrides": []}, check_sft),
+    "pretrain": (stage_pretrain, {"recipe": "tiny", "source": "text", "overrides": [], **launch.LAUNCH_KEYS},
+                 check_pretrain),
+    "pretrain2": (stage_pretrain2, {"recipe": "tiny", "source": "text", "overrides": [], **launch.LAUNCH_KEYS},
+                  check_pretrain),
+    "sft": (stage_sft, {"recipe": "sft", "data": "", "overrides": [], **launch.LAUNCH_KEYS}, check_sft),
     "eval": (stage_eval, {"tasks": ["piqa"], "limit": 200, "num_fewshot": -1, "window": 128, "sample_tokens": 48,
                           "prompts": DEFAULT_SAMPLE_PROMPTS}, check_eval),
     "report": (stage_report, {}, None),

@@ -36,7 +36,7 @@ CHAT_FORMATS: dict[str, tuple[tuple[str, ...], str]] = {
     "phi4": (PHI4_CHAT_TOKENS, BUILTIN_TEMPLATES["phi-4"]),
 }
 # End-of-turn tokens: when a chat template writes one, generation must stop on it.
-_TURN_END_TOKENS = ("<|end|>", "<|im_end|>")
+TURN_END_TOKENS = ("<|end|>", "<|im_end|>")
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 _CORPUS_SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz", ".md")
 
@@ -80,6 +80,8 @@ class Tokenizer:
         self.chat_template = chat_template
         # Extra named templates from a checkpoint (e.g. "tool_use"); "default" is chat_template.
         self.chat_templates: dict[str, str] = {}
+        # llama.cpp's tokenizer.ggml.pre name of the source (e.g. "smollm"), kept so a GGUF export writes it back
+        self.gguf_pre: str | None = None
         self._add_bos_token = add_bos_token
         self._add_eos_token = add_eos_token
         self._extra_stop_ids = list(stop_token_ids or [])
@@ -181,7 +183,7 @@ class Tokenizer:
         """eos, then generation_config's ids, then the template's end-of-turn tokens; no repeats."""
         ids = [self.eos_token_id, *self._extra_stop_ids]
         templates = [self.chat_template or "", *self.chat_templates.values()]
-        ids += [self._id_of(t) for t in _TURN_END_TOKENS if any(t in tpl for tpl in templates)]
+        ids += [self._id_of(t) for t in TURN_END_TOKENS if any(t in tpl for tpl in templates)]
         return list(dict.fromkeys(i for i in ids if i is not None))
 
     # --- encode / decode -------------------------------------------------------------------
@@ -262,6 +264,7 @@ class Tokenizer:
             stop_token_ids=_generation_eos_ids(folder / "generation_config.json"),
         )
         tok.chat_templates = templates
+        tok.gguf_pre = config.get("gguf_pre_tokenizer")
         return tok
 
     def save(self, folder: str | os.PathLike[str]) -> None:
@@ -286,6 +289,8 @@ class Tokenizer:
             "add_eos_token": self.add_eos_token,
             "clean_up_tokenization_spaces": False,
         }
+        if self.gguf_pre:
+            config["gguf_pre_tokenizer"] = self.gguf_pre
         if self.chat_templates and self.chat_template is not None:
             named = {"default": self.chat_template, **self.chat_templates}
             config["chat_template"] = [{"name": k, "template": v} for k, v in named.items()]

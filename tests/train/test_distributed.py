@@ -1,4 +1,4 @@
-"""torchrun --nproc_per_node 2 on CPU/gloo: DDP and FSDP2 (ZeRO-2/3-like) match one process at the same global batch.
+"""torchrun --nproc_per_node 2 on CPU/gloo: DDP, FSDP2 (ZeRO-3) and HSDP match one process at the same global batch.
 
 Tolerance: one process sums 4 micro-batch gradients; two ranks each sum 2 and then average over gloo
 (all-reduce for DDP, reduce-scatter for FSDP). fp32 addition in a different order differs by ~1e-7
@@ -67,17 +67,17 @@ def two_ranks(corpus: Corpus, tmp_path_factory: pytest.TempPathFactory) -> Calla
     runs: dict[str, tuple[Path, dict]] = {}
 
     def run(strategy: str) -> tuple[Path, dict]:
-        if strategy not in runs:
-            name, _, zero = strategy.partition("-")
+        if strategy not in runs:  # fsdp-keep: params stay gathered from forward to backward; hsdp: 2 replicas
+            name, _, keep = strategy.partition("-")
             out = tmp_path_factory.mktemp(strategy)
-            runs[strategy] = out, torchrun(corpus, out, f"distributed.strategy={name}",
-                                           f"distributed.reshard_after_forward={str(zero != 'zero2').lower()}")
+            runs[strategy] = out, torchrun(corpus, out, f"distributed.strategy={name}", "distributed.shard_size=1",
+                                           f"distributed.reshard_after_forward={str(keep != 'keep').lower()}")
         return runs[strategy]
 
     return run
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp-zero3", "fsdp-zero2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp-keep", "hsdp"])
 def test_two_ranks_match_one_process(strategy: str, single: Path, two_ranks: Callable) -> None:
     name = strategy.partition("-")[0]
     out, summary = two_ranks(strategy)
@@ -95,13 +95,13 @@ def test_two_ranks_match_one_process(strategy: str, single: Path, two_ranks: Cal
     assert want.keys() == got.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=0)
-    kind = "sharded" if name == "fsdp" else "model.safetensors"
+    kind = "model.safetensors" if name == "ddp" else "sharded"
     assert (list_checkpoints(out)[-1][1] / kind).exists()
 
 
 def test_fsdp_resume_continues_exactly(corpus: Corpus, two_ranks: Callable, tmp_path: Path) -> None:
     """A sharded (DCP) checkpoint from step 6, resumed by a fresh torchrun, repeats steps 7-12 exactly."""
-    full, _ = two_ranks("fsdp-zero3")
+    full, _ = two_ranks("fsdp")
     resumed = tmp_path / "resumed"
     step6 = dict(list_checkpoints(full))[6]
     shutil.copytree(step6, resumed / "checkpoints" / step6.name)
@@ -120,3 +120,37 @@ def test_fsdp_fp16_with_compile_and_activation_checkpointing(single: Path, corpu
     assert all(r["loss_scale"] > 0 for r in records if "loss" in r)
     state = json.loads((list_checkpoints(tmp_path)[-1][1] / "state.json").read_text())
     assert state["scaler"]["scale"] > 0 and state["format"] == "dcp"
+
+
+def test_fsdp_meta_init_sharded_load_mixed_precision_and_one_sync_per_step(corpus: Corpus, tmp_path: Path) -> None:
+    """tests/train/dist_checks.py in two real ranks: meta init equals a 1-process init bit for bit (fsdp and
+    hsdp, tied head too); init_from an HF folder keeps half the weights per rank and gives the 1-process
+    logits; gradients are reduced once per optimizer step however many micro-batches (FSDP reduce-scatters
+    counted by wrapping dist.reduce_scatter_single, DDP bucket all-reduces by a comm hook); bf16 FSDP
+    gathers bf16 params, reduces in fp32 and keeps fp32 master weights and moments."""
+    from phiforge.checkpoint import save_hf_folder
+    from phiforge.config import preset
+    from phiforge.model import build_model
+
+    hf = tmp_path / "hf"
+    save_hf_folder(build_model(preset("tiny-phi").replace(vocab_size=1024), seed=3), hf)
+    script = Path(__file__).with_name("dist_checks.py")
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path), str(hf), str(corpus.tokenizer), str(corpus.train_tokens)]
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        for name, check in [*r["meta_init"].items(), ("hsdp", r["meta_init_hsdp"])]:
+            assert check["exact"], name
+        assert r["meta_init"]["tiny-phi"]["local_fraction"] == pytest.approx(0.5, abs=0.02)
+        assert r["meta_init_hsdp"]["local_fraction"] == 1.0  # shard_size 1: two replicas
+        assert r["meta_init"]["tiny-phi4-mini"]["tied"]
+        assert r["init_from"]["max_logit_diff"] < 1e-5
+        assert r["init_from"]["local_numel"] <= 0.52 * r["init_from"]["total_numel"]
+        groups = preset("tiny-phi").num_layers + 1  # one reduce-scatter per FSDP group (blocks + root)
+        assert r["fsdp-micro6"]["reductions"] == r["fsdp-micro2"]["reductions"] == groups  # 1 vs 3 micro-batches
+        assert r["fsdp-micro2"]["reduce_dtypes"] == ["torch.float32"]
+        assert r["fsdp-micro2"]["compute_dtypes"] == ["torch.bfloat16"]
+        assert r["fsdp-micro2"]["master_dtypes"] == r["fsdp-micro2"]["moment_dtypes"] == ["torch.float32"]
+        assert r["ddp-micro2"]["reductions"] == r["ddp-micro6"]["reductions"] >= 1

@@ -258,18 +258,46 @@ def _load_optimizer(path: Path) -> dict[str, Any]:
     return {"state": slots, "param_groups": meta["param_groups"]}
 
 
-def load_weights(path: str | Path, model: PhiForgeModel) -> None:
-    """Weights only, into a plain (not yet wrapped) model: continued or context-extended training."""
+def load_weights(path: str | Path, model: nn.Module) -> None:
+    """Weights only (continued or context-extended training), into a plain model or one of FSDP row
+    shards: each rank reads only its rows of each tensor (safetensors) or its shards (DCP reshards)."""
     folder = Path(path)
     state = read_state(folder)
     if state["format"] == "safetensors":
-        model.load_state_dict(_load_weights_file(folder), strict=True)
+        _stream_weights(folder / "model.safetensors", unwrap(model))
         return
     import torch.distributed.checkpoint as dcp
 
-    weights = {"model": model.state_dict()}
-    dcp.load(weights, checkpoint_id=str(folder / "sharded"))  # reads each tensor whole on every rank
-    model.load_state_dict(weights["model"], strict=True)
+    weights = {"model": get_model_state_dict(model)}
+    dcp.load(weights, checkpoint_id=str(folder / "sharded"))
+    set_model_state_dict(model, weights["model"])
+
+
+def _stream_weights(file: Path, model: PhiForgeModel) -> None:
+    from phiforge.checkpoint import read_safetensors_header, read_tensor
+    from phiforge.model import local_rows
+
+    if not file.is_file():
+        raise TrainCheckpointError(f"{file}: missing from the checkpoint")
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as handle:
+        aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
+    entries = read_safetensors_header(file)
+    names = set(model.state_dict())
+    if names != set(entries) | set(aliases):
+        raise TrainCheckpointError(f"{file}: tensors differ from the model's: missing "
+                                   f"{sorted(names - set(entries) - set(aliases))[:5]}, unexpected "
+                                   f"{sorted(set(entries) | set(aliases) - names)[:5]}")
+    with open(file, "rb") as handle, torch.no_grad():
+        for name, param in model.named_parameters():
+            entry = entries[aliases.get(name, name)]
+            if entry.shape != tuple(param.shape):
+                raise TrainCheckpointError(f"{file}: {name} has shape {list(entry.shape)}, the model "
+                                           f"{list(param.shape)}")
+            dest, offset = local_rows(param)
+            rows = (offset, offset + len(dest)) if dest.dim() else None
+            dest.copy_(read_tensor(entry, handle, rows))
 
 
 # ---- final export ----------------------------------------------------------------------------------------

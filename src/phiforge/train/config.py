@@ -22,6 +22,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from phiforge.config import ModelConfig
 from phiforge.data.mixture import SourceConfig
+from phiforge.train.distributed import DTYPES, ShardPlan
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -85,13 +86,29 @@ class RunSection:
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling)
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each block
+    attention: str = "auto"  # packed documents (SFT): flex (FlexAttention block masks) | sdpa (explicit masks)
+    # | auto (flex on CUDA, sdpa elsewhere)
     threads: int = 0  # torch CPU threads per process; 0 = torch's default
 
 
 @dataclass
 class DistributedSection:
-    strategy: str = "ddp"  # ddp | fsdp; used when torchrun starts more than one process
-    reshard_after_forward: bool = True  # fsdp: True is ZeRO-3-like, False keeps params gathered (ZeRO-2-like)
+    """How more than one process (torchrun, or ``phiforge run`` with nproc_per_node) holds the model."""
+
+    strategy: str = "ddp"  # ddp (replicated) | fsdp (ZeRO-3: params, grads, optimizer sharded) | hsdp (2-D)
+    reshard_after_forward: bool = True  # fsdp/hsdp: False keeps each block gathered from forward to backward
+    param_dtype: str = "auto"  # fsdp/hsdp: gathered (compute) dtype; auto = run.precision; shards stay fp32
+    reduce_dtype: str = "fp32"  # fsdp/hsdp: dtype of the gradient reduce-scatter / all-reduce
+    shard_size: int = 0  # hsdp: ranks that shard one replica (0 = the ranks of one node)
+
+
+# names users reach for that this trainer does not build, and what to use instead
+UNBUILT_STRATEGIES = {
+    "zero2": "ZeRO-2 (replicated params, sharded grads + optimizer) is not built: use 'fsdp' (ZeRO-3) with "
+             "distributed.reshard_after_forward=false (params gathered once per step, sharded at rest), "
+             "'hsdp' to shard within a node only, or 'ddp'",
+    "zero3": "ZeRO-3 is strategy 'fsdp'",
+}
 
 
 @dataclass
@@ -159,14 +176,26 @@ class TrainConfig:
         need(b.micro_batch_size > 0, "batch.micro_batch_size must be > 0")
         need((r.max_steps > 0) != (r.max_tokens > 0), "run: give exactly one of run.max_steps and run.max_tokens")
         _choice("run.precision", r.precision, ("fp32", "bf16", "fp16"))
+        _choice("run.attention", r.attention, ("auto", "sdpa", "flex"))
         _choice("schedule.kind", self.schedule.kind, ("constant", "cosine", "linear", "wsd"))
         _choice("schedule.decay_shape", self.schedule.decay_shape, ("linear", "1-sqrt"))
-        _choice("distributed.strategy", self.distributed.strategy, ("ddp", "fsdp"))
+        dist = self.distributed
+        need(dist.strategy not in UNBUILT_STRATEGIES,
+             f"distributed.strategy = {dist.strategy!r}: {UNBUILT_STRATEGIES.get(dist.strategy)}")
+        _choice("distributed.strategy", dist.strategy, ("ddp", "fsdp", "hsdp"))
+        _choice("distributed.param_dtype", dist.param_dtype, ("auto", "fp32", "bf16", "fp16"))
+        _choice("distributed.reduce_dtype", dist.reduce_dtype, ("fp32", "bf16"))
+        need(dist.shard_size >= 0, f"distributed.shard_size must be >= 0, got {dist.shard_size}")
         _choice("checkpoint.export_dtype", self.checkpoint.export_dtype, ("", "float32", "bfloat16", "float16"))
         need(0 < self.schedule.decay_fraction <= 1, "schedule.decay_fraction must be in (0, 1]")
         need(self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}")
         need(self.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
         need(self.log.every >= 1, "log.every must be >= 1")
+
+    def shard_plan(self) -> ShardPlan:
+        d = self.distributed
+        param = self.run.precision if d.param_dtype == "auto" else d.param_dtype
+        return ShardPlan(d.strategy, d.reshard_after_forward, DTYPES[param], DTYPES[d.reduce_dtype], d.shard_size)
 
     @property
     def global_sequences(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -121,30 +122,71 @@ def compile_blocks(model: PhiForgeModel) -> None:
         block.compile()
 
 
-def wrap_model(model: PhiForgeModel, env: DistEnv, strategy: str, reshard_after_forward: bool = True) -> nn.Module:
-    """DDP or FSDP2 for a world of more than one; the plain model otherwise.
+STRATEGIES = ("ddp", "fsdp", "hsdp")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    FSDP2 shards each block, then the root (embeddings, final norm, head), so a block's parameters are
-    gathered just before it runs. reshard_after_forward=False keeps them gathered until backward
-    (ZeRO-2-like: more memory, one all-gather per step); True frees them (ZeRO-3-like).
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """How a world of more than one process holds the model (``distributed`` section, resolved)."""
+
+    strategy: str = "ddp"  # ddp | fsdp (ZeRO-3: params, grads, optimizer state sharded) | hsdp
+    reshard_after_forward: bool = True  # fsdp/hsdp: False keeps a block's params gathered until its backward
+    param_dtype: torch.dtype = torch.float32  # fsdp/hsdp: dtype of gathered params (compute); shards stay fp32
+    reduce_dtype: torch.dtype = torch.float32  # fsdp/hsdp: dtype gradients are reduced in
+    shard_size: int = 0  # hsdp: ranks per shard group (0 = LOCAL_WORLD_SIZE: one node)
+
+    @property
+    def sharded(self) -> bool:
+        return self.strategy in ("fsdp", "hsdp")
+
+
+def device_mesh(env: DistEnv, plan: ShardPlan) -> Any:
+    """1-D mesh for fsdp; 2-D (replicate across groups, shard within) for hsdp."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if plan.strategy == "fsdp":
+        return init_device_mesh(env.device.type, (env.world_size,))
+    shard = plan.shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+    if env.world_size % shard:
+        raise ValueError(f"distributed.shard_size {shard} does not divide the world of {env.world_size} ranks")
+    return init_device_mesh(env.device.type, (env.world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
+
+
+def shard_model(model: PhiForgeModel, env: DistEnv, plan: ShardPlan) -> PhiForgeModel:
+    """FSDP2 in place: each block, then the root (embeddings, final norm, head), torchtitan's layout.
+
+    Call it on a model built on ``meta`` and then materialise (``materialise``): no rank ever holds more
+    than its shards. Gathered params are ``param_dtype`` (the sharded fp32 ones are the optimizer's
+    master weights); gradients are reduce-scattered in ``reduce_dtype``.
     """
-    if not env.distributed:
-        return model
-    if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        ids = [env.device.index] if env.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
-    if strategy == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+    mesh = device_mesh(env, plan)
+    mp = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=plan.reduce_dtype)
+    for module in (*model.blocks, model):
+        fully_shard(module, mesh=mesh, reshard_after_forward=plan.reshard_after_forward, mp_policy=mp)
+    return model
 
-        mesh = init_device_mesh(env.device.type, (env.world_size,))
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-        fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+
+def materialise(model: PhiForgeModel, device: torch.device, seed: int) -> PhiForgeModel:
+    """Allocate a meta-built (possibly sharded) model's local storage on ``device`` and init it, seeded."""
+    tied = model.config.tie_word_embeddings and model.lm_head.weight is model.embed.weight
+    model.to_empty(device=device)
+    if tied and model.lm_head.weight is not model.embed.weight:  # to_empty unties an unsharded head
+        model.lm_head.weight = model.embed.weight
+    model.init_weights(seed)
+    return model
+
+
+def wrap_model(model: PhiForgeModel, env: DistEnv, plan: ShardPlan) -> nn.Module:
+    """DDP for a world of more than one with strategy ddp; the model itself otherwise (FSDP shards in place)."""
+    if not env.distributed or plan.sharded:
         return model
-    raise ValueError(f"distributed.strategy {strategy!r} must be ddp or fsdp")
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
 
 
 def unwrap(model: nn.Module) -> PhiForgeModel:

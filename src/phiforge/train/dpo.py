@@ -18,7 +18,6 @@ memory), or by a frozen copy at every step (``"live"``).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import sys
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from phiforge.train.config import TrainConfig, TrainConfigError
-from phiforge.train.distributed import all_reduce_sum, init_distributed, shutdown, unwrap
+from phiforge.train.distributed import all_reduce_sum, init_distributed, is_sharded, shutdown
 from phiforge.train.pretrain import next_token_loss
 from phiforge.train.sft import (
     IGNORE,
@@ -276,7 +275,7 @@ class DPOTrainer(PostTrainer):
         self.ref_model = None
         self.ref: dict[str, torch.Tensor] = {}
         if self.config.dpo.reference == "live":
-            self.ref_model = copy.deepcopy(unwrap(self.model)).eval().requires_grad_(False)
+            self.ref_model = self.new_model(self.config.model.init_from, trainable=False)
             return
         for name, pairs in (("train", self.train_pairs), ("val", self.validation)):
             self.ref[name] = self._precomputed(name, pairs)
@@ -293,7 +292,9 @@ class DPOTrainer(PostTrainer):
             if saved["key"] == key:
                 return torch.tensor(saved["logps"], dtype=torch.float64)
         model = self.model
-        if self.config.dpo.ref_model:
+        if self.config.dpo.ref_model and is_sharded(self.model):  # sharded like the policy, then dropped
+            model = self.new_model(self.config.dpo.ref_model, trainable=False)
+        elif self.config.dpo.ref_model:
             from phiforge.checkpoint import load_pretrained
 
             model = load_pretrained(self.config.dpo.ref_model, dtype=torch.float32, device=self.env.device,

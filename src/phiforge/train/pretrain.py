@@ -42,6 +42,8 @@ from phiforge.train.distributed import (
     compile_blocks,
     init_distributed,
     is_sharded,
+    materialise,
+    shard_model,
     shutdown,
     unwrap,
     wrap_model,
@@ -154,6 +156,9 @@ class Pretrainer:
         r = config.run
         self.total_steps = r.max_steps or math.ceil(r.max_tokens / self.plan.tokens_per_step)
         self.autocast_dtype = AUTOCAST[r.precision]
+        # packed documents' masks as FlexAttention block masks: a fused kernel on CUDA; on the CPU the explicit
+        # mask with SDPA stays the default there (flex compiles once per batch shape; not measured faster on CPU)
+        self.flex_attention = r.attention == "flex" or (r.attention == "auto" and env.device.type == "cuda")
 
     # ---- hooks for post-training stages (SFT, DPO): their data, loss and export ---------------------------
     def build_data(self) -> tuple[Any, Any]:
@@ -195,42 +200,58 @@ class Pretrainer:
             tqdm.write(message, file=sys.stderr)
 
     def _build(self) -> None:
-        r, env = self.config.run, self.env
-        if r.threads:
-            torch.set_num_threads(r.threads)
-        torch.manual_seed(r.seed)
-        model = build_model(self.model_config, device=env.device, dtype=torch.float32, seed=r.seed)
-        if self.config.model.init_from:
-            self._load_init_weights(model)
-        if r.activation_checkpointing:
-            apply_activation_checkpointing(model)
+        r, env = self.config, self.env
+        if r.run.threads:
+            torch.set_num_threads(r.run.threads)
         # the training loss never holds fp32 [tokens, vocab] tensors (2.4x faster than next_token_loss
         # eager on bench/train.py's shapes, same values)
         self._cross_entropy = chunked_cross_entropy
-        if r.compile:
-            compile_blocks(model)
+        if r.run.compile:
             # inductor fuses the fp32 upcast, log-softmax and their backward into two kernels: faster still
             # (1.2x the chunked loss). Training shapes are fixed, so it compiles once.
             self._cross_entropy = torch.compile(next_token_loss, dynamic=False)
-        self.model = wrap_model(model, env, self.config.distributed.strategy,
-                                self.config.distributed.reshard_after_forward)
-        self.optimizer = build_optimizer(self.model, self.config.optim, env.device)
-        fp16 = r.precision == "fp16"
-        self.scaler = torch.amp.GradScaler(env.device.type) if fp16 else None
-        # distinct per-rank streams (dropout); model init above used the shared seed
-        torch.manual_seed(r.seed + env.rank)
-        np.random.seed(r.seed + env.rank)
-        random.seed(r.seed + env.rank)
+        self.model = self.new_model(r.model.init_from)
+        self.optimizer = build_optimizer(self.model, r.optim, env.device)
+        self.scaler = torch.amp.GradScaler(env.device.type) if r.run.precision == "fp16" else None
+        # distinct per-rank streams (dropout); model init above is seeded per parameter, not by these
+        torch.manual_seed(r.run.seed + env.rank)
+        np.random.seed(r.run.seed + env.rank)
+        random.seed(r.run.seed + env.rank)
 
-    def _load_init_weights(self, model: nn.Module) -> None:
-        path = Path(self.config.model.init_from)
+    def new_model(self, init_from: str = "", trainable: bool = True) -> nn.Module:
+        """The model as this run holds it: built on ``meta``, sharded (fsdp/hsdp) before any storage exists,
+        then each rank materialises and initialises (seeded) or loads (``init_from``) only its own shards.
+        ``trainable=False``: a frozen copy (DPO's live reference)."""
+        r, env, plan = self.config.run, self.env, self.config.shard_plan()
+        model = build_model(self.model_config, device="meta", dtype=torch.float32)
+        sharded = env.distributed and plan.sharded
+        if not sharded:  # plain / DDP: whole weights first (LoRA wraps loaded Linear layers)
+            self._init_weights(materialise(model, env.device, r.seed), init_from, trainable)
+        if trainable and r.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if trainable and r.compile:
+            compile_blocks(model)
+        if sharded:
+            self._init_weights(materialise(shard_model(model, env, plan), env.device, r.seed), init_from, trainable)
+        if not trainable:
+            return model.eval().requires_grad_(False)
+        return wrap_model(model, env, plan)
+
+    def _init_weights(self, model: nn.Module, init_from: str, trainable: bool) -> None:
+        """After the seeded init: the init_from weights (a hook: SFT adds LoRA adapters here)."""
+        if init_from:
+            self._load_init_weights(model, init_from)
+
+    def _load_init_weights(self, model: nn.Module, init_from: str) -> None:
+        """Weights from a training checkpoint or a Hugging Face folder, each tensor read once and only the
+        rows of this rank's shards kept."""
+        path = Path(init_from)
         if (path / ckpt.STATE).is_file():
             ckpt.load_weights(path, model)
         else:
-            from phiforge.checkpoint import load_hf_folder
+            from phiforge.checkpoint import fill_from_hf_folder
 
-            source = load_hf_folder(path, dtype=torch.float32, device="cpu")
-            model.load_state_dict(source.state_dict(), strict=True)
+            fill_from_hf_folder(model, path)
         self._say(f"initialised weights from {path}")
 
     def _restore(self) -> tuple[int, int]:
@@ -249,11 +270,14 @@ class Pretrainer:
             return contextlib.nullcontext()
         return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
 
-    def _no_sync(self, last: bool) -> contextlib.AbstractContextManager:
-        # DDP all-reduces only on the last micro-batch; FSDP reduce-scatters each one (sharded grads)
-        if last or not hasattr(self.model, "no_sync"):
-            return contextlib.nullcontext()
-        return self.model.no_sync()
+    def _sync_grads(self, last: bool) -> contextlib.AbstractContextManager:
+        """Gradients are reduced once per optimizer step, on the last micro-batch: DDP's no_sync, FSDP's
+        set_requires_gradient_sync (unsharded grads accumulate locally until then)."""
+        if is_sharded(self.model):
+            self.model.set_requires_gradient_sync(last)
+        elif not last and hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
 
     def _loss(self, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         with self._autocast():
@@ -267,7 +291,7 @@ class Pretrainer:
         chunks = self.micro_batches(batch)
         total = torch.zeros((), device=self.env.device)
         for m, chunk in enumerate(chunks):
-            with self._no_sync(last=m == len(chunks) - 1):
+            with self._sync_grads(last=m == len(chunks) - 1):
                 loss = self.micro_loss(chunk)
                 scaled = loss / len(chunks)
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()

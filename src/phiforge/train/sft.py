@@ -284,6 +284,21 @@ def document_mask(segments: torch.Tensor, positions: torch.Tensor, window: int |
     return allowed[:, None]
 
 
+def document_block_mask(segments: torch.Tensor, positions: torch.Tensor, window: int | None) -> Any:
+    """document_mask as a FlexAttention BlockMask: the same allowed pairs, but blocks of 128x128 that no
+    query may use are skipped, and attention stays one fused kernel (SDPA with an explicit mask is not)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def allowed(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        ok = (segments[b, q] == segments[b, kv]) & (q >= kv)
+        if window is not None:
+            ok = ok & (positions[b, q] - positions[b, kv] < window)
+        return ok
+
+    B, T = segments.shape
+    return create_block_mask(allowed, B, None, T, T, device=segments.device)
+
+
 @dataclass
 class RowBatch:
     """Tensors of a micro-batch of rows, trimmed to its longest row; padding has its own segment."""
@@ -291,10 +306,11 @@ class RowBatch:
     inputs: torch.Tensor
     targets: torch.Tensor
     positions: torch.Tensor
-    mask: torch.Tensor
+    mask: Any  # document_mask's [B, 1, T, T] booleans, or document_block_mask's BlockMask (flex=True)
 
     @classmethod
-    def from_rows(cls, rows: Sequence[Row], device: torch.device, window: int | None) -> RowBatch:
+    def from_rows(cls, rows: Sequence[Row], device: torch.device, window: int | None,
+                  flex: bool = False) -> RowBatch:
         T = max(len(r.inputs) for r in rows)
         pad = T - np.array([len(r.inputs) for r in rows])
         ids = [r.inputs + [0] * p for r, p in zip(rows, pad)]
@@ -303,7 +319,8 @@ class RowBatch:
         segments = [r.segments + [len(r.inputs) + 1] * p for r, p in zip(rows, pad)]
         t = {k: torch.tensor(v, device=device) for k, v in
              (("i", ids), ("t", targets), ("p", positions), ("s", segments))}
-        return cls(t["i"], t["t"], t["p"], document_mask(t["s"], t["p"], window))
+        masking = document_block_mask if flex else document_mask
+        return cls(t["i"], t["t"], t["p"], masking(t["s"], t["p"], window))
 
 
 class RowSampler:
@@ -392,13 +409,14 @@ class PostTrainer(Pretrainer):
         self.tokenizer = load_tokenizer(config.data, config.model.init_from)
         self.skipped: list[dict[str, str]] = []
         super().__init__(config, env)
-        if config.lora.rank and config.distributed.strategy == "fsdp" and env.distributed:
-            raise TrainConfigError("lora with distributed.strategy=fsdp is not supported; use ddp")
+        if config.lora.rank and config.shard_plan().sharded and env.distributed:
+            raise TrainConfigError(f"lora with distributed.strategy={config.distributed.strategy} is not "
+                                   "supported; use ddp (adapters are small: replicating them is cheap)")
 
-    def _load_init_weights(self, model: nn.Module) -> None:
-        super()._load_init_weights(model)
+    def _init_weights(self, model: nn.Module, init_from: str, trainable: bool) -> None:
+        super()._init_weights(model, init_from, trainable)
         lora = self.config.lora
-        if lora.rank:
+        if lora.rank and trainable:
             adapted = apply_lora(model, lora.rank, lora.alpha, lora.targets)
             self._say(f"LoRA rank {lora.rank} on {len(adapted)} layers; "
                       f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
@@ -459,7 +477,7 @@ class SFTTrainer(PostTrainer):
         size, window = self.plan.micro_batch_size, self.model_config.sliding_window
         local = torch.tensor(float(sum(sum(t != IGNORE for t in r.targets) for r in batch)), device=self.env.device)
         trained = all_reduce_sum(local, self.env).item()  # the whole step's trained tokens, over all ranks
-        return [(RowBatch.from_rows(batch[m : m + size], self.env.device, window), trained)
+        return [(RowBatch.from_rows(batch[m : m + size], self.env.device, window, self.flex_attention), trained)
                 for m in range(0, len(batch), size)]
 
     def micro_loss(self, chunk: tuple[RowBatch, float]) -> torch.Tensor:
@@ -477,7 +495,7 @@ class SFTTrainer(PostTrainer):
         total = count = 0.0
         size, window = self.plan.micro_batch_size, self.model_config.sliding_window
         for m in range(0, len(self.validation), size):
-            b = RowBatch.from_rows(self.validation[m : m + size], self.env.device, window)
+            b = RowBatch.from_rows(self.validation[m : m + size], self.env.device, window, self.flex_attention)
             logits = self._autocast_forward(b.inputs, b.positions, attn_mask=b.mask)
             total += next_token_loss(logits, b.targets, reduction="sum").item()
             count += int((b.targets != IGNORE).sum())
