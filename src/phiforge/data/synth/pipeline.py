@@ -200,15 +200,25 @@ def verdict(text: str, finish_reason: str, cfg: FilterSection) -> str:
 
 # ---- the run ------------------------------------------------------------------------------------------------
 def build_teacher(config: SynthConfig) -> Teacher:
-    t = config.teacher
+    return teacher_from_section(config.teacher, config.run.seed)
+
+
+def teacher_from_section(t: TeacherSection, seed: int) -> Teacher:
+    """The teacher a ``[teacher]`` section describes (synth and topics share the section)."""
     if t.kind == "local":
         teacher: Teacher = LocalTeacher(t.model, dtype=t.dtype, device=t.device, max_batch_size=t.max_batch_size,
                                         chat=t.chat)
     else:
         teacher = OpenAITeacher(t.base_url, t.model, api=t.api, concurrency=t.concurrency, timeout=t.timeout,
                                 max_retries=t.max_retries, backoff=t.backoff, backoff_max=t.backoff_max,
-                                api_key_env=t.api_key_env, seed=config.run.seed)
+                                api_key_env=t.api_key_env, seed=seed)
     return teacher
+
+
+def attach_cache(teacher: Teacher, t: TeacherSection, default: Path) -> None:
+    """The section's request cache (``teacher.cache_path``, else ``default``), unless off or already set."""
+    if t.cache and teacher.cache is None:
+        teacher.cache = RequestCache(t.cache_path or default)
 
 
 def document_id(config: SynthConfig, seed: S.Seed, prompt: str, teacher: dict[str, Any]) -> str:
@@ -237,7 +247,8 @@ class Planner:
         return Draft(index, seed, P.document_prompt(seed, self.config.prompts))
 
 
-def check_resume(out: Path, config: SynthConfig) -> None:
+def check_resume(out: Path, config: Any) -> None:
+    """Refuse to resume ``out`` with a config (synth's or topics') whose ``fingerprint()`` differs."""
     manifest = out / "config.json"
     if manifest.exists():
         saved = json.loads(manifest.read_text()).get("fingerprint")
@@ -288,9 +299,8 @@ def run_synth(config: SynthConfig, teacher: Teacher | None = None, shard: tuple[
     own_teacher = teacher is None
     if first is not None:
         teacher = teacher or build_teacher(config)
-        if config.teacher.cache and teacher.cache is None:
-            default = out / ("cache.sqlite" if n == 1 else f"cache-{name}.sqlite")  # one writer per SQLite file
-            teacher.cache = RequestCache(config.teacher.cache_path or default)
+        # one writer per SQLite file
+        attach_cache(teacher, config.teacher, out / ("cache.sqlite" if n == 1 else f"cache-{name}.sqlite"))
     identity = teacher.identity() if teacher else {}
     bar = _progress(config, owned)
 

@@ -57,6 +57,11 @@ REVISE = ("Rewrite the text so that it fixes every problem in the critique. Keep
           "improved text.\n\nText:\n{draft}\n\nCritique:\n{critique}")
 REVERSE = ("Here is a piece of {kind}. Write the instruction that a user could have given to get exactly this "
            "as the answer. Write only the instruction.\n\n{output}")
+# ---- topics (``phiforge topics``): numbered lists, which small teachers write most reliably -----------------
+SUBJECTS = ("Write a numbered list of {n} subjects that are taught within {area}. Each item is a short name of 1 to 4 "
+            "words, with no explanation.")
+TOPICS = ("Write a numbered list of {n} topics from a textbook chapter on \"{subject}\" ({area}). Each item is a "
+          "short title of 2 to 6 words, with no explanation.")
 RUBRIC = "factual accuracy, clear step-by-step reasoning, fit for the audience, no repetition"
 
 

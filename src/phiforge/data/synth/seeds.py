@@ -51,6 +51,7 @@ class SeedError(ValueError):
 class Topic:
     name: str
     area: str = ""
+    subject: str = ""  # the taxonomy level between area and topic ("## subject" in a topics file)
 
 
 @dataclass(frozen=True)
@@ -78,19 +79,24 @@ class Seed:
 
 
 def load_topics(path: str | Path | None = None) -> list[Topic]:
-    """Topics from a text file (one per line, ``# area`` starts a section) or the built-in list."""
+    """Topics from a text file (one per line; ``# area`` starts an area, ``## subject`` a subject within it;
+    a ``#`` line with a colon or over three words is a comment) or the built-in list."""
     file = Path(path) if path else BUILTIN_TOPICS
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise SeedError(f"{file}: no such topics file") from None
-    topics, area = [], ""
+    topics, area, subject = [], "", ""
     for line in (raw.strip() for raw in lines):
-        if line.startswith("#"):
+        if line.startswith("##"):
             header = line.lstrip("#").strip()
-            area = header if header and ":" not in header and len(header.split()) <= 3 else area
+            subject = header if header and ":" not in header else subject
+        elif line.startswith("#"):
+            header = line.lstrip("#").strip()
+            if header and ":" not in header and len(header.split()) <= 3:
+                area, subject = header, ""
         elif line:
-            topics.append(Topic(line, area))
+            topics.append(Topic(line, area, subject))
     if not topics:
         raise SeedError(f"{file}: the topic list is empty; expected one topic per line")
     return topics
