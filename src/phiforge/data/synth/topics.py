@@ -137,7 +137,9 @@ _STOP = frozenset("a an the and of in on to for with its their".split())
 _GENERIC = frozenset("subject subjects topic topics item items chapter chapters section sections lesson lessons unit "
                      "units introduction conclusion summary overview example examples title titles name names list "
                      "number numbers question questions answer answers part parts matter thing things textbook "
-                     "short first second third next final other more".split())
+                     "short first second third next final other more explanation description day days ago "
+                     "today human".split())
+_MARKUP = re.compile(r"[\[\]{}|<>=*/\\@~^]")
 _CHATTY = ("here", "sure", "list", "so ", "note", "let ", "i ", "this ", "these ", "each ", "that ", "it ")
 
 
@@ -167,7 +169,7 @@ def format_problem(item: str, g: GrowSection) -> str:
     words = len(item.split())
     if not g.min_words <= words <= g.max_words or len(item) > g.max_chars:
         return "format: length"
-    if sum(c.isalpha() for c in item) < 3 or "#" in item or item.lower().startswith(_CHATTY):
+    if sum(c.isalpha() for c in item) < 3 or "#" in item or item.lower().startswith(_CHATTY) or _MARKUP.search(item):
         return "format: not a name"
     if all(w in _GENERIC or w.isdigit() for w in normalize(item).split()):  # normalize drops plural -s
         return "format: generic"
