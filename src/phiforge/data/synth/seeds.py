@@ -214,7 +214,7 @@ def _title(text: str, words: int = 10) -> str:
 def chunk_paragraphs(text: str, max_chars: int = 2000, min_chars: int = 200) -> list[str]:
     """``text`` cut into chunks of at most ``max_chars`` at paragraph boundaries (blank lines); a paragraph
     longer than that is cut at sentence ends, a sentence longer than that at words. Chunks under
-    ``min_chars`` are dropped (navigation crumbs, captions) unless the text has only one chunk."""
+    ``min_chars`` are dropped (navigation crumbs, captions: too little to rewrite)."""
     pieces: list[tuple[str, str]] = []  # (text, the joiner to the piece before: a paragraph break or a space)
     for paragraph in re.split(r"\n\s*\n", text):
         paragraph = " ".join(paragraph.split())
@@ -236,7 +236,7 @@ def chunk_paragraphs(text: str, max_chars: int = 2000, min_chars: int = 200) -> 
             chunks[-1] += joiner + piece
         else:
             chunks.append(piece)
-    return chunks if len(chunks) <= 1 else [c for c in chunks if len(c) >= min_chars]
+    return [c for c in chunks if len(c) >= min_chars]
 
 
 def load_web_chunks(paths: list[str], max_chars: int = 2000, min_chars: int = 200) -> list[SeedItem]:
