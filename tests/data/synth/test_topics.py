@@ -10,12 +10,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from openai_server import FaultyOpenAIServer
+from openai_server import FaultyOpenAIServer, default_answer, http_config
 
 from phiforge.cli import main
 from phiforge.data.curate.classifier import get_embedder
+from phiforge.data.synth import run_synth
 from phiforge.data.synth.seeds import load_topics
 from phiforge.data.synth.topics import TopicsConfig, normalize, parse_list, run_topics
+from phiforge.data.synth.writer import read_records
+from phiforge.report import build_report
 
 POOL = [t.name for t in load_topics()]  # 300 distinct real topics to hand out
 TAXONOMY = """# a seed taxonomy: areas, subjects, topics
@@ -43,7 +46,9 @@ def scripted(body: dict[str, Any]) -> str:
         area = m.group(1)
         names = ["gamma studies"] if area == "gamma" else [f"{area} subject {k}" for k in range(_pick(seed) % 3 + 2)]
         return "Here are the subjects:\n" + "\n".join(f"{i + 1}. {n}" for i, n in enumerate(names))
-    area = re.search(r'\(([^()]+)\)\. Each item', prompt).group(1)
+    if not (m := re.search(r'\(([^()]+)\)\. Each item', prompt)):
+        return default_answer(body)  # a synth document prompt
+    area = m.group(1)
     if area == "gamma":
         return "1. Gamma lore\n2. gamma lore!"
     start = _pick(seed, area) % len(POOL)
@@ -79,6 +84,15 @@ def test_dedup_balance_and_resume(tmp_path: Path) -> None:
         with open(out / "embeddings.f32", "ab") as fh:
             fh.write(np.ones(384 * 2, np.float32).tobytes())
         resumed = run_topics(config(tmp_path, srv.base_url, "resumed"))
+        # synth on the grown file: documents carry the subject; the coverage goes into the run report
+        run = tmp_path / "run"
+        run_synth(http_config(tmp_path, srv.base_url, 12, f"seeds.topics={out / 'topics.txt'}",
+                              "filter.min_words=1", out=run / "synth"))
+    grown = {t["topic"]: t for t in read(out)}
+    docs = read_records(run / "synth")
+    assert docs and all(d["metadata"].get("subject", "") == grown[d["metadata"]["topic"]]["subject"] for d in docs)
+    html = build_report(run).read_text()
+    assert "Topics (phiforge topics)" in html and "shortfall" in html  # the scalars; dicts are bar charts
     assert not partial["complete"] and partial["topics"] < 60 and partial["rounds"] == 3  # seed round + 2
     assert resumed["resumed_rounds"] == 3 and resumed["complete"]
     assert read(out) == read(tmp_path / "reference")

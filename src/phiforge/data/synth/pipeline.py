@@ -380,12 +380,27 @@ def run_synth(config: SynthConfig, teacher: Teacher | None = None, shard: tuple[
                   "teacher": identity, "teacher_stats": dict(teacher.stats) if teacher else {}})
     if missing:  # only when a document failed: the run raised before this
         raise OutputError(f"{out}: shards {missing[:5]} of process {k}/{n} are incomplete")
+    coverage = topics_coverage(config)
+    if coverage:  # the topics file came from `phiforge topics`: its coverage goes into the run report
+        atomic_write_json(out / "topics_stats.json", coverage)
     atomic_write_json(out / "stats" / f"process-{name}.json", stats)
     if n == 1:
         atomic_write_json(out / "stats.json", stats)
     elif _all_complete(config, planner.total):  # the last to finish folds every shard (the same fold if two race)
         merge_stats(config, planner.total)
     return stats
+
+
+def topics_coverage(config: SynthConfig) -> dict[str, Any]:
+    """The coverage stats ``phiforge topics`` wrote beside ``seeds.topics`` ({} for other topics files)."""
+    if not config.seeds.topics:
+        return {}
+    path = Path(config.seeds.topics).parent / "stats.json"
+    try:
+        stats = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return stats if isinstance(stats, dict) and "nn_similarity_histogram" in stats else {}
 
 
 async def _pipeline(indices: Iterator[int], planner: Planner, ctx: StepContext, steps: list[str], window: int,
