@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 BUILTIN_TOPICS = Path(__file__).with_name("topics.txt")
+BUILTIN_SEEDS = Path(__file__).with_name("seed_data")  # "builtin:web.jsonl", "builtin:functions.py", "builtin:qa.jsonl"
 
 AUDIENCES = {
     "young children": "young children (ages 5 to 10): very simple words, everyday examples, no jargon",
@@ -198,6 +199,11 @@ def _records(paths: list[str], kind: str) -> Any:
             yield shard.path, line.line, line.record
 
 
+def seed_paths(paths: list[str]) -> list[str]:
+    """``builtin:NAME`` -> phiforge's own small seed file NAME (for recipes that run anywhere)."""
+    return [str(BUILTIN_SEEDS / p.removeprefix("builtin:")) if p.startswith("builtin:") else p for p in paths]
+
+
 def _field(record: dict[str, Any], name: str, where: str, kind: str) -> str:
     value = record.get(name)
     if isinstance(value, (int, float)) and not isinstance(value, bool) and name == "answer":
@@ -242,7 +248,7 @@ def chunk_paragraphs(text: str, max_chars: int = 2000, min_chars: int = 200) -> 
 def load_web_chunks(paths: list[str], max_chars: int = 2000, min_chars: int = 200) -> list[SeedItem]:
     """Organic passages (``text``, optional ``id``/``title``) chunked for rewriting, in file and record order."""
     items = []
-    for path, line, record in _records(paths, "web_rewrites"):
+    for path, line, record in _records(seed_paths(paths), "web_rewrites"):
         where = f"{path} line {line}"
         text = _field(record, "text", where, "web_rewrites")
         pid = str(record.get("id") or f"{path.name}:{line}")
@@ -259,7 +265,7 @@ def load_code_seeds(paths: list[str], max_chars: int = 4000) -> list[SeedItem]:
     folders), with the module's imports, and/or the ``code`` records of JSONL/Parquet files."""
     items: list[SeedItem] = []
     documents: list[str] = []
-    for item in paths:
+    for item in seed_paths(paths):
         p = Path(item)
         files = sorted(p.rglob("*.py")) if p.is_dir() else [p] if p.suffix == ".py" else []
         if not files and p.suffix == ".py":
@@ -306,7 +312,7 @@ def _functions(file: Path, name: Path, max_chars: int) -> list[SeedItem]:
 def load_qa_seeds(paths: list[str]) -> list[SeedItem]:
     """Question/answer pairs (``question``, ``answer``, optional ``id``) from JSONL/Parquet files."""
     items = []
-    for path, line, record in _records(paths, "qa_seeds"):
+    for path, line, record in _records(seed_paths(paths), "qa_seeds"):
         where = f"{path} line {line}"
         question = _field(record, "question", where, "qa_seeds")
         items.append(SeedItem("qa", str(record.get("id") or f"{path.name}:{line}"), _title(question), "",
