@@ -147,3 +147,36 @@ def test_bad_seed_files_name_the_record(tmp_path: Path) -> None:
         Planner(http_config(tmp_path, "http://127.0.0.1:9", 1, f"seeds.web_rewrites=['{tmp_path}/nothing*']"))
     with pytest.raises(ValueError, match="run.num_documents is 0 and no seeds"):
         http_config(tmp_path, "http://127.0.0.1:9", 0)
+
+
+def test_web_rewrites_are_decontaminated_by_curate(tmp_path: Path) -> None:
+    """A rewrite that carries a GSM8K test item out of its web passage is removed by curate's decontamination,
+    like any synth output; the clean rewrites pass and keep their link to the source passage."""
+    from conftest import SHARED
+
+    from phiforge.data.curate.pipeline import CurateConfig, run_curate
+    from phiforge.data.synth.seeds import BUILTIN_SEEDS
+
+    item = json.loads((SHARED / "benchmarks" / "gsm8k" / "test.jsonl").read_text().splitlines()[3])
+    clean = [json.loads(line) for line in (BUILTIN_SEEDS / "web.jsonl").read_text().splitlines()[:2]]
+    leak = {"id": "leaky-page", "text": "A maths forum post.\n\n" + f"{item['question']} {item['answer']}"}
+    web = tmp_path / "web.jsonl"
+    web.write_text("".join(json.dumps(r) + "\n" for r in [*clean, leak]))
+
+    def rewrite(body: dict[str, Any]) -> str:  # a teacher that copies its passage (the worst case)
+        return "Rewritten: " + body["messages"][-1]["content"].split('"', 2)[1]
+
+    with FaultyOpenAIServer(faults=False, answer=rewrite) as srv:
+        run_synth(http_config(tmp_path, srv.base_url, 0, f"seeds.web_rewrites=['{web}']", "seeds.chunk_chars=4000",
+                              "filter.min_words=1"))
+    stats = run_curate(CurateConfig.from_dict({
+        "output": str(tmp_path / "curated"), "input": {"paths": [str(tmp_path / "out" / "shard-*.jsonl")]},
+        "heuristics": {"enabled": False},
+        "decontam": {"benchmarks": ["gsm8k"], "data_dir": str(SHARED / "benchmarks")}}))
+    kept = [json.loads(line) for p in (tmp_path / "curated" / "curated").glob("*.jsonl") for line in p.open()]
+    removed = [json.loads(line) for p in (tmp_path / "curated" / "decontam" / "removed").glob("*.jsonl")
+               for line in p.open()]
+    assert sorted(r["metadata"]["passage_id"] for r in kept) == sorted(r["id"] for r in clean)
+    assert [r["metadata"]["passage_id"] for r in removed] == ["leaky-page"]
+    assert removed[0]["removed_by"].startswith("decontam_gsm8k (")
+    assert stats["stages"]["decontam"]["report"]["gsm8k"]["documents_removed"] == 1
