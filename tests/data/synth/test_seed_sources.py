@@ -180,3 +180,22 @@ def test_web_rewrites_are_decontaminated_by_curate(tmp_path: Path) -> None:
     assert [r["metadata"]["passage_id"] for r in removed] == ["leaky-page"]
     assert removed[0]["removed_by"].startswith("decontam_gsm8k (")
     assert stats["stages"]["decontam"]["report"]["gsm8k"]["documents_removed"] == 1
+
+
+@pytest.mark.slow
+def test_embedded_teacher_on_the_built_in_seeds(tmp_path: Path) -> None:
+    """SmolLM2-135M on builtin:web.jsonl, builtin:functions.py and builtin:qa.jsonl: every seed becomes a record
+    (kept or rejected with its check's reason); the code checks ran in the sandbox."""
+    from phiforge.data.synth import SynthConfig
+
+    stats = run_synth(SynthConfig.from_dict({}, [
+        f"run.out_dir={tmp_path}", "run.num_documents=0", "run.progress=false", "sampling.max_new_tokens=160",
+        "seeds.web_rewrites=['builtin:web.jsonl']", "seeds.code_seeds=['builtin:functions.py']",
+        "seeds.qa_seeds=['builtin:qa.jsonl']", "seeds.chunk_chars=400"]))
+    records = read_records(tmp_path) + read_records(tmp_path, rejected=True)
+    assert len(records) == stats["documents"] + stats["rejected"] == 7 + 8 + 8
+    by_source = Counter(r["metadata"]["source"] for r in records)
+    assert by_source == {"web": 7, "code": 8, "qa": 8}
+    code = [r for r in records if r["metadata"]["source"] == "code"]
+    assert all(r["metadata"]["chain"][-1]["step"] == "code_tests" for r in code)
+    assert all(r.get("reason", "").startswith("code_seed: ") for r in code if "reason" in r)
