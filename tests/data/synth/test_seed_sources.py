@@ -29,6 +29,10 @@ def hypot(x, y):
     return math.sqrt(x * x + y * y)
 
 
+def double(x):
+    return 2 * x
+
+
 @staticmethod
 def decorated(x):
     return x
@@ -43,7 +47,8 @@ def exercise(body: dict[str, Any]) -> str:
         name = re.search(r"def (\w+)\(", prompt).group(1)
         tests = {"add": "assert add(2, 3) == 5\nassert add(-1, 1) == 0",
                  "hypot": "assert hypot(3, 4) == 5.0\nassert hypot(0, 0) == 0.0",
-                 "square": "assert square(3) == 10"}[name]
+                 "square": "assert square(3) == 10",
+                 "double": "def test_double():\n    assert double(2) == 4\n    assert double(-1) == -2"}[name]
         solution = re.search(r"```python\n(.*?)\n```", prompt, re.DOTALL).group(1)
         if name == "hypot":  # an exercise whose own solution is wrong although its tests are right
             solution = solution.replace("x * x + y * y", "x + y")
@@ -98,10 +103,10 @@ def test_web_code_and_qa_seeds_end_to_end(tmp_path: Path) -> None:
     web = [r for r in records if r["metadata"].get("source") == "web"]
     code = {r["metadata"]["topic"]: r for r in records if r["metadata"].get("source") == "code"}
     qa = {r["metadata"]["seed_id"]: r for r in records if r["metadata"].get("source") == "qa"}
-    # 2 topic documents, 3 chunks of the long passage + 1 Parquet passage (the crumb is too short), 3 functions
+    # 2 topic documents, 3 chunks of the long passage + 1 Parquet passage (the crumb is too short), 4 functions
     # (the decorated one is skipped), 2 questions
-    assert len(records) == 2 + 4 + 3 + 2 == stats["documents"] + stats["rejected"]
-    assert [r["metadata"]["index"] for r in records] == list(range(11)) and again["generated_this_run"] == 0
+    assert len(records) == 2 + 4 + 4 + 2 == stats["documents"] + stats["rejected"]
+    assert [r["metadata"]["index"] for r in records] == list(range(12)) and again["generated_this_run"] == 0
     # web rewrites: linked to their source passage and chunk, forms in turn, the chunk in the prompt
     assert [(r["metadata"]["passage_id"], r["metadata"]["seed_id"]) for r in web] == \
         [("web-long", "web-long#0"), ("web-long", "web-long#1"), ("web-long", "web-long#2"), ("web-pq", "web-pq#0")]
@@ -111,7 +116,9 @@ def test_web_code_and_qa_seeds_end_to_end(tmp_path: Path) -> None:
         assert chunk in r["metadata"]["prompt"] and r["text"].startswith("Rewritten: " + " ".join(chunk.split()[:6]))
     assert all(r["metadata"]["area"] == "web" for r in web) and stats["per_area"]["web"] == 4
     # code: tests run in the sandbox on the seed's function and on the exercise's own solution
-    assert set(code) == {"add", "hypot", "square"}
+    assert set(code) == {"add", "hypot", "square", "double"}
+    assert "reason" not in code["double"]  # pytest-style test functions are run too
+    assert code["double"]["metadata"]["chain"][-1]["seed_code"] == "passed"
     assert code["add"]["metadata"]["chain"][-1] == {"step": "code_tests", "tests": 2, "seed_code": "passed",
                                                     "solution": "passed", "sandbox": "bubblewrap"}
     assert "reason" not in code["add"] and code["add"]["metadata"]["seed_id"] == "mathy.py:add"

@@ -9,6 +9,7 @@ did in the draft's ``chain``, and marks drafts it drops with a reason (kept in r
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import hashlib
 import math
@@ -169,6 +170,8 @@ async def _check_code(d: Draft, ctx: StepContext) -> None:
 
     has_blocks = "```" in d.text
     solution, tests = split_tests(code_blocks(d.text))
+    solution, test_functions = pytest_functions(solution)
+    tests = "\n".join(t for t in (tests, test_functions) if t)
     link: dict[str, Any] = {"step": "code_tests", "tests": tests.count("assert ")}
     d.chain.append(link)
     if not tests:
@@ -261,6 +264,24 @@ def split_tests(code: str) -> tuple[str, str]:
     lines = code.splitlines()
     tests = [line for line in lines if line.startswith("assert ")]
     return "\n".join(line for line in lines if not line.startswith("assert ")), "\n".join(tests)
+
+
+def pytest_functions(code: str) -> tuple[str, str]:
+    """(code without its top-level ``def test_*()`` functions, those functions followed by a call of each):
+    pytest-style tests, which teachers often write, as plain asserts the sandbox judge runs."""
+    try:
+        module = ast.parse(code)
+    except SyntaxError:
+        return code, ""
+    found = [n for n in module.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test")
+             and not n.args.args and not n.decorator_list]
+    if not found:
+        return code, ""
+    lines = code.splitlines()
+    spans = [(n.lineno - 1, n.end_lineno or n.lineno) for n in found]
+    tests = [("\n".join(lines[a:b]) + f"\n{n.name}()") for n, (a, b) in zip(found, spans)]
+    kept = [line for i, line in enumerate(lines) if not any(a <= i < b for a, b in spans)]
+    return "\n".join(kept), "\n".join(tests)
 
 
 def _tests_pass(originals: list[str], regenerated: list[str], timeout: float) -> list[bool]:
