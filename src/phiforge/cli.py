@@ -184,6 +184,27 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_topics(args: argparse.Namespace) -> int:
+    from phiforge.data.synth.teachers import TeacherError
+    from phiforge.data.synth.topics import TopicsConfig, run_topics
+
+    flags = [f"{key}={value}" for key, value in (("run.num_topics", args.num), ("run.out_dir", args.out),
+                                                 ("taxonomy.file", args.taxonomy)) if value is not None]
+    config = (TopicsConfig.from_toml(args.config, flags + args.overrides) if args.config
+              else TopicsConfig.from_dict({}, flags + args.overrides))
+    try:
+        stats = run_topics(config)
+    except TeacherError as err:  # the journaled rounds are on disk: a rerun resumes from there
+        print(f"phiforge topics: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(stats, indent=2))
+    if not stats["complete"]:
+        print(f"phiforge topics: {stats['topics']} of {stats['num_topics']} topics "
+              + ("(run.max_rounds reached; rerun to go on)" if not stats["closed_areas"] else
+                 f"(areas {stats['closed_areas']} stopped yielding new topics)"), file=sys.stderr)
+    return 0
+
+
 def cmd_loadgen(args: argparse.Namespace) -> int:
     from phiforge.data.synth.loadgen import from_args
 
@@ -358,6 +379,15 @@ def _parser() -> argparse.ArgumentParser:
                         "shared run.out_dir; each resumable); the last to finish folds the stats")
     p.add_argument("--merge-stats", action="store_true",
                    help="fold every shard's and process's stats into run.out_dir/stats.json (generates nothing)")
+
+    p = add("topics", cmd_topics, "grow a topics file for synth from a seed taxonomy (areas -> subjects -> topics) "
+            "with a teacher, deduplicated by MiniLM similarity and normalized text, balanced across areas; resumable")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. dedup.similarity=0.8 teacher.kind=openai")
+    p.add_argument("--config", default=None, help="TOML config (sections run, taxonomy, grow, dedup, teacher, "
+                                                  "sampling); default: all defaults")
+    p.add_argument("--num", type=int, default=None, help="topics to reach (run.num_topics, default 2000)")
+    p.add_argument("--out", default=None, help="output folder (run.out_dir, default runs/topics)")
+    p.add_argument("--taxonomy", default=None, help="seed topics file (taxonomy.file; default: the built-in 300)")
 
     from phiforge.data.synth.loadgen import add_arguments as loadgen_arguments
 

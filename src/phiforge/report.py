@@ -157,6 +157,7 @@ def build_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
         f"<h1>phiforge run: {html.escape(run.name)}</h1>",
         _stages_section(_read_json(run / "run.json")),
         f"<h2>Recipe</h2><pre>{html.escape(recipe.read_text(encoding='utf-8'))}</pre>" if recipe.is_file() else "",
+        _stats_section("Topics (phiforge topics)", _read_json(run / "synth" / "topics_stats.json")),
         _stats_section("Synthetic data", _read_json(run / "synth" / "stats.json")),
         _stats_section("Curation", _read_json(run / "curate" / "stats.json")),
         _stats_section("Tokenizer and token shards", _read_json(run / "tokens" / "stats.json")),

@@ -55,6 +55,14 @@ class SeedsSection:
     web_fraction: float = 0.5  # share of documents whose prompt carries a passage (when web_samples is set)
     passage_chars: int = 1000
     balance_formats: bool = False  # cycle through the formats by document index (equal counts per format)
+    # seeded sources: one document per item, after the run.num_documents topic documents (README, "Seeds")
+    web_rewrites: list[str] = field(default_factory=list)  # JSONL/Parquet files, folders or globs ("text", "id")
+    rewrite_forms: list[str] = field(default_factory=list)  # of textbook, exercises, qa; empty = all, in turn
+    chunk_chars: int = 2000  # passages are cut at paragraph boundaries into chunks of at most this
+    min_chunk_chars: int = 200
+    code_seeds: list[str] = field(default_factory=list)  # .py files or folders (their functions), or JSONL "code"
+    max_code_chars: int = 4000
+    qa_seeds: list[str] = field(default_factory=list)  # JSONL/Parquet with "question" and "answer"
 
 
 @dataclass
@@ -126,7 +134,11 @@ class SynthConfig:
 
     def validate(self) -> None:
         r, t = self.run, self.teacher
-        checks = [(r.num_documents > 0, f"run.num_documents must be > 0, got {r.num_documents}"),
+        s = self.seeds
+        checks = [(r.num_documents >= 0, f"run.num_documents must be >= 0, got {r.num_documents}"),
+                  (r.num_documents > 0 or bool(s.web_rewrites or s.code_seeds or s.qa_seeds),
+                   "run.num_documents is 0 and no seeds.web_rewrites, code_seeds or qa_seeds are given"),
+                  (0 < s.min_chunk_chars <= s.chunk_chars, "seeds.min_chunk_chars must be in (0, seeds.chunk_chars]"),
                   (r.shard_size > 0, f"run.shard_size must be > 0, got {r.shard_size}"),
                   (r.chunk_size > 0, f"run.chunk_size must be > 0, got {r.chunk_size}"),
                   (r.format in ("jsonl", "parquet"), f"run.format = {r.format!r}; expected 'jsonl' or 'parquet'"),
@@ -140,11 +152,12 @@ class SynthConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        for kind, known in (("audiences", S.AUDIENCES), ("formats", S.FORMATS), ("styles", S.STYLES)):
+        for kind, known in (("audiences", S.AUDIENCES), ("formats", S.FORMATS), ("styles", S.STYLES),
+                            ("rewrite_forms", dict.fromkeys(S.REWRITE_FORMS))):
             S.check_choices(kind, getattr(self.seeds, kind), known)
         for fmt, template in self.prompts.items():
-            if fmt not in S.FORMATS:
-                raise ValueError(f"prompts.{fmt}: no such format; expected some of {list(S.FORMATS)}")
+            if fmt not in S.ALL_FORMATS:
+                raise ValueError(f"prompts.{fmt}: no such format; expected some of {list(S.ALL_FORMATS)}")
             if not isinstance(template, str):
                 raise ValueError(f"prompts.{fmt}: expected a template string, got {template!r}")
             P.check_template(f"prompts.{fmt}", template)
@@ -200,15 +213,25 @@ def verdict(text: str, finish_reason: str, cfg: FilterSection) -> str:
 
 # ---- the run ------------------------------------------------------------------------------------------------
 def build_teacher(config: SynthConfig) -> Teacher:
-    t = config.teacher
+    return teacher_from_section(config.teacher, config.run.seed)
+
+
+def teacher_from_section(t: TeacherSection, seed: int) -> Teacher:
+    """The teacher a ``[teacher]`` section describes (synth and topics share the section)."""
     if t.kind == "local":
         teacher: Teacher = LocalTeacher(t.model, dtype=t.dtype, device=t.device, max_batch_size=t.max_batch_size,
                                         chat=t.chat)
     else:
         teacher = OpenAITeacher(t.base_url, t.model, api=t.api, concurrency=t.concurrency, timeout=t.timeout,
                                 max_retries=t.max_retries, backoff=t.backoff, backoff_max=t.backoff_max,
-                                api_key_env=t.api_key_env, seed=config.run.seed)
+                                api_key_env=t.api_key_env, seed=seed)
     return teacher
+
+
+def attach_cache(teacher: Teacher, t: TeacherSection, default: Path) -> None:
+    """The section's request cache (``teacher.cache_path``, else ``default``), unless off or already set."""
+    if t.cache and teacher.cache is None:
+        teacher.cache = RequestCache(t.cache_path or default)
 
 
 def document_id(config: SynthConfig, seed: S.Seed, prompt: str, teacher: dict[str, Any]) -> str:
@@ -219,29 +242,59 @@ def document_id(config: SynthConfig, seed: S.Seed, prompt: str, teacher: dict[st
 
 
 class Planner:
-    """Document i -> its seed and prompt; the same for every run of the same config."""
+    """Document i -> its seed and prompt; the same for every run of the same config.
+
+    Documents ``0 .. run.num_documents-1`` are topic documents; then one document per web chunk, code seed
+    and Q&A seed, in that order (``total`` counts them all)."""
 
     def __init__(self, config: SynthConfig) -> None:
         s = config.seeds
         self.config = config
-        self.topics = S.load_topics(s.topics or None)
+        self.topics = S.load_topics(s.topics or None) if config.run.num_documents else []
         self.passages = S.load_passages(s.web_samples, s.passage_chars) if s.web_samples else None
         self.audiences = S.check_choices("audiences", s.audiences, S.AUDIENCES)
         self.formats = S.check_choices("formats", s.formats, S.FORMATS)
         self.styles = S.check_choices("styles", s.styles, S.STYLES)
+        self.forms = S.check_choices("rewrite_forms", s.rewrite_forms, dict.fromkeys(S.REWRITE_FORMS))
+        self.items: list[S.SeedItem] = [
+            *(S.load_web_chunks(s.web_rewrites, s.chunk_chars, s.min_chunk_chars) if s.web_rewrites else []),
+            *(S.load_code_seeds(s.code_seeds, s.max_code_chars) if s.code_seeds else []),
+            *(S.load_qa_seeds(s.qa_seeds) if s.qa_seeds else [])]
+        self.total = config.run.num_documents + len(self.items)
+        self.first_of = {src: next(i for i, it in enumerate(self.items) if it.source == src)
+                         for src in S.SOURCES if any(it.source == src for it in self.items)}
+
+    def plan(self) -> dict[str, Any]:
+        """What the seeded sources hold (part of the resume fingerprint: changed seed files are refused)."""
+        if not self.items:
+            return {}
+        digest = hashlib.sha256()
+        for item in self.items:
+            digest.update(json.dumps(dataclasses.astuple(item)).encode())
+        counts = Counter(item.source for item in self.items)
+        return {"plan": {**{src: counts[src] for src in S.SOURCES}, "sha256": digest.hexdigest()[:20]}}
 
     def draft(self, index: int) -> Draft:
         s = self.config.seeds
-        seed = S.sample_seed(index, self.config.run.seed, self.topics, self.audiences, self.formats, self.styles,
-                             self.passages, s.web_fraction, s.balance_formats)
+        n = self.config.run.num_documents
+        if index < n:
+            seed = S.sample_seed(index, self.config.run.seed, self.topics, self.audiences, self.formats,
+                                 self.styles, self.passages, s.web_fraction, s.balance_formats)
+        else:
+            item = self.items[index - n]
+            seed = S.seeded_seed(index, index - n - self.first_of[item.source], self.config.run.seed, item,
+                                 self.audiences, self.styles, self.forms)
         return Draft(index, seed, P.document_prompt(seed, self.config.prompts))
 
 
-def check_resume(out: Path, config: SynthConfig) -> None:
+def check_resume(out: Path, config: Any, extra: dict[str, Any] | None = None) -> None:
+    """Refuse to resume ``out`` with a config (synth's or topics') whose ``fingerprint()`` (plus ``extra``,
+    e.g. what the seed files hold) differs."""
     manifest = out / "config.json"
+    fingerprint = {**config.fingerprint(), **(extra or {})}
     if manifest.exists():
         saved = json.loads(manifest.read_text()).get("fingerprint")
-        now = json.loads(json.dumps(config.fingerprint()))
+        now = json.loads(json.dumps(fingerprint))
         if saved != now:
             diff = [f"{section}.{k}" for section in now for k in now[section]
                     if (saved or {}).get(section, {}).get(k) != now[section][k]] if isinstance(saved, dict) else []
@@ -249,7 +302,7 @@ def check_resume(out: Path, config: SynthConfig) -> None:
                               "use a new run.out_dir or the same settings")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(manifest, {"fingerprint": config.fingerprint(), "config": config.to_dict()})
+        atomic_write_json(manifest, {"fingerprint": fingerprint, "config": config.to_dict()})
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -263,10 +316,11 @@ def parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
-def shard_range(config: SynthConfig, shard: tuple[int, int]) -> range:
-    """The output shards process K of N owns: a contiguous range, so the N ranges tile the run."""
+def shard_range(config: SynthConfig, shard: tuple[int, int], documents: int | None = None) -> range:
+    """The output shards process K of N owns: a contiguous range, so the N ranges tile the run
+    (``documents``: the run's total, default ``run.num_documents``)."""
     k, n = shard
-    total = -(-config.run.num_documents // config.run.shard_size)
+    total = -(-(config.run.num_documents if documents is None else documents) // config.run.shard_size)
     return range(k * total // n, (k + 1) * total // n)
 
 
@@ -276,11 +330,11 @@ def run_synth(config: SynthConfig, teacher: Teacher | None = None, shard: tuple[
     out = Path(config.run.out_dir)
     planner = Planner(config)  # bad seeds fail before anything is loaded
     sampling = sampling_params(config.sampling)
-    check_resume(out, config)
+    check_resume(out, config, planner.plan())
     k, n = shard
     name = f"{k}-of-{n}"
-    writer = ShardWriter(out, config.run.num_documents, config.run.shard_size, config.run.format,
-                         shards=shard_range(config, shard))
+    writer = ShardWriter(out, planner.total, config.run.shard_size, config.run.format,
+                         shards=shard_range(config, shard, planner.total))
     owned = sum(len(writer.shard_range(s)) for s in writer.shards)
     todo = writer.todo()
     first = next(todo, None)  # None: nothing left, so no teacher is loaded
@@ -288,9 +342,8 @@ def run_synth(config: SynthConfig, teacher: Teacher | None = None, shard: tuple[
     own_teacher = teacher is None
     if first is not None:
         teacher = teacher or build_teacher(config)
-        if config.teacher.cache and teacher.cache is None:
-            default = out / ("cache.sqlite" if n == 1 else f"cache-{name}.sqlite")  # one writer per SQLite file
-            teacher.cache = RequestCache(config.teacher.cache_path or default)
+        # one writer per SQLite file
+        attach_cache(teacher, config.teacher, out / ("cache.sqlite" if n == 1 else f"cache-{name}.sqlite"))
     identity = teacher.identity() if teacher else {}
     bar = _progress(config, owned)
 
@@ -327,12 +380,27 @@ def run_synth(config: SynthConfig, teacher: Teacher | None = None, shard: tuple[
                   "teacher": identity, "teacher_stats": dict(teacher.stats) if teacher else {}})
     if missing:  # only when a document failed: the run raised before this
         raise OutputError(f"{out}: shards {missing[:5]} of process {k}/{n} are incomplete")
+    coverage = topics_coverage(config)
+    if coverage:  # the topics file came from `phiforge topics`: its coverage goes into the run report
+        atomic_write_json(out / "topics_stats.json", coverage)
     atomic_write_json(out / "stats" / f"process-{name}.json", stats)
     if n == 1:
         atomic_write_json(out / "stats.json", stats)
-    elif _all_complete(config):  # the last process to finish folds every shard (the same fold if two race)
-        merge_stats(config)
+    elif _all_complete(config, planner.total):  # the last to finish folds every shard (the same fold if two race)
+        merge_stats(config, planner.total)
     return stats
+
+
+def topics_coverage(config: SynthConfig) -> dict[str, Any]:
+    """The coverage stats ``phiforge topics`` wrote beside ``seeds.topics`` ({} for other topics files)."""
+    if not config.seeds.topics:
+        return {}
+    path = Path(config.seeds.topics).parent / "stats.json"
+    try:
+        stats = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return stats if isinstance(stats, dict) and "nn_similarity_histogram" in stats else {}
 
 
 async def _pipeline(indices: Iterator[int], planner: Planner, ctx: StepContext, steps: list[str], window: int,
@@ -358,16 +426,17 @@ async def _pipeline(indices: Iterator[int], planner: Planner, ctx: StepContext, 
             await asyncio.gather(*running, return_exceptions=True)
 
 
-def _all_complete(config: SynthConfig) -> bool:
-    writer = ShardWriter(config.run.out_dir, config.run.num_documents, config.run.shard_size, config.run.format)
+def _all_complete(config: SynthConfig, total: int) -> bool:
+    writer = ShardWriter(config.run.out_dir, total, config.run.shard_size, config.run.format)
     return all(writer.shard_path(s).exists() for s in writer.shards)
 
 
-def merge_stats(config: SynthConfig) -> dict[str, Any]:
+def merge_stats(config: SynthConfig, total: int | None = None) -> dict[str, Any]:
     """``phiforge synth --merge-stats``: fold every shard's counts and every process's teacher stats into
-    ``stats.json`` (names the shards still missing, if any)."""
+    ``stats.json`` (names the shards still missing, if any). ``total``: the run's documents (default: the plan's)."""
     out = Path(config.run.out_dir)
-    writer = ShardWriter(out, config.run.num_documents, config.run.shard_size, config.run.format)
+    total = Planner(config).total if total is None else total
+    writer = ShardWriter(out, total, config.run.shard_size, config.run.format)
     stats, missing = fold_stats(writer)
     teacher: Counter[str] = Counter()
     processes = {}

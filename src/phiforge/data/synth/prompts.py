@@ -10,7 +10,7 @@ from __future__ import annotations
 import string
 from typing import Any
 
-from phiforge.data.synth.seeds import AUDIENCES, FORMATS, STYLES, Seed
+from phiforge.data.synth.seeds import ALL_FORMATS, AUDIENCES, STYLES, Seed
 
 FIELDS = {
     "topic": "the seed topic",
@@ -22,6 +22,9 @@ FIELDS = {
     "style_description": "the tone to write in",
     "context": "the web passage block (empty when the document has no passage)",
     "passage": "the web passage itself (empty when none)",
+    "subject": "the topic's subject in its taxonomy (empty when none)",
+    "code": "the code snippet of a code seed (empty otherwise)",
+    "question": "the question of a Q&A seed (empty otherwise)",
 }
 
 CONTEXT = 'Here is an extract from a web page:\n"{passage}"\n\nUse it as inspiration. '
@@ -42,6 +45,22 @@ TEMPLATES = {
               "a solution as one Python function, and tests as assert statements in a code block. " + AVOID,
     "wikihow": "{context}Write a wikiHow-style article on how to do something related to \"{topic}\", for "
                "{audience}. Use numbered steps, each with a short explanation and a tip. " + AVOID,
+    # seeded sources (seeds.web_rewrites, seeds.code_seeds, seeds.qa_seeds)
+    "rewrite_textbook": "Here is an extract from a web page:\n\"{passage}\"\n\nRewrite it as a section of a textbook "
+                        "for {audience_description}. Keep its facts and add nothing untrue; explain the ideas step "
+                        "by step with one worked example. Use {style_description}. " + AVOID,
+    "rewrite_exercises": "Here is an extract from a web page:\n\"{passage}\"\n\nTurn it into two exercises for "
+                         "{audience} about its facts and ideas, each followed by a worked solution that explains "
+                         "every step and ends with the final answer. " + AVOID,
+    "rewrite_qa": "Here is an extract from a web page:\n\"{passage}\"\n\nWrite three questions a student could ask "
+                  "about it, each followed by a clear answer based only on the extract. Start each question with "
+                  "\"Q:\" and each answer with \"A:\". " + AVOID,
+    "code_exercise": "Here is a Python function:\n```python\n{code}\n```\n\nWrite an exercise for {audience} whose "
+                     "solution is this function: a short task description, a step-by-step explanation of how the "
+                     "solution works, the solution in a Python code block, and tests as assert statements in a "
+                     "second Python code block. " + AVOID,
+    "qa_solution": "Solve the problem. Explain every step so that a student can follow, then end with a line "
+                   "\"Answer: <final answer>\".\n\nProblem: {question}",
 }
 
 # ---- techniques (phi-4): fields are named in each template ------------------------------------------------
@@ -57,6 +76,11 @@ REVISE = ("Rewrite the text so that it fixes every problem in the critique. Keep
           "improved text.\n\nText:\n{draft}\n\nCritique:\n{critique}")
 REVERSE = ("Here is a piece of {kind}. Write the instruction that a user could have given to get exactly this "
            "as the answer. Write only the instruction.\n\n{output}")
+# ---- topics (``phiforge topics``): numbered lists, which small teachers write most reliably -----------------
+SUBJECTS = ("Write a numbered list of {n} subjects that are taught within {area}. Each item is a short name of 1 to 4 "
+            "words, with no explanation.")
+TOPICS = ("Write a numbered list of {n} topics from a textbook chapter on \"{subject}\" ({area}). Each item is a "
+          "short title of 2 to 6 words, with no explanation.")
 RUBRIC = "factual accuracy, clear step-by-step reasoning, fit for the audience, no repetition"
 
 
@@ -82,9 +106,10 @@ def check_template(where: str, template: str, fields: dict[str, str] = FIELDS) -
 
 def seed_fields(seed: Seed) -> dict[str, str]:
     return {"topic": seed.topic, "area": seed.area, "audience": seed.audience,
-            "audience_description": AUDIENCES[seed.audience], "format_description": FORMATS[seed.format][0],
+            "audience_description": AUDIENCES[seed.audience], "format_description": ALL_FORMATS[seed.format][0],
             "style": seed.style, "style_description": STYLES[seed.style], "passage": seed.passage,
-            "context": CONTEXT.format(passage=seed.passage) if seed.passage else ""}
+            "context": CONTEXT.format(passage=seed.passage) if seed.passage and seed.source == "topics" else "",
+            "subject": seed.subject, "code": seed.code, "question": seed.question}
 
 
 def render(template: str, **fields: Any) -> str:

@@ -9,6 +9,7 @@ did in the draft's ``chain``, and marks drafts it drops with a reason (kept in r
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import hashlib
 import math
@@ -150,9 +151,56 @@ async def plurality(d: Draft, ctx: StepContext) -> None:
         d.status = "plurality: no two sampled answers agree (ambiguous)"
 
 
+# ---- the seeded sources' checks -------------------------------------------------------------------------------
+async def seed_check(d: Draft, ctx: StepContext) -> None:
+    """Code seeds: the exercise's tests must pass on the seed's function (and on the exercise's own solution)
+    in the sandbox. Q&A seeds: the solution's final answer must match the seed's."""
+    if d.seed.source == "code":
+        await _check_code(d, ctx)
+    elif d.seed.source == "qa":
+        got, want = final_answer(d.text), answer_key(d.seed.answer)
+        d.chain.append({"step": "answer_match", "answer": got, "expected": want})
+        if not same_answer(got, want):
+            d.status = f"qa_seed: the solution's answer {got!r} does not match the seed's {want!r}"
+        d.text = f"Question: {d.seed.question}\n\nSolution: {d.text}"
+
+
+async def _check_code(d: Draft, ctx: StepContext) -> None:
+    from phiforge.eval.sandbox import Program, SandboxLimits, run_programs
+
+    has_blocks = "```" in d.text
+    solution, tests = split_tests(code_blocks(d.text))
+    solution, test_functions = pytest_functions(solution)
+    tests = "\n".join(t for t in (tests, test_functions) if t)
+    link: dict[str, Any] = {"step": "code_tests", "tests": tests.count("assert ")}
+    d.chain.append(link)
+    if not tests:
+        d.status = "code_seed: the exercise has no assert tests"
+        return
+    programs = [Program(d.seed.code + "\n", tests + "\n")]
+    if has_blocks and solution.strip():
+        programs.append(Program(solution + "\n", tests + "\n"))
+    # the sandbox blocks: off the event loop, so other documents' calls go on
+    results = await asyncio.to_thread(run_programs, programs, SandboxLimits(timeout=ctx.sandbox_timeout))
+    link.update({"seed_code": results[0].status, "sandbox": results[0].sandbox,
+                 "solution": results[1].status if len(results) > 1 else "none"})
+    if not results[0].passed:
+        d.status = f"code_seed: the exercise's tests {results[0].status} on the seed's code"
+    elif len(results) > 1 and not results[1].passed:
+        d.status = f"code_seed: the exercise's own solution {results[1].status} its tests"
+
+
 STEPS: dict[str, Callable[[Draft, StepContext], Awaitable[None]]] = {
     "generate": generate, "multi_agent": multi_agent, "self_revision": self_revision,
-    "instruction_reversal": instruction_reversal, "plurality": plurality}
+    "instruction_reversal": instruction_reversal, "plurality": plurality, "seed_check": seed_check}
+
+
+def document_steps(seed: Seed, steps: list[str]) -> list[str]:
+    """A topic document runs ``steps``; a seeded one (web, code, Q&A) is written from its own prompt, revised
+    when ``self_revision`` is on, then checked against its seed (the other techniques need a topic question)."""
+    if seed.source == "topics":
+        return steps
+    return ["generate", *(s for s in steps[1:] if s == "self_revision"), "seed_check"]
 
 
 def check_steps(steps: list[str]) -> None:
@@ -167,7 +215,7 @@ def check_steps(steps: list[str]) -> None:
 async def run_document(d: Draft, steps: list[str], ctx: StepContext) -> Draft:
     """One document through the steps in order, as a pipeline: it moves on as soon as its own answer lands
     (no barrier across documents); a step that drops it ends its run."""
-    for name in steps:
+    for name in document_steps(d.seed, steps):
         await STEPS[name](d, ctx)
         if d.status != "kept":
             break
@@ -184,6 +232,18 @@ def final_answer(text: str) -> str:
         value = float(numbers[-1] if not candidate else numbers[0])
         return str(int(value)) if value == int(value) else str(value)
     return re.sub(r"[^a-z0-9 ]", "", candidate.lower()).strip()
+
+
+def answer_key(answer: str) -> str:
+    """A seed's answer normalized as ``final_answer`` normalizes a solution's (GSM8K's ``#### 42`` included)."""
+    return final_answer("Answer: " + answer.split("####")[-1].strip())
+
+
+def same_answer(got: str, want: str) -> bool:
+    try:
+        return math.isclose(float(got), float(want), rel_tol=1e-6)
+    except ValueError:
+        return bool(got) and got == want
 
 
 def similarity(a: str, b: str) -> float:
@@ -204,6 +264,24 @@ def split_tests(code: str) -> tuple[str, str]:
     lines = code.splitlines()
     tests = [line for line in lines if line.startswith("assert ")]
     return "\n".join(line for line in lines if not line.startswith("assert ")), "\n".join(tests)
+
+
+def pytest_functions(code: str) -> tuple[str, str]:
+    """(code without its top-level ``def test_*()`` functions, those functions followed by a call of each):
+    pytest-style tests, which teachers often write, as plain asserts the sandbox judge runs."""
+    try:
+        module = ast.parse(code)
+    except SyntaxError:
+        return code, ""
+    found = [n for n in module.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test")
+             and not n.args.args and not n.decorator_list]
+    if not found:
+        return code, ""
+    lines = code.splitlines()
+    spans = [(n.lineno - 1, n.end_lineno or n.lineno) for n in found]
+    tests = [("\n".join(lines[a:b]) + f"\n{n.name}()") for n, (a, b) in zip(found, spans)]
+    kept = [line for i, line in enumerate(lines) if not any(a <= i < b for a, b in spans)]
+    return "\n".join(kept), "\n".join(tests)
 
 
 def _tests_pass(originals: list[str], regenerated: list[str], timeout: float) -> list[bool]:
