@@ -153,10 +153,11 @@ def build_study_report(root: Path, results: dict[str, Any]) -> Path:
 
     arms = list(results["arms"])
     budget = results["token_budget"]
+    budget_text = f"an equal token budget of {budget[0]:,} tokens" if results["equal_token_budget"] else \
+        f"UNEQUAL token budgets {budget}"
     parts = [f"<h1>phiforge study: {html.escape(results['study'])}</h1>",
              f"<p>{len(arms)} arms x {len(results['seeds'])} seeds (seeds {results['seeds']}), one architecture "
-             f"(<code>{html.escape(results['train']['recipe'])}</code>), "
-             f"{'an equal token budget of ' + format(budget[0], ',') + ' tokens' if results['equal_token_budget'] else 'UNEQUAL token budgets ' + str(budget)}"
+             f"(<code>{html.escape(results['train']['recipe'])}</code>), {budget_text}"
              " per model. Differences are arm A minus arm B, paired bootstrap over items and seeds, 95% interval; "
              "red = the interval excludes 0.</p>",
              "<h2>Result</h2><ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in results["findings"])
