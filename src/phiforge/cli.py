@@ -130,8 +130,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(runner.dry_run(), indent=2))
         return 0
-    state = runner.run()
-    print(json.dumps({"run": str(plan.root), "report": str(plan.root / "report.html"), **state}, indent=2))
+    runner.run()
+    from phiforge.report import run_summary
+
+    print("\n" + run_summary(plan.root))  # the stage timings and fingerprints are in RUN/run.json
     return 0
 
 

@@ -31,7 +31,7 @@ class Source:
     package: str  # the Debian package
     root: str  # the folder inside the package (an absolute path once installed)
     pattern: str  # glob of the files under root
-    kind: str  # rst | html | python | dictd: how a file becomes text
+    kind: str  # rst | html | pod | python | dictd: how a file becomes text
     license: str
     description: str
     exclude: str = ""  # regex on the path relative to root: files left out
@@ -46,6 +46,10 @@ SOURCES: dict[str, Source] = {
     "postgresql-docs": Source("postgresql-doc-15", "/usr/share/doc/postgresql-doc-15/html", "*.html", "html",
                               "PostgreSQL License (BSD-style; see /usr/share/doc/postgresql-doc-15/copyright)",
                               "the PostgreSQL 15 manual (tutorial, SQL, administration, internals), HTML"),
+    "perl-docs": Source("perl-doc", "/usr/share/perl/5.36.0/pod", "*.pod", "pod",
+                        "GPL-1+ or Artistic (see /usr/share/doc/perl-doc/copyright)",
+                        "the Perl 5.36 manual pages (tutorials, FAQs, reference), POD sources",
+                        exclude=r"^perl5\d+delta"),
     "python-stdlib": Source("libpython3.11-stdlib", "/usr/lib/python3.11", "**/*.py", "python",
                             "PSF-2.0 (see /usr/share/doc/libpython3.11-stdlib/copyright)",
                             "the Python 3.11 standard library's source code", exclude=r"(^|/)(test|tests|idle_test)/"),
@@ -123,12 +127,29 @@ def rst_text(source: str) -> str:
     return re.sub(r"\n\s*\n(\s*\n)*", "\n\n", "\n".join(lines)).strip()
 
 
+def pod_text(source: str) -> str:
+    """POD with its markup stripped: =head/=item lines keep their text, other commands go, B<x> -> x."""
+    lines = []
+    for line in source.splitlines():
+        if line.startswith("="):
+            command, _, rest = line.partition(" ")
+            if command.startswith(("=head", "=item")) and rest.strip():
+                lines.append(rest.strip())
+            continue
+        lines.append(line)
+    text = "\n".join(lines)
+    for _ in range(3):  # nested codes, innermost first
+        text = re.sub(r"[A-Z]<<+\s(.*?)\s>>+", r"\1", text)
+        text = re.sub(r"[BCEFIJLSXZ]<([^<>]*)>", lambda m: m.group(1).split("|")[0], text)
+    return re.sub(r"\n\s*\n(\s*\n)*", "\n\n", text).strip()
+
+
 def _read(path: Path, kind: str) -> Iterator[str]:
     if kind == "dictd":  # dictzip is gzip-compatible; the text is prose, entries a blank line apart
         yield gzip.decompress(path.read_bytes()).decode("utf-8", "replace").strip()
         return
     text = path.read_text(encoding="utf-8", errors="replace")
-    yield {"rst": rst_text, "html": html_text, "python": str.strip}[kind](text)
+    yield {"rst": rst_text, "html": html_text, "pod": pod_text, "python": str.strip}[kind](text)
 
 
 def split_paragraphs(text: str, max_chars: int) -> list[str]:
