@@ -81,12 +81,33 @@ def summarize(runner: StudyRunner) -> dict[str, Any]:
         neutral = json.loads(first.read_text()).get("neutral_source")
     return {"study": study.name, "seeds": study.seeds, "arms": arms, "equal_token_budget": len(budgets) == 1,
             "token_budget": sorted(b for b in budgets if b is not None), "probes": probes, "corpora": corpora,
-            "neutral": neutral, "train": study.train, "findings": findings(probes)}
+            "neutral": neutral, "train": study.train, "headline": headline(probes), "findings": findings(probes)}
 
 
 def _label(probe: str) -> str:
     kind, name = probe.split(":", 1)
     return f"held-out loss on {name} text" if kind == "loss" else f"{name} accuracy"
+
+
+def headline(probes: dict[str, Any]) -> list[str]:
+    """One sentence per probe: the best arm, and which other arms it beats with an interval excluding 0."""
+    lines = []
+    for probe, info in probes.items():
+        means = {arm: v["mean"] for arm, v in info["arms"].items()}
+        scores = ", ".join(f"{a} {m:.4f}" for a, m in means.items())
+        if len(set(means.values())) == 1:
+            lines.append(f"{_label(probe)}: every arm scores the same ({scores})")
+            continue
+        best = (min if info["lower_is_better"] else max)(means, key=means.get)
+        beaten, tied = [], []
+        for pair in info["pairs"].values():
+            if best in (pair["a"], pair["b"]):
+                other = pair["b"] if pair["a"] == best else pair["a"]
+                (beaten if pair["better"] == best else tied).append(other)
+        verdict = (f"significantly better than {', '.join(beaten)}" if beaten else "") + \
+            ("; " if beaten and tied else "") + (f"not separable from {', '.join(tied)}" if tied else "")
+        lines.append(f"{_label(probe)}: best {best}, {verdict} ({scores})")
+    return lines
 
 
 def findings(probes: dict[str, Any]) -> list[str]:
@@ -160,8 +181,9 @@ def build_study_report(root: Path, results: dict[str, Any]) -> Path:
              f"(<code>{html.escape(results['train']['recipe'])}</code>), {budget_text}"
              " per model. Differences are arm A minus arm B, paired bootstrap over items and seeds, 95% interval; "
              "red = the interval excludes 0.</p>",
-             "<h2>Result</h2><ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in results["findings"])
-             + "</ul>"]
+             "<h2>Result</h2><ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in results["headline"])
+             + "</ul><details><summary>every pair of arms, in words</summary><ul>"
+             + "".join(f"<li>{html.escape(line)}</li>" for line in results["findings"]) + "</ul></details>"]
     header = ["probe", *(f"{a} (mean, per seed)" for a in arms)]
     rows = []
     for probe, info in results["probes"].items():
@@ -210,9 +232,6 @@ def format_summary(results: dict[str, Any], report: str | Path) -> str:
     lines = [f"study {results['study']}: {len(results['arms'])} arms x {len(results['seeds'])} seeds, "
              f"token budget {results['token_budget']} per model "
              f"({'equal' if results['equal_token_budget'] else 'NOT equal'})"]
-    for probe, info in results["probes"].items():
-        means = ", ".join(f"{a} {v['mean']:.4f}" for a, v in info["arms"].items())
-        lines.append(f"  {_label(probe)}: {means}")
-    lines += [f"  - {line}" for line in results["findings"]]
-    lines.append(f"report: {report}")
+    lines += [f"  {line}" for line in results["headline"]]
+    lines.append(f"report: {report}  (every pair of arms with its interval: results.json)")
     return "\n".join(lines)
