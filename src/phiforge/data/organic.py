@@ -2,7 +2,8 @@
 
 Each source names its Debian package, the files it reads inside it and their license. A source is read
 from the installed package when its files are there (``apt-get install PACKAGE``), else from the package
-downloaded and unpacked into the cache (``apt-get download`` + ``dpkg-deb -x``, no root needed). The
+downloaded and unpacked into $PHIFORGE_CACHE/debian (default ~/.cache/phiforge; ``apt-get download`` +
+``dpkg-deb -x``, no root needed). The
 export writes JSONL records ``{"id", "text", "source", "license"}``, each document at most ``max_chars``
 long (longer files are split at paragraph breaks), for ``phiforge curate`` to filter like web data.
 """
@@ -19,7 +20,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-CACHE = Path(os.environ.get("PHIFORGE_CACHE", Path.home() / ".cache" / "phiforge")) / "debian"
+def cache_dir() -> Path:
+    return Path(os.environ.get("PHIFORGE_CACHE", Path.home() / ".cache" / "phiforge")) / "debian"
 
 
 class OrganicError(ValueError):
@@ -59,12 +61,12 @@ SOURCES: dict[str, Source] = {
 }
 
 
-def package_root(source: Source) -> Path:
+def package_root(source: Source, installed_first: bool = True) -> Path:
     """The folder holding the source's files: the installed package's, else the package unpacked in CACHE."""
     installed = Path(source.root)
-    if installed.is_dir() and any(installed.glob(source.pattern)):
+    if installed_first and installed.is_dir() and any(installed.glob(source.pattern)):
         return installed
-    unpacked = CACHE / source.package
+    unpacked = cache_dir() / source.package
     if not (unpacked / ".complete").is_file():
         unpacked.mkdir(parents=True, exist_ok=True)
         try:
