@@ -11,6 +11,9 @@ A stage's fingerprint hashes its recipe section and its inputs' fingerprints. A 
 fingerprint matches a finished run of it, resumes one that was interrupted with the same fingerprint
 (each stage resumes itself: synth by record ids, pretrain from its newest checkpoint), and redoes one
 whose section or inputs changed. Everything a stage needs is checked before any stage starts.
+
+``[run] shared = {stage = "RUN_DIR"}`` reads a stage another run finished (its folder, its fingerprint) instead
+of running it: `phiforge study` trains every arm from one shared tokenizer and token folders this way.
 """
 
 from __future__ import annotations

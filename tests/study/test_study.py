@@ -165,7 +165,7 @@ def test_tiny_study_killed_mid_arm_resumes_with_equal_budgets_and_shared_stages_
     assert any("held-out loss on code text" in line for line in results["findings"])
 
 
-def test_bad_studies_fail_before_any_work(tmp_path: Path) -> None:
+def test_study_files_are_checked_and_recipe_arms_share_their_corpus(tmp_path: Path) -> None:
     path = tmp_path / "s.toml"
     path.write_text('[corpora.a]\ndocuments = "x.jsonl"\n[arms.one]\nmixture = {a = 1.0}\n'
                     '[arms.two]\nmixture = {b = 1.0}\n')
@@ -176,4 +176,9 @@ def test_bad_studies_fail_before_any_work(tmp_path: Path) -> None:
         load_study(path)
     with pytest.raises(StudyError, match="sizes are"):
         load_study("textbooks-vs-web", size="huge")
-    assert len(load_study("textbooks-vs-web").seeds) >= 3
+    builtin = load_study("textbooks-vs-web", size="small")
+    assert len(builtin.seeds) >= 3 and builtin.corpora["textbooks"].recipe["synth"]["run"]["num_documents"] == 512
+    path.write_text('[arms.a]\nrecipe = "tiny-textbooks"\n[arms.b]\nrecipe = "tiny-textbooks"\n')
+    shared = load_study(path)  # two arms naming one run recipe share its corpus (synth + curate run once)
+    assert list(shared.corpora) == ["tiny-textbooks"] and shared.corpora["tiny-textbooks"].kind == "recipe"
+    assert shared.arms == {"a": {"tiny-textbooks": 1.0}, "b": {"tiny-textbooks": 1.0}}
