@@ -51,7 +51,9 @@ def _task_items(results: dict[str, Any], task: str) -> tuple[str, list[float]]:
     items = [record for records in lists for record in records]
     if not items:
         return "", []
-    metric = next((m for m in ITEM_METRICS if m in items[0]), "")
+    # a task scored otherwise (a red-team count, say): its first numeric "metric,filter" field
+    numeric = [k for k, v in items[0].items() if "," in k and isinstance(v, (int, float))]
+    metric = next((m for m in ITEM_METRICS if m in items[0]), numeric[0] if numeric else "")
     if not metric:
         raise ValueError(f"task {task}: no per-item score among {ITEM_METRICS} in {sorted(items[0])}")
     return metric, [float(r[metric]) for r in items]
