@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from phiforge.report import _counts, _status
+from phiforge.report import _by_rule, _counts, _status
 
 
 def test_many_topics_become_top_and_bottom_tables_with_a_histogram() -> None:
@@ -17,3 +17,9 @@ def test_no_stage_is_shown_running() -> None:
     assert _status("report", {"status": "running"}) == "done (this page)"
     assert _status("pretrain", {"status": "running"}).startswith("interrupted")
     assert _status("pretrain", {"status": "done"}) == "done"
+
+
+def test_rejections_are_grouped_by_rule() -> None:
+    reasons = {"too short: 18 words < filter.min_words 40": 2, "too short: 7 words < filter.min_words 40": 1,
+               "repetition: 0.4 of lines repeated": 1}
+    assert _by_rule(reasons) == {"too short": 3, "repetition": 1}

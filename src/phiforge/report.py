@@ -84,12 +84,24 @@ def _stats_section(title: str, stats: dict | None) -> str:
     scalars = [[k, v] for k, v in stats.items() if isinstance(v, (int, float, str))]
     parts = [f"<h2>{html.escape(title)}</h2>", _table(scalars, ["statistic", "value"]) if scalars else ""]
     for key, value in stats.items():
+        if key == "rejected_by_reason" and isinstance(value, dict):
+            value = _by_rule(value)
+            key = "rejected by rule"
         if isinstance(value, dict) and value and all(isinstance(v, (int, float)) for v in value.values()):
             parts.append(_counts(value, key.replace("_", " ")))
         elif isinstance(value, dict) and value:
             parts.append(f"<details><summary>{html.escape(key)}</summary>"
                          f"<pre>{html.escape(json.dumps(value, indent=1)[:4000])}</pre></details>")
     return "\n".join(parts)
+
+
+def _by_rule(reasons: dict[str, int]) -> dict[str, int]:
+    """Rejection reasons grouped by their rule: "too short: 18 words < ..." counts under "too short"."""
+    rules: dict[str, int] = {}
+    for reason, n in reasons.items():
+        rule = reason.split(":")[0].strip()
+        rules[rule] = rules.get(rule, 0) + n
+    return dict(sorted(rules.items(), key=lambda kv: -kv[1]))
 
 
 def _counts(counts: dict[str, float], title: str, top: int = 20) -> str:
