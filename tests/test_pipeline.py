@@ -114,9 +114,23 @@ def browser_check(report: Path) -> dict:
                     reason="needs Chromium (Debian: apt install chromium)")
 def test_report_renders_in_a_real_browser(finished: Path) -> None:
     check = browser_check(finished / "report.html")
-    for section in ("Stages", "Recipe", "Pretraining", "Evaluation", "Samples in the phi-1.5 usage modes"):
+    for section in ("Result", "Stages", "Recipe", "Pretraining", "Evaluation", "Samples in the phi-1.5 usage modes"):
         assert section in check["h2"], check
     assert check["images"] >= 2 and check["decoded"] == check["images"]
+
+
+def test_report_leads_with_the_result_and_shows_no_stage_running(finished: Path) -> None:
+    from phiforge.report import run_summary
+
+    page = (finished / "report.html").read_text()
+    assert page.index("<h2>Result</h2>") < page.index("<h2>Stages</h2>") < page.index("<h2>Recipe</h2><details>")
+    assert ">running<" not in page and "done (this page)" in page
+    assert "unigram baseline" in page and page.count('class="sample"') == 3 + 5  # three in the lead, then all five
+    summary = run_summary(finished).splitlines()
+    assert summary[0].startswith("run: a 2-layer, 64-wide model") and "steps" in summary[0]
+    assert "held-out loss" in summary[1] and "unigram baseline" in summary[1]
+    assert summary[2].startswith("piqa acc ") and "published phi-1.5: 0.766" in summary[2]
+    assert summary[-1] == f"report: {finished / 'report.html'}"
 
 
 def killed_then_rerun(recipe: Path, stage: str, *overrides: str) -> str:

@@ -130,8 +130,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(runner.dry_run(), indent=2))
         return 0
-    state = runner.run()
-    print(json.dumps({"run": str(plan.root), "report": str(plan.root / "report.html"), **state}, indent=2))
+    runner.run()
+    from phiforge.report import run_summary
+
+    print("\n" + run_summary(plan.root))  # the stage timings and fingerprints are in RUN/run.json
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from phiforge.study import StudyRunner, load_study
+    from phiforge.study.report import format_summary
+
+    study = load_study(args.study, args.overrides, args.size)
+    out = StudyRunner(study, progress=not args.no_progress).run()
+    print(format_summary(out["results"], out["report"]))
     return 0
 
 
@@ -336,6 +348,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_stage", default=None, help="redo this stage and every later one")
     p.add_argument("--only", default=None, help="run just this stage (its inputs must exist)")
     p.add_argument("--dry-run", action="store_true", help="check every section and print the plan; run nothing")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = add("study", cmd_study, "train equal-budget models on different data (arms x seeds) and compare them "
+            "with paired-bootstrap intervals; built-in: textbooks-vs-web")
+    p.add_argument("study", help="built-in study (textbooks-vs-web) or TOML file")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. study.seeds=[0,1,2]")
+    p.add_argument("--size", default=None, help="apply the study's [sizes.NAME] overrides first (e.g. small)")
     p.add_argument("--no-progress", action="store_true")
 
     p = add("report", cmd_report, "write RUN_DIR/report.html: data, training curves, evaluation, samples")

@@ -11,6 +11,9 @@ A stage's fingerprint hashes its recipe section and its inputs' fingerprints. A 
 fingerprint matches a finished run of it, resumes one that was interrupted with the same fingerprint
 (each stage resumes itself: synth by record ids, pretrain from its newest checkpoint), and redoes one
 whose section or inputs changed. Everything a stage needs is checked before any stage starts.
+
+``[run] shared = {stage = "RUN_DIR"}`` reads a stage another run finished (its folder, its fingerprint) instead
+of running it: `phiforge study` trains every arm from one shared tokenizer and token folders this way.
 """
 
 from __future__ import annotations
@@ -53,8 +56,10 @@ class RunContext:
     log: Callable[[str], None] = print
     stages: tuple[str, ...] = ORDER  # the recipe's stages (all of them, not only those selected to run)
 
+    shared: dict[str, Path] = field(default_factory=dict)  # stage -> another run folder that holds it
+
     def folder(self, stage: str) -> Path:
-        return self.root / stage
+        return self.shared[stage] / stage if stage in self.shared else self.root / stage
 
     def model_stage(self, reader: str) -> str:
         """The stage whose model ``reader`` starts from or evaluates: the last model stage before it among
@@ -92,12 +97,24 @@ def load_recipe(name: str | Path, overrides: list[str] | None = None) -> Plan:
     unknown = [s for s in stages if s not in ORDER]
     if unknown:
         raise RecipeError(f"{path}: [run] stages has unknown stage(s) {unknown}; stages are {list(ORDER)}")
+    shared = run.get("shared", {})
+    if not isinstance(shared, dict) or any(k not in ORDER or k in stages for k in shared):
+        raise RecipeError(f"{path}: [run] shared maps stages this recipe does not run to the run folders "
+                          f"holding them (e.g. {{tokenizer = \"runs/x\"}}); got {shared!r}")
     stray = [k for k in recipe if k not in ("run", *ORDER)]
     if stray:
         raise RecipeError(f"{path}: unknown section(s) {stray}; sections are run and {list(ORDER)}")
     stages = [s for s in ORDER if s in stages]  # always in pipeline order
     root = Path(run.get("out_dir") or f"runs/{run.get('name', path.stem)}")
     return Plan(root, recipe, text, stages)
+
+
+def document_files(documents: str | list[str]) -> list[Path]:
+    """[run] documents: a .jsonl file, a folder of them, or a list of either."""
+    files: list[Path] = []
+    for item in [documents] if isinstance(documents, str) else documents:
+        files += [Path(item)] if Path(item).is_file() else sorted(Path(item).glob("*.jsonl"))
+    return files
 
 
 def fingerprint(section: dict[str, Any], inputs: list[str]) -> str:
@@ -116,9 +133,11 @@ class Runner:
                 raise RecipeError(f"{flag} {stage}: not a stage of this recipe ({plan.stages})")
         self.forced = set(plan.stages[plan.stages.index(from_stage):]) if from_stage else set()
         self.selected = [only] if only else plan.stages
-        self.ctx = RunContext(plan.root, plan.recipe, progress, log, tuple(plan.stages))
+        shared = {k: Path(v) for k, v in plan.recipe.get("run", {}).get("shared", {}).items()}
+        self.ctx = RunContext(plan.root, plan.recipe, progress, log, tuple(plan.stages), shared)
         self.state_path = plan.root / "run.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"stages": {}}
+        self.shared_state = {k: self._shared_stage(k, v) for k, v in shared.items()}
         from phiforge.stages import STAGES, check_across, prepare_section
 
         unavailable = [s for s in self.selected if s not in STAGES]
@@ -128,6 +147,18 @@ class Runner:
         check_across(plan.recipe, self.sections)
         self._check_inputs()
 
+    @staticmethod
+    def _shared_stage(stage: str, root: Path) -> dict[str, Any]:
+        """A stage another run finished, which this run reads (its fingerprint feeds this run's)."""
+        state = json.loads((root / "run.json").read_text()) if (root / "run.json").is_file() else {"stages": {}}
+        info = state["stages"].get(stage, {})
+        if info.get("status") != "done":
+            raise RecipeError(f"[run] shared: stage {stage} has not finished in {root}")
+        return info
+
+    def _stage_info(self, stage: str) -> dict[str, Any]:
+        return self.shared_state[stage] if stage in self.shared_state else self.state["stages"].get(stage, {})
+
     def _inputs(self, stage: str) -> list[str]:
         return [self.ctx.model_stage(stage) if i == MODEL else i for i in INPUTS[stage]]
 
@@ -135,6 +166,7 @@ class Runner:
         """Every input a selected stage reads must come from this run or be finished already."""
         available = set(self.plan.stages) if len(self.selected) > 1 else set()
         available |= {s for s, info in self.state["stages"].items() if info.get("status") == "done"}
+        available |= set(self.shared_state)
         for stage in self.selected:
             missing = [i for i in self._inputs(stage) if i not in available and not self._optional(stage, i)]
             if missing:
@@ -145,10 +177,12 @@ class Runner:
         # eval reads tokenize only for held-out perplexity; [run] documents replaces the curated corpus
         if needed == "curate" and self.plan.recipe.get("run", {}).get("documents"):
             return True
+        if needed == "synth" and self.plan.recipe.get("curate", {}).get("input", {}).get("paths"):
+            return "synth" not in self.plan.stages  # curate reads its own input files
         return (stage, needed) in {("eval", "tokenize")}
 
     def _fingerprint(self, stage: str) -> str:
-        inputs = [self.state["stages"].get(i, {}).get("fingerprint", "") for i in self._inputs(stage)]
+        inputs = [self._stage_info(i).get("fingerprint", "") for i in self._inputs(stage)]
         inputs += [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in self._outside_files(stage)]
         from phiforge.train.launch import LAUNCH_KEYS
 
@@ -159,7 +193,10 @@ class Runner:
         """Files from outside the run that a stage reads: an edited one makes the stage's fingerprint change."""
         documents = self.plan.recipe.get("run", {}).get("documents")
         if documents and "curate" in INPUTS[stage]:  # a user's corpus stands in for curate
-            return [Path(documents)] if Path(documents).is_file() else sorted(Path(documents).glob("*.jsonl"))
+            return document_files(documents)
+        if stage == "curate" and "synth" not in self.plan.stages:  # curate reads its own input.paths
+            paths = self.plan.recipe.get("curate", {}).get("input", {}).get("paths", [])
+            return sorted(f for p in paths for f in (Path(p).parent.glob(Path(p).name)) if f.is_file())
         chat = self.plan.recipe.get("sft", {}).get("data") if stage == "sft" else None
         return [Path(chat)] if chat and Path(chat).is_file() else []
 

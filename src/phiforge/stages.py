@@ -26,11 +26,13 @@ if TYPE_CHECKING:
 def _documents(ctx: RunContext) -> list[Path]:
     """The corpus to train on: [run] documents (a .jsonl file or folder of them) when given, else the
     curate stage's kept shards."""
+    from phiforge.pipeline import document_files
+
     given = ctx.recipe.get("run", {}).get("documents")
-    folder = Path(given) if given else ctx.folder("curate") / "curated"
-    files = [folder] if folder.is_file() else sorted(folder.glob("*.jsonl"))
+    files = document_files(given or str(ctx.folder("curate") / "curated"))
     if not files:
-        raise RecipeError(f"{folder}: no .jsonl documents" + ("" if given else " (did curate run?)"))
+        raise RecipeError(f"{given or ctx.folder('curate') / 'curated'}: no .jsonl documents"
+                          + ("" if given else " (did curate run?)"))
     return files
 
 
@@ -55,7 +57,8 @@ def curate_config(s: dict[str, Any], ctx: RunContext | None = None):  # noqa: AN
     raw = json.loads(json.dumps(s))
     if ctx is not None:
         raw["output"] = str(ctx.folder("curate"))
-        raw.setdefault("input", {})["paths"] = [str(ctx.folder("synth") / "shard-*.jsonl")]
+        if "synth" in ctx.stages or not raw.get("input", {}).get("paths"):  # else: curate's own input files
+            raw.setdefault("input", {})["paths"] = [str(ctx.folder("synth") / "shard-*.jsonl")]
     else:  # checking the section before the run: stand-ins for the folders the run will fill
         raw.setdefault("output", "runs/curate")
         raw.setdefault("input", {}).setdefault("paths", ["synth/shard-*.jsonl"])
@@ -117,11 +120,13 @@ def _pretrain(s: dict[str, Any], ctx: RunContext, stage: str, init: list[str]) -
     from phiforge.train import TrainConfig, train
 
     tokens = ctx.folder("tokenize")
-    # the corpus this run made fills the recipe's source named `source`; other sources keep their paths
-    overrides = [f"data.tokenizer={ctx.folder('tokenizer')}", f"data.sources.{s['source']}.path={tokens / 'train'}",
+    # the corpus this run made fills the recipe's source named `source` (after the section's overrides, which
+    # may replace the whole source list); other sources keep their paths
+    overrides = [f"data.tokenizer={ctx.folder('tokenizer')}",
                  f'data.val_sources=[{{name = "heldout", path = "{tokens / "heldout"}"}}]', "data.val_fraction=0.0",
                  f"run.out_dir={ctx.folder(stage)}", "checkpoint.resume=auto",
-                 f"log.progress={'true' if ctx.progress else 'false'}", *init, *s["overrides"]]
+                 f"log.progress={'true' if ctx.progress else 'false'}", *init, *s["overrides"],
+                 f"data.sources.{s['source']}.path={tokens / 'train'}"]
     if launch.distributed(s):
         summary = launch.run_torchrun("phiforge.train.pretrain", s["recipe"], overrides, s, ctx.folder(stage), ctx.log)
     else:

@@ -25,15 +25,22 @@ class Perplexity:
 
 
 @torch.inference_mode()
-def perplexity(model: torch.nn.Module, ids: list[int], *, window: int = 512, num_bytes: int = 0) -> Perplexity:
-    """Score ``ids`` in windows of ``window`` tokens; every token but the first of a window is predicted."""
+def window_losses(model: torch.nn.Module, ids: list[int], *, window: int = 512) -> list[tuple[float, int]]:
+    """(summed NLL in nats, predicted tokens) of each window of ``window`` tokens; every token but the first
+    of a window is predicted. Per-window losses are the items a paired bootstrap resamples."""
     if len(ids) < 2:
         raise ValueError("perplexity needs at least 2 tokens")
     device = model.embed.weight.device
-    nll, count = 0.0, 0
+    out = []
     for start in range(0, len(ids) - 1, window):
         chunk = torch.tensor([ids[start : start + window + 1]], device=device)
         logits = model(chunk[:, :-1]).float()
-        nll += F.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
-        count += chunk.shape[1] - 1
-    return Perplexity(tokens=count, nll=nll, bytes=num_bytes or count)
+        out.append((F.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item(), chunk.shape[1] - 1))
+    return out
+
+
+def perplexity(model: torch.nn.Module, ids: list[int], *, window: int = 512, num_bytes: int = 0) -> Perplexity:
+    """Score ``ids`` in windows of ``window`` tokens; every token but the first of a window is predicted."""
+    windows = window_losses(model, ids, window=window)
+    count = sum(n for _, n in windows)
+    return Perplexity(tokens=count, nll=sum(nll for nll, _ in windows), bytes=num_bytes or count)
