@@ -83,7 +83,7 @@ def _split(regex: str) -> Any:
     (None, "gpt-2"),
     (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                               pre_tokenizers.ByteLevel(add_prefix_space=False)]), "starcoder"),
-    (_split(gguf_io._LLAMA3_SPLIT), "llama-bpe"),
+    (_split(gguf_io._LLAMA3_SPLIT), "dbrx"),  # Llama-3's split without its ignore_merges is llama.cpp's dbrx
     (_split(gguf_io._QWEN2_SPLIT), "qwen2"),
     (_split(gguf_io._GPT4O_SPLIT), "gpt-4o"),
 ], ids=["byte-level", "digits", "llama3", "qwen2", "gpt4o"])
