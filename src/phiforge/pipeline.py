@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from phiforge.checkpoint import write_json
-from phiforge.train.config import apply_override, resolve_recipe, tomllib
+from phiforge.train.config import apply_override, read_recipe
 
 RECIPES_DIR = Path(__file__).parent / "recipes" / "runs"
 ORDER = ("synth", "curate", "tokenizer", "tokenize", "pretrain", "pretrain2", "sft", "eval", "report")
@@ -84,12 +84,7 @@ class Plan:
 
 def load_recipe(name: str | Path, overrides: list[str] | None = None) -> Plan:
     """Parse and check a run recipe: [run] name/out_dir/stages plus one section per stage."""
-    path = resolve_recipe(name, RECIPES_DIR, RecipeError)
-    text = path.read_text(encoding="utf-8")
-    try:
-        recipe = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise RecipeError(f"{path}: not valid TOML ({err})") from None
+    path, text, recipe = read_recipe(name, RECIPES_DIR, RecipeError)
     for item in overrides or []:
         apply_override(recipe, item)
     run = recipe.get("run", {})

@@ -29,7 +29,7 @@ from typing import Any
 
 from phiforge.checkpoint import write_json
 from phiforge.pipeline import Plan, RecipeError, Runner, load_recipe
-from phiforge.train.config import apply_override, resolve_recipe, tomllib
+from phiforge.train.config import apply_override, read_recipe
 
 STUDIES_DIR = Path(__file__).parents[1] / "recipes" / "studies"
 PROBE_DEFAULTS: dict[str, Any] = {"tasks": {"piqa": 0}, "neutral": "devils-dictionary", "neutral_documents": "",
@@ -69,12 +69,7 @@ class Study:
 def load_study(name: str | Path, overrides: list[str] | None = None, size: str | None = None) -> Study:
     """Parse and check a study: [study], [train], [tokenizer], [tokenize], [corpora.*], [arms.*], [probes],
     and optional [sizes.NAME] override lists (``size`` applies one before ``overrides``)."""
-    path = resolve_recipe(name, STUDIES_DIR, StudyError)
-    text = path.read_text(encoding="utf-8")
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise StudyError(f"{path}: not valid TOML ({err})") from None
+    path, text, raw = read_recipe(name, STUDIES_DIR, StudyError)
     sizes = raw.get("sizes", {})
     if size is not None and size not in sizes:
         raise StudyError(f"{path}: --size {size}: sizes are {sorted(sizes) or 'none'}")

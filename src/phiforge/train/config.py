@@ -224,6 +224,17 @@ def resolve_recipe(path: str | Path, folder: Path = RECIPES_DIR,
     raise error(f"{path}: no such recipe file, and not a built-in recipe ({', '.join(names)})")
 
 
+def read_recipe(name: str | Path, folder: Path, error: type[Exception]) -> tuple[Path, str, dict[str, Any]]:
+    """A recipe file (a path or a built-in name in ``folder``): its path, text and parsed TOML; a syntax error
+    is ``error`` naming the file."""
+    path = resolve_recipe(name, folder, error)
+    text = path.read_text(encoding="utf-8")
+    try:
+        return path, text, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise error(f"{path}: not valid TOML ({err})") from None
+
+
 # ---- loading any stage's config (train, sft, dpo, pts, synth, curate) ----------------------------------
 def read_toml(path: str | Path, error: type[Exception] = TrainConfigError) -> dict[str, Any]:
     """The parsed file; a missing file or a syntax error is ``error`` naming the file."""

@@ -42,6 +42,7 @@ from phiforge.data.synth.pipeline import (
 )
 from phiforge.data.synth.teachers import Request, Result, Teacher
 from phiforge.data.synth.techniques import request_seed
+from phiforge.data.synth.writer import read_journal
 from phiforge.train.config import build_config, read_toml
 
 
@@ -335,18 +336,7 @@ class TopicsRun:
         grower = Grower(self.config, self.areas)
         if not self.journal.exists():
             return grower
-        data = self.journal.read_bytes()
-        good = data[: data.rfind(b"\n") + 1]
-        records = []
-        for n, line in enumerate(good.splitlines(), 1):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise S.SeedError(f"{self.journal}:{n}: corrupt journal line ({err}); delete {self.out} to "
-                                  "start over") from None
-        if len(good) != len(data):
-            with open(self.journal, "r+b") as fh:
-                fh.truncate(len(good))
+        records = read_journal(self.journal, f"delete {self.out} to start over", S.SeedError)
         rows = sum(len(r["topics"]) for r in records)
         flat = np.fromfile(self.embeddings, np.float32) if self.embeddings.exists() else np.zeros(0, np.float32)
         dim = records[0]["dim"] if records else 0

@@ -83,7 +83,7 @@ class ShardWriter:
         if self.shard_path(shard).exists():
             journal.unlink(missing_ok=True)  # killed between the final rename and the unlink
             return False
-        records = _read_journal(journal) if journal.exists() else []
+        records = read_journal(journal) if journal.exists() else []
         self.pending[shard] = {r["index"]: r for r in records if r["index"] in self.shard_range(shard)}
         if len(self.pending[shard]) == len(self.shard_range(shard)):
             self._finalize(shard)
@@ -182,8 +182,10 @@ def _write_parquet(path: Path, records: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def _read_journal(path: Path) -> list[dict[str, Any]]:
-    """Records of a journal; a torn last line (killed mid-write) is cut off the file."""
+def read_journal(path: Path, remedy: str = "delete the file to redo its shard",
+                 error: type[ValueError] = OutputError) -> list[dict[str, Any]]:
+    """Records of a JSON-lines journal; a torn last line (killed mid-write) is cut off the file. A corrupt line
+    before it raises ``error`` naming the line and the ``remedy``."""
     data = path.read_bytes()
     good = data[: data.rfind(b"\n") + 1]
     records = []
@@ -191,8 +193,7 @@ def _read_journal(path: Path) -> list[dict[str, Any]]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise OutputError(f"{path}:{n}: corrupt journal line ({err}); delete the file to redo its shard") \
-                from None
+            raise error(f"{path}:{n}: corrupt journal line ({err}); {remedy}") from None
     if len(good) != len(data):
         with open(path, "r+b") as fh:
             fh.truncate(len(good))
