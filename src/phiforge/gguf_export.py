@@ -9,6 +9,7 @@ the metadata. ``gguf_io.load_gguf`` reads every file this module writes; the tes
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def export_gguf(model: PhiForgeModel, tokenizer: Tokenizer, path: str | Path, *,
 
     def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(str(tmp), arch)
-        writer.add_name(name or config.name or path.stem)
+        writer.add_name(_llama_cpp_name(name or config.name or path.stem, tokenizer))
         writer.add_file_type(int(file_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_hparams(writer, config, arch)
@@ -81,8 +82,25 @@ def export_gguf(model: PhiForgeModel, tokenizer: Tokenizer, path: str | Path, *,
         writer.close()
 
     _atomic_write(path, write)
-    return {"output": str(path), "architecture": arch, "quant": quant, "tensor_types": counts,
-            "bytes": path.stat().st_size}
+    summary = {"output": str(path), "architecture": arch, "quant": quant, "tensor_types": counts,
+               "bytes": path.stat().st_size}
+    if arch == "phi3" and config.sliding_window and config.sliding_window < config.max_position_embeddings:
+        summary["note"] = (f"llama.cpp runs phi3 without its {config.sliding_window}-token sliding window: "
+                           f"its outputs differ from phiforge's beyond {config.sliding_window} tokens")
+    return summary
+
+
+def _llama_cpp_name(name: str, tok: Tokenizer) -> str:
+    """general.name, unless llama.cpp would take it for Phi-3's own vocabulary: for a name containing "phi-3" or
+    "phi3" it right-strips the text after every special token and looks up "</s>" (a vocabulary without it fails
+    to load). Other vocabularies get the name with a space instead ("tiny phi 3")."""
+    lowered = name.lower()
+    if "phi-3" not in lowered and "phi3" not in lowered:
+        return name
+    added = tok.backend.get_added_tokens_decoder().values()
+    phi3_vocab = tok.token_to_id("</s>") is not None and all(
+        t.rstrip for t in added if t.special and t.content not in ("<unk>", "<s>", "<|endoftext|>", "</s>"))
+    return name if phi3_vocab else re.sub(r"(?i)phi-?3", lambda m: m.group(0)[:3] + " 3", name)
 
 
 def _check_supported(c: ModelConfig) -> None:
