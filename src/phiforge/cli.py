@@ -99,6 +99,26 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenizer_encode(args: argparse.Namespace) -> int:
+    """JSONL {"text": ...} on stdin -> {"ids": [...]} per line on stdout."""
+    from phiforge.tokenizer_sources import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    for number, line in enumerate(sys.stdin, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"stdin:{number}: not JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"stdin:{number}: expected an object with a string field 'text'")
+        ids = tok.encode(record["text"], add_special_tokens=not args.no_special)
+        print(json.dumps({"ids": ids}), flush=False)
+    sys.stdout.flush()
+    return 0
+
+
 def cmd_tokenize(args: argparse.Namespace) -> int:
     from phiforge.data.packing import TokenizeConfig, tokenize_corpus
 
@@ -278,6 +298,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--chat-format", choices=["phi3", "phi4"], default=None,
                    help="add that family's chat tokens and template")
+
+    p = add("encode", cmd_tokenizer_encode, 'token ids of JSONL {"text": ...} on stdin, one {"ids": [...]} a line',
+            parent=tok)
+    p.add_argument("--tokenizer", "-t", required=True,
+                   help="tokenizer folder, .gguf file of any architecture, or builtin (codegen-mono, phi-3, phi-4)")
+    p.add_argument("--no-special", action="store_true", help="add no bos/eos (special tokens in the text still count)")
 
     def model_options(p: argparse.ArgumentParser, quantize: bool = True) -> None:
         p.add_argument("--model", "-m", required=True, help="model folder, .gguf file or embedded alias")
