@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +65,16 @@ def ref_model(teacher_path: Path) -> Any:
 @pytest.fixture(scope="session")
 def ref_tokenizer(teacher_path: Path) -> Any:
     return transformers.AutoTokenizer.from_pretrained(teacher_path.parent, gguf_file=teacher_path.name)
+
+
+@pytest.fixture
+def builtin_vocabs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh $PHIFORGE_CACHE holding only the vocab GGUFs the builtin tokenizers read (the committed copies of
+    llama-cpp-python's ggml-vocab-gpt-2 and -llama-spm), so builtins build here exactly as on a user's machine."""
+    cache = tmp_path_factory.mktemp("phiforge-cache")
+    (cache / "tokenizers").mkdir()
+    for name in ("gpt-2", "llama-spm"):
+        shutil.copy(Path(__file__).parent / "fixtures" / "llama_cpp" / f"ggml-vocab-{name}.gguf", cache / "tokenizers")
+    monkeypatch.setenv("PHIFORGE_CACHE", str(cache))
+    monkeypatch.delenv("PHIFORGE_LLAMA_CPP_SRC", raising=False)
+    return cache

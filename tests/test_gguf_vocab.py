@@ -3,9 +3,10 @@
 llama.cpp ships vocabulary-only GGUFs of real tokenizers (GPT-2, Qwen2, StarCoder, Llama-2 SentencePiece, Llama-3
 BPE, Phi-3) in its models/ folder, each with ``.inp`` test texts and ``.out`` ids made by the original Hugging Face
 tokenizers (llama.cpp's convert_hf_to_gguf_update.py): whitespace runs, CJK, emoji, Khmer, Vietnamese, digit runs.
-Llama-2's (0.7 MB) is committed under tests/fixtures/llama_cpp; the others are read from the llama.cpp sources
-when present ($PHIFORGE_LLAMA_CPP_SRC, see conftest.py) and skipped otherwise. The slow test adds texts of its own
-(control characters, more Vietnamese and CJK, special tokens) with llama.cpp's llama-tokenize as the reference.
+Llama-2's (0.7 MB) and GPT-2's (1.7 MB) are committed under tests/fixtures/llama_cpp; the others are read from the
+llama.cpp sources when present ($PHIFORGE_LLAMA_CPP_SRC, see conftest.py) and skipped otherwise. The slow test adds
+texts of its own (control characters, more Vietnamese and CJK, special tokens)
+with llama.cpp's llama-tokenize as the reference.
 """
 
 from __future__ import annotations

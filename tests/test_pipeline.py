@@ -183,6 +183,30 @@ def test_bad_recipes_fail_before_any_work(tmp_path: Path, documents: Path) -> No
         load_recipe(tmp_path / "missing.toml")
 
 
+def test_tokenizer_from_a_builtin_or_gguf_instead_of_training(tmp_path: Path, documents: Path,
+                                                              builtin_vocabs: Path) -> None:
+    from phiforge.tokenizer import Tokenizer
+
+    recipe = write_recipe(tmp_path, documents, stages='["tokenizer", "tokenize"]')
+    with pytest.raises(RecipeError, match=r"\[tokenizer\] no-such: neither a tokenizer folder"):
+        Runner(load_recipe(recipe, ['tokenizer.from="no-such"']), progress=False)
+    with pytest.raises(RecipeError, match=r"\[tokenizer\] chat_format applies to a trained tokenizer"):
+        Runner(load_recipe(recipe, ['tokenizer.from="phi-3"', 'tokenizer.chat_format="phi3"']), progress=False)
+    assert not (tmp_path / "run").exists()
+    summary = Runner(load_recipe(recipe, ['tokenizer.from="phi-3"']), progress=False, log=lambda _: None).run()
+    stats = json.loads((tmp_path / "run" / "tokenizer" / "stats.json").read_text())
+    assert stats["from"] == "phi-3" and stats["vocab_size"] == 32011 and stats["documents"] == 2500
+    tok = Tokenizer.from_folder(tmp_path / "run" / "tokenizer")
+    assert tok.token_to_id("<|end|>") == 32007 and tok.chat_template
+    tokenized = json.loads((tmp_path / "run" / "tokenize" / "stats.json").read_text())
+    assert summary["stages"]["tokenize"]["status"] == "done"
+    total = tokenized["train_tokens"] + tokenized["heldout_tokens"]
+    assert stats["tokens"] <= total <= stats["tokens"] + 2 * stats["documents"]  # + bos/eos per document
+    spm = builtin_vocabs / "tokenizers" / "ggml-vocab-llama-spm.gguf"  # a .gguf file serves too
+    plan = Runner(load_recipe(recipe, [f'tokenizer.from="{spm}"']), progress=False).dry_run()
+    assert plan["stages"]["tokenizer"]["section"]["from"] == str(spm)
+
+
 def test_tiny_textbooks_recipe_end_to_end_at_a_small_size(tmp_path: Path, teacher_path: Path) -> None:
     """The built-in recipe `make demo` runs, shrunk: the embedded teacher writes, curate filters, a tokenizer
     and a tiny phi are trained on what survives, then eval and the report."""
@@ -207,7 +231,8 @@ ONE_PHASE = ["synth", "curate", "tokenizer", "tokenize", "pretrain", "eval", "re
 
 
 @pytest.mark.parametrize("recipe", ["tiny-textbooks", "phi-1.5", "phi-1.5-web", "phi-4", "phi-3-mini"])
-def test_builtin_run_recipes_pass_a_dry_run(recipe: str, tmp_path: Path, chat_records: Path) -> None:
+def test_builtin_run_recipes_pass_a_dry_run(recipe: str, tmp_path: Path, chat_records: Path,
+                                            builtin_vocabs: Path) -> None:
     overrides = [f"run.out_dir={tmp_path / 'r'}"]
     expected = ONE_PHASE
     if recipe == "phi-3-mini":  # the SFT records are the cluster's: without them the dry run names the file

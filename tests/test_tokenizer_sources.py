@@ -1,15 +1,14 @@
 """Tokenizers by name (folder, .gguf, builtin) and `phiforge tokenizer encode`, against published reference ids.
 
-References: llama.cpp's ggml-vocab-*.gguf.inp/.out pairs (ids made by the Hugging Face tokenizers; Llama-2's is
-committed under tests/fixtures/llama_cpp, the others come from the llama.cpp sources and are skipped when absent),
-tiktoken's cl100k_base (sha256-checked), and the ids of arch.md §5.
+References: llama.cpp's ggml-vocab-*.gguf.inp/.out pairs (ids made by the Hugging Face tokenizers; Llama-2's and
+GPT-2's are committed under tests/fixtures/llama_cpp, Phi-3's comes from the llama.cpp sources and is skipped when
+absent), tiktoken's cl100k_base (sha256-checked), and the ids of arch.md §5.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -26,16 +25,8 @@ MIXED = ["", " ", "  ", "\t\n \n", "Hello world", " Hello  World\n\n", "def f(x)
 
 
 @pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty $PHIFORGE_CACHE holding only the committed Llama-2 vocab; llama.cpp's models/ when present."""
-    monkeypatch.setenv("PHIFORGE_CACHE", str(tmp_path))
-    (tmp_path / "tokenizers").mkdir()
-    shutil.copy(SPM, tmp_path / "tokenizers" / SPM.name)
-    if (LLAMA_CPP_SRC / "models").is_dir():
-        monkeypatch.setenv("PHIFORGE_LLAMA_CPP_SRC", str(LLAMA_CPP_SRC))
-    else:
-        monkeypatch.delenv("PHIFORGE_LLAMA_CPP_SRC", raising=False)
-    return tmp_path
+def cache(builtin_vocabs: Path) -> Path:
+    return builtin_vocabs
 
 
 def llama_cpp_vocab_or_skip(name: str) -> Path:
@@ -102,7 +93,7 @@ def test_phi3_builtin_is_phi3s_tokenizer(cache: Path) -> None:
 
 
 def test_codegen_mono_builtin(cache: Path) -> None:
-    path = llama_cpp_vocab_or_skip("gpt-2")
+    path = FIXTURES / "ggml-vocab-gpt-2.gguf"
     tok = load_tokenizer("codegen-mono")
     assert len(tok) == 50295 and tok.token_to_id("<|endoftext|>") == 50256 == tok.eos_token_id
     assert [tok.token_to_id(t) for t in CODEGEN_WHITESPACE] == list(range(50257, 50295))

@@ -73,10 +73,33 @@ def stage_curate(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
 
 # ---- tokenizer, tokenize -------------------------------------------------------------------------------
 def stage_tokenizer(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
-    from phiforge.tokenizer import train_tokenizer
+    from phiforge.tokenizer import save_with_stats, train_tokenizer
 
+    if s["from"]:  # a ready tokenizer (folder, GGUF, builtin) instead of training one
+        return {"from": s["from"], **save_with_stats(run_tokenizer(s["from"]), _documents(ctx),
+                                                      ctx.folder("tokenizer"))}
     return train_tokenizer(_documents(ctx), ctx.folder("tokenizer"), s["vocab_size"], s["chat_format"] or None,
                            min_frequency=s["min_frequency"])
+
+
+def run_tokenizer(spec: str) -> Any:
+    """[tokenizer] from: loaded (a builtin built) now, so a missing file stops the run before any stage."""
+    from phiforge.tokenizer import Tokenizer
+    from phiforge.tokenizer_sources import load_tokenizer
+
+    tok = load_tokenizer(spec)
+    if not isinstance(tok, Tokenizer):
+        raise RecipeError(f"from = {spec!r}: a tiktoken tokenizer cannot tokenize a run's corpus; "
+                          "give a tokenizer.json folder, a .gguf, or a builtin")
+    return tok
+
+
+def check_tokenizer(section: dict[str, Any]) -> None:
+    if section["from"]:
+        if section["chat_format"]:
+            raise RecipeError("chat_format applies to a trained tokenizer; with from = ... the tokenizer's own "
+                              "chat template is used")
+        run_tokenizer(section["from"])
 
 
 def held_out(doc_id: str, fraction: float) -> bool:
@@ -282,7 +305,7 @@ def check_across(recipe: dict[str, Any], sections: dict[str, dict[str, Any]]) ->
     """Checks that need two sections: sft renders chats with the run tokenizer's template, which exists only
     when [tokenizer] chat_format adds it, unless the sft overrides name one (data.chat_template)."""
     if "sft" in sections and not sft_config(sections["sft"]).data.chat_template \
-            and not recipe.get("tokenizer", {}).get("chat_format"):
+            and not (recipe.get("tokenizer", {}).get("chat_format") or recipe.get("tokenizer", {}).get("from")):
         raise RecipeError('[sft] the run\'s tokenizer has no chat template: set [tokenizer] chat_format = "phi3" '
                           '(or "phi4"), or give sft.overrides = ["data.chat_template=phi-3"]')
 
@@ -302,7 +325,8 @@ STAGES: dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any] | None,
     # synth and curate check their sections with their own config loaders (which name unknown keys)
     "synth": (stage_synth, None, synth_config),
     "curate": (stage_curate, None, curate_config),
-    "tokenizer": (stage_tokenizer, {"vocab_size": 4096, "chat_format": "", "min_frequency": 2}, None),
+    "tokenizer": (stage_tokenizer, {"from": "", "vocab_size": 4096, "chat_format": "", "min_frequency": 2},
+                  check_tokenizer),
     "tokenize": (stage_tokenize, {"heldout_fraction": 0.05, "workers": 1, "block_docs": 4096}, None),
     "pretrain": (stage_pretrain, {"recipe": "tiny", "source": "text", "overrides": [], **launch.LAUNCH_KEYS},
                  check_pretrain),

@@ -535,8 +535,14 @@ def train_tokenizer(
     start = time.perf_counter()
     tok = train_bpe(counted, vocab_size, chat_format=chat_format, min_frequency=min_frequency)
     seconds = time.perf_counter() - start
+    return save_with_stats(tok, inputs, output, seconds=seconds)
+
+
+def save_with_stats(tok: Tokenizer, inputs: list[Path], output: Path, *, seconds: float = 0.0) -> dict[str, Any]:
+    """Save ``tok`` to ``output`` and measure it on the corpus: the stats of train_tokenizer."""
     tok.save(output)
-    tokens, words = corpus_fertility(tok, iter_corpus(inputs))
+    counted = _CountingDocs(iter_corpus(inputs))
+    tokens, words = corpus_fertility(tok, counted)
     return {
         "vocab_size": tok.vocab_size,
         "documents": counted.documents,
