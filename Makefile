@@ -6,6 +6,12 @@ STAMP := $(VENV)/.phiforge-installed
 
 .PHONY: demo test test-slow lint bench setup clean
 
+# the benchmark files beside this checkout (this project's layout), for the demo and the tests; elsewhere set
+# PHIFORGE_BENCHMARKS, or let `datasets` read the Hugging Face hub (phiforge looks nowhere else)
+ifneq ($(wildcard ../shared/benchmarks),)
+export PHIFORGE_BENCHMARKS ?= $(abspath ../shared/benchmarks)
+endif
+
 setup: $(STAMP)
 
 $(PY):

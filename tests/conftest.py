@@ -24,6 +24,12 @@ LLAMA_CPP_SRC = Path(os.environ.get("PHIFORGE_LLAMA_CPP_SRC",
                                     _CACHE / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"))
 LLAMA_CPP_BIN = Path(os.environ.get("PHIFORGE_LLAMA_CPP", _CACHE / "llama.cpp-build" / "bin"))
 TEACHER = "smollm2-135m-instruct"
+# phiforge looks for benchmarks only in $PHIFORGE_BENCHMARKS, ./benchmarks and the Hugging Face datasets cache:
+# the tests read the shared files, and never the network (an unreachable hub costs ~25 s of retries per dataset)
+if (SHARED / "benchmarks").is_dir():
+    os.environ.setdefault("PHIFORGE_BENCHMARKS", str(SHARED / "benchmarks"))
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

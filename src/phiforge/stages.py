@@ -302,8 +302,16 @@ def check_sft(section: dict[str, Any]) -> None:
 
 
 def check_across(recipe: dict[str, Any], sections: dict[str, dict[str, Any]]) -> None:
-    """Checks that need two sections: sft renders chats with the run tokenizer's template, which exists only
-    when [tokenizer] chat_format adds it, unless the sft overrides name one (data.chat_template)."""
+    """Checks that need two sections or the whole recipe: the benchmarks curate's decontamination names have
+    data; sft renders chats with the run tokenizer's template, which exists only when [tokenizer] chat_format
+    adds it (or from = ... brings one), unless the sft overrides name one (data.chat_template)."""
+    decontam = sections.get("curate", {}).get("decontam", {})
+    if "curate" in sections and decontam.get("enabled", True):  # named benchmarks ("all" is the stage's to check)
+        named = [b for b in decontam.get("benchmarks", ["all"]) if b != "all"]
+        try:
+            check_benchmark_data(named, decontam.get("data_dir") or None, decontam.get("paths"))
+        except RecipeError as err:
+            raise RecipeError(f"[curate.decontam] {err}") from None
     if "sft" in sections and not sft_config(sections["sft"]).data.chat_template \
             and not (recipe.get("tokenizer", {}).get("chat_format") or recipe.get("tokenizer", {}).get("from")):
         raise RecipeError('[sft] the run\'s tokenizer has no chat template: set [tokenizer] chat_format = "phi3" '
@@ -317,6 +325,26 @@ def check_eval(section: dict[str, Any]) -> None:
     unknown = [t for t in section["tasks"] if t not in known and not t.startswith("mmlu_")]
     if unknown:
         raise RecipeError(f"tasks {unknown} are not evaluation tasks; see `phiforge eval --tasks list`")
+    check_benchmark_data(section["tasks"])
+
+
+def check_benchmark_data(tasks: list[str], data_dir: str | None = None, paths: dict[str, str] | None = None) -> None:
+    """Load each task's data now (local files, else the hub through `datasets`), so that a run without any
+    source stops before its first stage, with the loader's message saying what to set."""
+    from phiforge.eval.tasks import TaskDataError, get_task
+
+    failed: dict[str, str] = {}
+    for name in tasks:
+        task = get_task(name, (paths or {}).get(name), data_dir)
+        try:
+            task.load()
+        except (TaskDataError, FileNotFoundError) as err:
+            failed[name] = str(task.hub) if task.hub else str(err)
+    if failed:
+        where = ", ".join(f"{name}: {source}" for name, source in failed.items())
+        raise RecipeError(f"no data for {sorted(failed)}: set $PHIFORGE_BENCHMARKS to a folder of benchmark "
+                          f"files, or have `datasets` cache the hub datasets lm-eval reads (run once online, with "
+                          f"pip install 'phiforge[eval]'; HF_DATASETS_OFFLINE=1 reads only the cache) ({where})")
 
 
 # name -> (run, the section's keys with their defaults, an optional deeper check run before any stage starts)

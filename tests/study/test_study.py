@@ -55,11 +55,11 @@ heldout_fraction = 0.1
 
 [corpora.math]
 documents = "{math}"
-curate = {{heuristics = {{min_words = 5}}}}
+curate = {{heuristics = {{min_words = 5}}, decontam = {{skip_missing = true}}}}
 
 [corpora.code]
 documents = "{code}"
-curate = {{heuristics = {{enabled = false}}}}
+curate = {{heuristics = {{enabled = false}}, decontam = {{skip_missing = true}}}}
 
 [arms.math]
 mixture = {{math = 1.0}}

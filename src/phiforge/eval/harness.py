@@ -30,7 +30,7 @@ class EvalConfig:
     output: str | None = None  # results JSON path
     log_samples: bool = False
     data: dict[str, str] = field(default_factory=dict)  # task -> file or folder
-    data_dir: str | None = None  # folder of the original-format benchmarks (shared/benchmarks)
+    data_dir: str | None = None  # folder of the original-format benchmarks (default: $PHIFORGE_BENCHMARKS)
     dtype: str = "float32"
     device: str | None = None
     max_length: int | None = None  # default: the model's max_position_embeddings (as HFLM)
@@ -287,7 +287,8 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="append", default=[], metavar="TASK=PATH",
                    help="data file/folder for a task (repeatable); HF layouts or the original formats")
     p.add_argument("--data-dir", default=None, help="folder with the original-format benchmarks "
-                   "(default: $PHIFORGE_BENCHMARKS or ../shared/benchmarks)")
+                   "(default: $PHIFORGE_BENCHMARKS, else ./benchmarks; tasks without local data are read from the "
+                   "Hugging Face hub through `datasets`, as lm-eval does)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None)
     p.add_argument("--batch-tokens", type=int, default=4096)

@@ -81,8 +81,11 @@ def test_missing_benchmark_file_is_a_clear_error(tmp_path) -> None:
         load_benchmarks(DecontamConfig(benchmarks=["gsm8k"], paths={"gsm8k": str(tmp_path / "nope.jsonl")}))
     with pytest.raises(CurateError, match="unknown task 'gsm9k'"):
         load_benchmarks(DecontamConfig(benchmarks=["gsm9k"], data_dir=str(SHARED / "benchmarks")))
-    # "all" skips the benchmarks that have no data, and says why
+    # "all" names the benchmarks without data and stops, unless told to skip them; then it says why
     shutil.copytree(SHARED / "benchmarks" / "piqa", tmp_path / "piqa")
-    items, skipped = load_benchmarks(DecontamConfig(benchmarks=["all"], data_dir=str(tmp_path)))
+    with pytest.raises(CurateError, match=r"benchmarks \[.*'gsm8k'.*\] could not be loaded.*skip_missing = true "
+                                          r"to index only \['humaneval', 'piqa'\]"):
+        load_benchmarks(DecontamConfig(benchmarks=["all"], data_dir=str(tmp_path)))
+    items, skipped = load_benchmarks(DecontamConfig(benchmarks=["all"], data_dir=str(tmp_path), skip_missing=True))
     assert len(items["piqa"]) == 1838
-    assert "gsm8k" in skipped and "does not exist" in skipped["gsm8k"]
+    assert "gsm8k" in skipped and "does not exist" in skipped["gsm8k"] and "hub" in skipped["gsm8k"]

@@ -40,8 +40,9 @@ MIN_BLOCK_WORDS = 3  # aligned runs shorter than this are chance, not copying
 @dataclass
 class DecontamConfig:
     enabled: bool = True
-    benchmarks: list[str] = field(default_factory=lambda: ["all"])  # task names, or "all" that have data
-    data_dir: str = ""  # benchmark folder (default: the eval harness's, $PHIFORGE_BENCHMARKS or ../shared)
+    benchmarks: list[str] = field(default_factory=lambda: ["all"])  # task names, or "all" the harness has
+    skip_missing: bool = False  # "all": index the benchmarks that load, instead of failing on the others
+    data_dir: str = ""  # benchmark folder (default: the eval harness's: $PHIFORGE_BENCHMARKS, ./benchmarks, hub)
     paths: dict[str, str] = field(default_factory=dict)  # task -> explicit data path, as `phiforge eval --data`
     long_n: int = 13
     short_n: int = 7
@@ -79,7 +80,8 @@ def item_parts(task: Any, doc: dict[str, Any]) -> tuple[str, str]:
 def load_benchmarks(config: DecontamConfig) -> tuple[dict[str, list[tuple[str, str]]], dict[str, str]]:
     """Items per task via the eval loaders, and the tasks skipped for lack of data (with the loader's reason).
 
-    A task named explicitly must load; with "all", tasks without data are skipped and reported.
+    A task named explicitly must load; with "all" every task must load too, unless ``skip_missing``: then the
+    tasks without data are skipped and reported.
     """
     from phiforge.eval.tasks import TaskDataError, UnknownTaskError, get_task, task_names
 
@@ -102,6 +104,11 @@ def load_benchmarks(config: DecontamConfig) -> tuple[dict[str, list[tuple[str, s
         items[name] = [item_parts(task, doc) for doc in task.docs]
     if not items:
         raise CurateError(f"decontam: no benchmark could be loaded ({'; '.join(skipped.values())})")
+    if skipped and not config.skip_missing:
+        raise CurateError(f"decontam: benchmarks {sorted(skipped)} could not be loaded ("
+                          f"{'; '.join(skipped.values())}); give their data (decontam.data_dir, decontam.paths, "
+                          "$PHIFORGE_BENCHMARKS, or the Hugging Face datasets cache), name the benchmarks wanted, "
+                          f"or set decontam.skip_missing = true to index only {sorted(items)}")
     return items, skipped
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from phiforge.eval.tasks.data import TaskDataError, resolve_root, where
+from phiforge.eval.tasks.data import BENCHMARKS_ENV, HubDataset, TaskDataError, load_hub, resolve_root, where
 
 FEWSHOT_SEED = 1234
 
@@ -73,6 +73,7 @@ class Task:
     metrics: tuple[str, ...] = ("acc", "acc_norm")
     filters: tuple[str, ...] = ("none",)
     data_subdir: str | None = None  # folder under the benchmarks directory holding the original files
+    hub: HubDataset | None = None  # lm-eval 0.4.13's dataset, read when no local data is found
     generation_kwargs: dict[str, Any] = {}
     dataset_note = ""  # where the data comes from, for the results' configs
 
@@ -84,8 +85,19 @@ class Task:
 
     # -- data
     def load(self) -> Task:
-        root = resolve_root(self.name, self.path, self.data_dir, self.data_subdir)
-        self.docs, self.shot_docs, self.source = self._load(root)
+        try:
+            root = resolve_root(self.name, self.path, self.data_dir, self.data_subdir)
+        except TaskDataError as local:
+            if self.path is not None or self.hub is None:
+                raise
+            try:
+                self.docs, self.shot_docs, self.source = self._from_hub(*load_hub(self.name, self.hub))
+            except TaskDataError as remote:
+                raise TaskDataError(f"{local}; nor from the hub: {remote}. Set ${BENCHMARKS_ENV} to a folder of "
+                                    f"benchmark files, give --data {self.name}=PATH, or let `datasets` fetch "
+                                    f"{self.hub.path} once (online, pip install 'phiforge[eval]')") from None
+        else:
+            self.docs, self.shot_docs, self.source = self._load(root)
         if not self.docs:
             raise TaskDataError(f"task {self.name}: {self.source} holds no documents")
         for i, doc in enumerate(self.docs):
@@ -94,6 +106,11 @@ class Task:
 
     def _load(self, root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, str]:
         raise NotImplementedError
+
+    def _from_hub(self, docs: list[dict[str, Any]], shots: list[dict[str, Any]] | None, source: str
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, str]:
+        """The hub rows as documents (the Hugging Face layout every loader reads); subclasses pick from them."""
+        return docs, shots, source
 
     def _check_doc(self, index: int, doc: dict[str, Any]) -> None:
         """Render each document once at load time, so a bad record fails before any model work."""

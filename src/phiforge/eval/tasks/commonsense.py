@@ -16,6 +16,7 @@ import numpy as np
 
 from phiforge.eval.tasks.base import Instance, Task, pick
 from phiforge.eval.tasks.data import (
+    HubDataset,
     TaskDataError,
     find_file,
     load_split_files,
@@ -43,6 +44,7 @@ def _with_lst_labels(task: str, root: Path, stem: str, fields: list[str], offset
 
 class PIQA(Task):
     name = "piqa"
+    hub = HubDataset("baber/piqa", None, "validation", "train")
     data_subdir = "piqa"
 
     def _load(self, root: Path) -> Loaded:
@@ -62,6 +64,7 @@ class PIQA(Task):
 
 class SocialIQA(Task):
     name = "social_iqa"
+    hub = HubDataset("lighteval/siqa", None, "validation", "train")
     version = 0.0
     metrics = ("acc",)
 
@@ -89,6 +92,7 @@ def hellaswag_preprocess(text: str) -> str:
 
 class HellaSwag(Task):
     name = "hellaswag"
+    hub = HubDataset("Rowan/hellaswag", None, "validation", "train")
 
     def _load(self, root: Path) -> Loaded:
         fields = ["activity_label", "ctx_a", "ctx_b", "endings", "label"]
@@ -110,6 +114,7 @@ class WinoGrande(Task):
 
     name = "winogrande"
     metrics = ("acc",)
+    hub = HubDataset("allenai/winogrande", "winogrande_xl", "validation", "train")
 
     def _load(self, root: Path) -> Loaded:
         return load_split_files(self.name, root, ["validation", "dev"], ["sentence", "option1", "option2", "answer"])
@@ -172,6 +177,7 @@ def _original_stem(doc: dict[str, Any]) -> str | None:
 class ARCEasy(Task):
     name = "arc_easy"
     subset = "ARC-Easy"
+    hub = HubDataset("allenai/ai2_arc", "ARC-Easy", "test", "train")
 
     def _load(self, root: Path) -> Loaded:
         return _hf_or_original(self.name, root, ["question", "answerKey"],
@@ -191,10 +197,12 @@ class ARCEasy(Task):
 class ARCChallenge(ARCEasy):
     name = "arc_challenge"
     subset = "ARC-Challenge"
+    hub = HubDataset("allenai/ai2_arc", "ARC-Challenge", "test", "train")
 
 
 class OpenBookQA(Task):
     name = "openbookqa"
+    hub = HubDataset("allenai/openbookqa", "main", "test", "train")
 
     def _load(self, root: Path) -> Loaded:
         return _hf_or_original(self.name, root, ["answerKey"], ["test_complete.jsonl", "*/*/test.jsonl"])
@@ -212,6 +220,7 @@ class OpenBookQA(Task):
 
 class BoolQ(Task):
     name = "boolq"
+    hub = HubDataset("aps/super_glue", "boolq", "validation", "train")
     version = 2.0
     metrics = ("acc",)
 

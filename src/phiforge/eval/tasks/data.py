@@ -1,4 +1,10 @@
-"""Reading benchmark files: the original formats in shared/benchmarks and Hugging Face layouts.
+"""Benchmark data: local files (the original formats, or Hugging Face layouts) or the Hugging Face hub.
+
+Where a task's data comes from, first found: ``--data TASK=PATH``; the benchmarks folder (``--data-dir``,
+``$PHIFORGE_BENCHMARKS``, else ``./benchmarks`` in the working directory; nothing outside it is looked at); the
+hub dataset lm-eval 0.4.13's task reads (same id, config and splits), through ``datasets`` and its cache
+(``HF_DATASETS_OFFLINE=1`` reads the cache only). ``$PHIFORGE_HUB_MIRROR`` names a folder of hub-layout dataset
+repositories (``<owner>/<name>/``), read with ``datasets.load_dataset(folder)`` instead of the hub.
 
 Every error names the task, the file and the record (1-based line for JSONL), as the design asks.
 """
@@ -9,10 +15,12 @@ import csv
 import json
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 BENCHMARKS_ENV = "PHIFORGE_BENCHMARKS"
+HUB_MIRROR_ENV = "PHIFORGE_HUB_MIRROR"
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
 
 
@@ -20,15 +28,49 @@ class TaskDataError(ValueError):
     """Missing or malformed benchmark data; the message names task, file and record."""
 
 
+@dataclass(frozen=True)
+class HubDataset:
+    """A task's data on the Hugging Face hub, as lm-eval 0.4.13's task config names it."""
+
+    path: str
+    name: str | None
+    split: str
+    shot_split: str | None = None
+
+    def __str__(self) -> str:
+        return self.path + (f" ({self.name})" if self.name else "")
+
+
 def default_data_dir() -> Path | None:
-    """$PHIFORGE_BENCHMARKS, else a shared/benchmarks folder beside or inside the working directory."""
+    """$PHIFORGE_BENCHMARKS, else ./benchmarks in the working directory (nothing outside it)."""
     env = os.environ.get(BENCHMARKS_ENV)
     if env:
         return Path(env)
-    for candidate in (Path.cwd().parent / "shared" / "benchmarks", Path.cwd() / "shared" / "benchmarks"):
-        if candidate.is_dir():
-            return candidate
-    return None
+    local = Path.cwd() / "benchmarks"
+    return local if local.is_dir() else None
+
+
+def load_hub(task: str, hub: HubDataset) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, str]:
+    """(documents, shot documents, source) of the hub dataset, through ``datasets`` (its cache, its offline mode)."""
+    try:
+        import datasets
+    except ImportError:
+        raise TaskDataError(f"task {task}: reading {hub} from the hub needs `datasets` "
+                            "(pip install 'phiforge[eval]')") from None
+    mirror = os.environ.get(HUB_MIRROR_ENV)
+    source = str(Path(mirror) / hub.path) if mirror and (Path(mirror) / hub.path).is_dir() else hub.path
+
+    def read(split: str) -> list[dict[str, Any]]:
+        try:
+            return [dict(row) for row in datasets.load_dataset(source, hub.name, split=split)]
+        except Exception as err:  # datasets raises many kinds (network, cache miss, bad config)
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise TaskDataError(f"task {task}: the hub dataset {hub} split {split!r} could not be loaded "
+                                f"({type(err).__name__}: {reason[:300]})") from None
+
+    docs = read(hub.split)
+    shots = read(hub.shot_split) if hub.shot_split else None
+    return docs, shots, f"hf:{source}" + (f"/{hub.name}" if hub.name else "") + f":{hub.split}"
 
 
 def resolve_root(task: str, explicit: str | os.PathLike[str] | None, data_dir: str | os.PathLike[str] | None,
@@ -42,7 +84,9 @@ def resolve_root(task: str, explicit: str | os.PathLike[str] | None, data_dir: s
     base = Path(data_dir) if data_dir is not None else default_data_dir()
     if subdir is not None and base is not None and (base / subdir).exists():
         return base / subdir
-    where = f"{base / subdir} does not exist" if subdir is not None and base is not None else "no data folder known"
+    where = (f"{base / subdir} does not exist" if subdir is not None and base is not None else
+             f"no benchmarks folder: ${BENCHMARKS_ENV} is unset and there is no ./benchmarks" if base is None else
+             f"the benchmarks folder {base} has no files of this task's own format")
     raise TaskDataError(f"task {task}: no data ({where}); give a path with --data {task}=PATH "
                         f"(a .jsonl/.json/.parquet file or a folder in the Hugging Face layout)")
 

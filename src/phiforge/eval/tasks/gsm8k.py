@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from phiforge.eval.tasks.base import Instance, Task
-from phiforge.eval.tasks.data import load_split_files
+from phiforge.eval.tasks.data import HubDataset, load_split_files
 
 FALLBACK = "[invalid]"
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
@@ -56,6 +56,7 @@ def extract_answers(text: str) -> dict[str, str]:
 
 class GSM8K(Task):
     name = "gsm8k"
+    hub = HubDataset("openai/gsm8k", "main", "test", "train")
     version = 3.0
     output_type = "generate_until"
     default_shots = 5

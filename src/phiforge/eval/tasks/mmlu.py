@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from phiforge.eval.tasks.base import FewshotSampler, Task
-from phiforge.eval.tasks.data import TaskDataError, find_file, read_records, require, split_patterns
+from phiforge.eval.tasks.data import HubDataset, TaskDataError, find_file, read_records, require, split_patterns
 
 CATEGORIES = {
     "stem": "abstract_algebra anatomy astronomy college_biology college_chemistry college_computer_science "
@@ -54,6 +54,7 @@ def _read_csv_split(task: str, folder: Path, split: str, subjects: list[str]) ->
 
 class MMLU(Task):
     name = "mmlu"
+    hub = HubDataset("cais/mmlu", "all", "test", "dev")
     metrics = ("acc",)
     sampler = "first_n"
     data_subdir = "mmlu"
@@ -82,6 +83,11 @@ class MMLU(Task):
         wanted = set(self.subjects)
         return ([d for d in docs if d["subject"] in wanted], [d for d in shots if d["subject"] in wanted],
                 f"{file} + {shot_file}")
+
+    def _from_hub(self, docs: list[dict[str, Any]], shots: list[dict[str, Any]] | None, source: str
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, str]:
+        wanted = set(self.subjects)
+        return [d for d in docs if d["subject"] in wanted], [d for d in shots or [] if d["subject"] in wanted], source
 
     def description(self, doc: dict[str, Any]) -> str:
         subject = doc["subject"].replace("_", " ")

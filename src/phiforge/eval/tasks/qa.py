@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from phiforge.eval.tasks.base import Instance, Task
-from phiforge.eval.tasks.data import TaskDataError, load_split_files
+from phiforge.eval.tasks.data import HubDataset, TaskDataError, load_split_files
 from phiforge.eval.tasks.gsm8k import exact_match
 
 Loaded = tuple[list[dict[str, Any]], list[dict[str, Any]] | None, str]
@@ -22,6 +22,7 @@ Loaded = tuple[list[dict[str, Any]], list[dict[str, Any]] | None, str]
 
 class TriviaQA(Task):
     name = "triviaqa"
+    hub = HubDataset("mandarjoshi/trivia_qa", "rc.nocontext", "validation", "train")
     version = 3.0
     output_type = "generate_until"
     metrics = ("exact_match",)
@@ -82,6 +83,7 @@ def _flatten_squad(task: str, file: Path) -> list[dict[str, Any]]:
 
 class SQuAD(Task):
     name = "squad"
+    hub = HubDataset("rajpurkar/squad", "plain_text", "validation", "train")
     output_type = "generate_until"
     metrics = ("exact_match", "f1")
     generation_kwargs = {"until": ["\n"], "do_sample": False, "temperature": 0.0}
