@@ -17,7 +17,7 @@ on GGUFs of the same shapes: phiforge exports F16 (export_gguf), llama-quantize 
 llama-bench / llama-batched-bench time them (top-level "llama_cpp", ratios in "vs_llama_cpp"). Without it the
 part is skipped. The GGUFs are cached in --gguf-dir.
 
-    python bench/decode.py --parts single,smollm,batched --llama-cpp /work/cache/llama.cpp-build/bin
+    python bench/decode.py --parts single,smollm,batched --llama-cpp "$PHIFORGE_LLAMA_CPP"
 """
 
 from __future__ import annotations

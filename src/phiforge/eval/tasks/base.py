@@ -18,7 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from phiforge.eval.tasks.data import BENCHMARKS_ENV, HubDataset, TaskDataError, load_hub, resolve_root, where
+from phiforge.eval.tasks.data import (
+    BENCHMARKS_ENV,
+    HubDataset,
+    TaskDataError,
+    load_hub,
+    portable_source,
+    resolve_root,
+    where,
+)
 
 FEWSHOT_SEED = 1234
 
@@ -200,7 +208,7 @@ class Task:
 
     def config(self, num_fewshot: int) -> dict[str, Any]:
         """The task's settings in the shape of lm-eval's results['configs'][task]."""
-        return {"task": self.name, "dataset_path": self.source, "output_type": self.output_type,
+        return {"task": self.name, "dataset_path": portable_source(self.source), "output_type": self.output_type,
                 "target_delimiter": self.target_delimiter, "fewshot_delimiter": self.fewshot_delimiter,
                 "num_fewshot": num_fewshot, "fewshot_config": {"sampler": self.sampler},
                 "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}

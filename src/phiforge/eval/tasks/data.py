@@ -50,6 +50,15 @@ def default_data_dir() -> Path | None:
     return local if local.is_dir() else None
 
 
+def portable_source(source: str) -> str:
+    """``source`` for results that others read: the benchmarks folder as $PHIFORGE_BENCHMARKS, the working
+    directory's files relative to it, so no machine's absolute paths end up in shared results."""
+    env = os.environ.get(BENCHMARKS_ENV)
+    if env:
+        source = source.replace(str(Path(env)).rstrip("/") + "/", f"${BENCHMARKS_ENV}/")
+    return source.replace(str(Path.cwd()).rstrip("/") + "/", "")
+
+
 def load_hub(task: str, hub: HubDataset) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, str]:
     """(documents, shot documents, source) of the hub dataset, through ``datasets`` (its cache, its offline mode)."""
     try:
