@@ -41,6 +41,10 @@ REFERENCES = {
     "llama-tied-gqa": ("LlamaForCausalLM", "LlamaConfig",
                        dict(TINY, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
                             rope_theta=100000.0), [80]),
+    # Qwen2/Qwen2.5: the Llama layout with q/k/v biases (o_proj without), GQA, tied head as in the small ones
+    "qwen2-tied-gqa": ("Qwen2ForCausalLM", "Qwen2Config",
+                       dict(TINY, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                            rope_theta=1000000.0, rms_norm_eps=1e-6), [80]),
 }
 
 

@@ -58,8 +58,9 @@ _LAYER_KEYS: dict[str, list[tuple[str, str, str | None]]] = {
         ("mlp.gate_proj", "mlp.fc", "gate"), ("mlp.up_proj", "mlp.fc", "up"), ("mlp.down_proj", "mlp.proj", None),
     ],
 }
+_LAYER_KEYS["qwen2"] = _LAYER_KEYS["llama"]  # the Llama layout, q/k/v biases included
 _FINAL_NORM = {"phi": "model.final_layernorm", "phi3": "model.norm", "phi3small": "model.final_layernorm",
-               "llama": "model.norm"}
+               "llama": "model.norm", "qwen2": "model.norm"}
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("phi", "phi3", "phi3small", "llama")
+FAMILIES = ("phi", "phi3", "phi3small", "llama", "qwen2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -38,7 +38,7 @@ FLOAT_BOUNDS = {"partial_rotary_factor": (0.0, 1.0), "rope_theta": (1e-6, 1e12),
                 "initializer_range": (0.0, 1e3), "attn_scale": (0.0, 1e6), "embedding_multiplier": (1e-9, 1e9),
                 "logits_divisor": (1e-9, 1e9), "gegelu_limit": (0.0, 1e9)}
 OPTIONAL_FLOATS = {"attn_scale", "gegelu_limit"}
-BOOL_FIELDS = ("parallel_residual", "gated_mlp", "attn_bias", "mlp_bias", "lm_head_bias", "qk_layernorm",
+BOOL_FIELDS = ("parallel_residual", "gated_mlp", "attn_bias", "qkv_bias", "mlp_bias", "lm_head_bias", "qk_layernorm",
                "tie_word_embeddings", "qkv_grouped", "blocksparse_homo_head")
 MAX_PARAMETERS = 10**12
 HF_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads"}
@@ -47,7 +47,7 @@ HF_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads"
 @dataclass
 class ModelConfig:
     name: str
-    model_type: str  # "phi" | "phi3" | "phi3small" | "llama": the Hugging Face family and its state-dict layout
+    model_type: str  # "phi" | "phi3" | "phi3small" | "llama" | "qwen2": the Hugging Face family and its layout
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -67,6 +67,7 @@ class ModelConfig:
     gated_mlp: bool = True  # SwiGLU (gate, up) vs plain fc1 -> act -> fc2
     hidden_act: str = "silu"
     attn_bias: bool = False
+    qkv_bias: bool = False  # q/k/v projections biased, the output projection not (Qwen2)
     mlp_bias: bool = False
     lm_head_bias: bool = False
     qk_layernorm: bool = False
@@ -286,8 +287,11 @@ def _from_hf(hf: dict[str, Any], name: str) -> ModelConfig:
             original_max_position_embeddings=hf.get("original_max_position_embeddings"),
             sliding_window=hf.get("sliding_window"), embd_pdrop=hf.get("embd_pdrop", 0.0),
             resid_pdrop=hf.get("resid_pdrop", 0.0), attn_pdrop=hf.get("attention_dropout", 0.0))
+    if model_type == "qwen2" and hf.get("use_sliding_window"):
+        raise ConfigError("config.json (qwen2): use_sliding_window = true is not supported")
     return ModelConfig(
         **common, partial_rotary_factor=prf if prf is not None else 1.0, norm_eps=hf.get("rms_norm_eps", 1e-6),
+        qkv_bias=model_type == "qwen2",  # Qwen2's q/k/v always carry biases (no config key)
         hidden_act=hf.get("hidden_act", "silu"), attn_bias=bool(hf.get("attention_bias", False)),
         mlp_bias=bool(hf.get("mlp_bias", False)), attn_pdrop=hf.get("attention_dropout", 0.0))
 
@@ -360,7 +364,8 @@ def _dtype_name(value: Any) -> str:
 def _to_hf(c: ModelConfig) -> dict[str, Any]:
     if c.model_type == "phi3small":
         return copy.deepcopy({**_to_hf_phi3small(c), **c.extra})
-    arch = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "llama": "LlamaForCausalLM"}[c.model_type]
+    arch = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "llama": "LlamaForCausalLM",
+            "qwen2": "Qwen2ForCausalLM"}[c.model_type]
     hf: dict[str, Any] = {
         "architectures": [arch], "model_type": c.model_type, "vocab_size": c.vocab_size,
         "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
@@ -382,6 +387,8 @@ def _to_hf(c: ModelConfig) -> dict[str, Any]:
                   resid_pdrop=c.resid_pdrop, embd_pdrop=c.embd_pdrop, rope_scaling=c.rope_scaling)
     if c.model_type == "llama":
         hf.update(head_dim=c.head_dim, attention_bias=c.attn_bias, mlp_bias=c.mlp_bias, rope_scaling=None)
+    if c.model_type == "qwen2":
+        hf.update(head_dim=c.head_dim, use_sliding_window=False, sliding_window=None, rope_scaling=None)
     hf.update(c.extra)
     return copy.deepcopy(hf)  # callers (transformers among them) may mutate what they get
 
@@ -473,6 +480,8 @@ def _presets() -> dict[str, ModelConfig]:
                    torch_dtype="float32"),
         _llama("tiny-llama", **tiny, num_heads=4, num_kv_heads=2, tie_word_embeddings=True,
                max_position_embeddings=512),
+        _llama("tiny-qwen2", **tiny, model_type="qwen2", num_heads=4, num_kv_heads=2, qkv_bias=True,
+               tie_word_embeddings=True, max_position_embeddings=512, norm_eps=1e-6, rope_theta=1000000.0),
     ]
     return {p.name: p for p in presets}
 

@@ -35,9 +35,10 @@ from phiforge.tokenizer import Tokenizer
 if TYPE_CHECKING:
     from phiforge.model import PhiForgeModel
 
-ARCHITECTURES = ("llama", "phi2", "phi3")
-_MODEL_TYPE = {"llama": "llama", "phi2": "phi", "phi3": "phi3"}
-_HF_CLASS = {"llama": "LlamaForCausalLM", "phi2": "PhiForCausalLM", "phi3": "Phi3ForCausalLM"}
+ARCHITECTURES = ("llama", "phi2", "phi3", "qwen2")
+_MODEL_TYPE = {"llama": "llama", "phi2": "phi", "phi3": "phi3", "qwen2": "qwen2"}
+_HF_CLASS = {"llama": "LlamaForCausalLM", "phi2": "PhiForCausalLM", "phi3": "Phi3ForCausalLM",
+             "qwen2": "Qwen2ForCausalLM"}
 
 # The embedded default teacher: a GGUF shipped inside a PyPI package (see DESIGN.md).
 EMBEDDED_TEACHERS: dict[str, tuple[str, str]] = {
@@ -445,7 +446,14 @@ def _factor_list(f: _GGUF, name: str, rope_dim: int) -> list[float]:
     return [float(str(np.float32(v))) for v in values.tolist()]
 
 
-_ARCH_CONFIG = {"llama": _llama_config, "phi2": _phi2_config, "phi3": _phi3_config}
+def _qwen2_config(f: _GGUF, head_dim: int, rope_dim: int) -> dict[str, Any]:
+    if f.arch_key("rope.scaling.type", "none") != "none":
+        raise GGUFError(f"{f.path}: qwen2 rope scaling (rope.scaling.type) is not supported")
+    return {"hidden_act": "silu", "rms_norm_eps": f.arch_key("attention.layer_norm_rms_epsilon"),
+            "use_sliding_window": False, "rope_scaling": None}
+
+
+_ARCH_CONFIG = {"llama": _llama_config, "phi2": _phi2_config, "phi3": _phi3_config, "qwen2": _qwen2_config}
 
 
 # ---- tensors ----------------------------------------------------------------------------------------
@@ -483,7 +491,8 @@ _LAYER_ROUTES: dict[str, dict[str, _Route]] = {
         "ffn_up": _Route("mlp.fc1"), "ffn_down": _Route("mlp.fc2"),
     },
 }
-_FINAL_NORM = {"llama": "model.norm", "phi3": "model.norm", "phi2": "model.final_layernorm"}
+_LAYER_ROUTES["qwen2"] = _LAYER_ROUTES["llama"]  # q/k/v biases route like the weights; no q/k permutation
+_FINAL_NORM = {"llama": "model.norm", "phi3": "model.norm", "phi2": "model.final_layernorm", "qwen2": "model.norm"}
 _CONFIG_ONLY = ("rope_factors_short.weight", "rope_factors_long.weight")
 
 

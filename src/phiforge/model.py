@@ -366,7 +366,8 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.qkv = Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.attn_bias)
+        self.qkv = Linear(config.hidden_size, config.q_size + 2 * config.kv_size,
+                          bias=config.attn_bias or config.qkv_bias)
         self.proj = Linear(config.q_size, config.hidden_size, bias=config.attn_bias)
         if config.qk_layernorm:
             self.q_norm = nn.LayerNorm(config.head_dim, eps=config.norm_eps)

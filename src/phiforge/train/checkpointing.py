@@ -98,6 +98,9 @@ def read_state(path: str | Path) -> dict[str, Any]:
 
 def config_differences(saved: dict[str, Any], current: ModelConfig, ignore: set[str]) -> list[str]:
     now = dataclasses.asdict(current)
+    # a field newer than the checkpoint (e.g. qkv_bias) has its default there
+    defaults = {f.name: f.default for f in dataclasses.fields(current) if f.default is not dataclasses.MISSING}
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     keys = sorted((set(saved) | set(now)) - ignore)
     return [f"{k}: checkpoint {saved.get(k)!r}, this run {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
 
