@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# /work/..., /home/<user>/..., /root/..., /Users/<user>/...: a machine's own folders (a bare "/root" or "/work", as
-# the sandbox tests name what they hide, is no path of this machine)
+# a path below the root's work, home, root or Users folders is a machine's own (a bare "/root" or "/work", as the
+# sandbox tests name what they hide, is no path of this machine)
 MACHINE_PATH = re.compile(rb"(?<![\w.~-])/(?:work|home|root|Users)/[\w.-]+")
 
 

@@ -79,7 +79,8 @@ def load_hub(task: str, hub: HubDataset) -> tuple[list[dict[str, Any]], list[dic
 
     docs = read(hub.split)
     shots = read(hub.shot_split) if hub.shot_split else None
-    return docs, shots, f"hf:{source}" + (f"/{hub.name}" if hub.name else "") + f":{hub.split}"
+    # the hub id, also when a mirror stood in for the hub: results name the dataset, not this machine's folder
+    return docs, shots, f"hf:{hub.path}" + (f"/{hub.name}" if hub.name else "") + f":{hub.split}"
 
 
 def resolve_root(task: str, explicit: str | os.PathLike[str] | None, data_dir: str | os.PathLike[str] | None,
