@@ -206,15 +206,25 @@ def test_tiny_textbooks_recipe_end_to_end_at_a_small_size(tmp_path: Path, teache
 ONE_PHASE = ["synth", "curate", "tokenizer", "tokenize", "pretrain", "eval", "report"]
 
 
-@pytest.mark.parametrize("recipe", ["tiny-textbooks", "phi-1.5", "phi-1.5-web", "phi-4", "phi-3-mini"])
+POST = ["sft", "pts", "dpo"]
+
+
+@pytest.mark.parametrize("recipe", ["tiny-textbooks", "phi-1.5", "phi-1.5-web", "phi-4", "phi-3-mini", "tiny-phi4"])
 def test_builtin_run_recipes_pass_a_dry_run(recipe: str, tmp_path: Path, chat_records: Path) -> None:
     overrides = [f"run.out_dir={tmp_path / 'r'}"]
     expected = ONE_PHASE
-    if recipe == "phi-3-mini":  # the SFT records are the cluster's: without them the dry run names the file
-        with pytest.raises(RecipeError, match=r"\[sft\] data = '/data/chat/phi-3-sft.jsonl': no such file"):
+    if recipe in ("phi-3-mini", "phi-4"):  # the SFT records are the cluster's: without them the dry run names the file
+        with pytest.raises(RecipeError, match=r"\[sft\] data = '/data/chat/phi-[34]-sft.jsonl': no such file"):
             Runner(load_recipe(recipe, overrides), progress=False)
         overrides.append(f"sft.data={chat_records}")
-        expected = [*ONE_PHASE[:5], "pretrain2", "sft", *ONE_PHASE[5:]]
+        with pytest.raises(RecipeError, match=r"\[pts\] data = '/data/pts/math.jsonl': no such file"):
+            Runner(load_recipe(recipe, overrides), progress=False)
+        queries = tmp_path / "math.jsonl"
+        queries.write_text('{"id": "q", "question": "1+1?", "answer": "#### 2"}\n')
+        overrides.append(f"pts.data={queries}")
+        expected = [*ONE_PHASE[:5], *(["pretrain2"] if recipe == "phi-3-mini" else []), *POST, *ONE_PHASE[5:]]
+    if recipe == "tiny-phi4":
+        expected = [*ONE_PHASE[:5], *POST, *ONE_PHASE[5:]]
     plan = Runner(load_recipe(recipe, overrides), progress=False).dry_run()
     assert list(plan["stages"]) == expected
     assert all(stage["action"] == "run" for stage in plan["stages"].values())
@@ -389,4 +399,43 @@ def test_launch_keys_are_checked_before_any_work(tmp_path: Path, documents: Path
     assert cmd[1:] == ["-m", "torch.distributed.run", "--nproc_per_node", "8", "--nnodes", "4", "--rdzv_backend",
                        "c10d", "--rdzv_endpoint", "head:29500", "--rdzv_id", "phi", "--max_restarts", "2",
                        "-m", "phiforge.train.pretrain", "phi-1.5", "run.out_dir=x"]
+    assert not (tmp_path / "run").exists()
+
+
+# ---- pts and dpo -------------------------------------------------------------------------------------------------
+def test_pts_and_dpo_fingerprints_follow_their_sections_and_files(tmp_path: Path, documents: Path) -> None:
+    """eval reads the dpo model; a changed [pts] or [dpo] section, or an edited pairs file, changes the
+    stage's fingerprint (so the stage and what follows rerun); dpo without pts needs [dpo] pairs."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "2+2=", "chosen": "4", "rejected": "5"}\n')
+    recipe = write_recipe(tmp_path, documents, stages='["tokenizer", "tokenize", "pretrain", "sft", "pts", "dpo", '
+                          '"eval", "report"]',
+                          extra='\n[sft]\ndata = "arithmetic:50:1"\n[pts]\ndata = "arithmetic:4"\n')
+    base = ["tokenizer.chat_format=phi3"]
+    runner = Runner(load_recipe(recipe, base), progress=False)
+    assert runner.ctx.model_stage("eval") == "dpo" and runner.ctx.model_stage("dpo") == "sft"
+    assert runner.ctx.model_stage("pts") == "sft" and runner._inputs("dpo") == ["sft", "pts"]
+    keys = {s: runner._fingerprint(s) for s in ("pts", "dpo")}
+    for override, stage in (('pts.overrides=["search.p_gap=0.3"]', "pts"), ("pts.data=arithmetic:5", "pts"),
+                            ('dpo.overrides=["dpo.beta=0.2"]', "dpo"), (f"dpo.pairs={pairs}", "dpo")):
+        changed = Runner(load_recipe(recipe, [*base, override]), progress=False)
+        assert changed._fingerprint(stage) != keys[stage], override
+        other = "dpo" if stage == "pts" else "pts"
+        assert changed._fingerprint(other) == keys[other], override
+    given = Runner(load_recipe(recipe, [*base, f"dpo.pairs={pairs}"]), progress=False)
+    key = given._fingerprint("dpo")
+    pairs.write_text(pairs.read_text() + '{"prompt": "3+3=", "chosen": "6", "rejected": "7"}\n')
+    assert given._fingerprint("dpo") != key  # an edited pairs file redoes dpo
+    only_dpo = 'run.stages=["tokenizer", "tokenize", "pretrain", "sft", "dpo", "eval"]'
+    with pytest.raises(RecipeError, match=r"stage dpo reads \['pts'\]"):
+        Runner(load_recipe(recipe, [*base, only_dpo]), progress=False)
+    Runner(load_recipe(recipe, [*base, only_dpo, f"dpo.pairs={pairs}"]), progress=False)
+    for override, message in ((f"pts.data={tmp_path / 'nope.jsonl'}", r"\[pts\] data = .*nope.jsonl': no such file"),
+                              ("pts.data=arithmetic:x", r"\[pts\] .*arithmetic:N"),
+                              ('pts.overrides=["search.p_gap=2"]', r"\[pts\] search.p_gap"),
+                              ("pts.data=''", r"\[pts\] data: give the queries"),
+                              (f"dpo.pairs={tmp_path / 'nope.jsonl'}", r"\[dpo\] pairs = .*no such file"),
+                              ('dpo.overrides=["dpo.betaa=1"]', r"\[dpo\] .*dpo.betaa")):
+        with pytest.raises(RecipeError, match=message):
+            Runner(load_recipe(recipe, [*base, override]), progress=False)
     assert not (tmp_path / "run").exists()
