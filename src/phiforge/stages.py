@@ -335,15 +335,23 @@ def check_sft(section: dict[str, Any]) -> None:
     if not section["data"]:
         raise RecipeError("data: give the chat records to fine-tune on (a JSONL file of "
                           '{"messages": [...]} records, as `phiforge sft` reads)')
-    if not section["data"].startswith("arithmetic:") and not Path(section["data"]).is_file():
+    from phiforge.train.pts import ARITHMETIC, parse_arithmetic
+
+    if section["data"].startswith(ARITHMETIC):
+        parse_arithmetic(section["data"], "data")
+    elif not Path(section["data"]).is_file():
         raise RecipeError(f"data = {section['data']!r}: no such file")
     launch.check_launch(section)
     sft_config(section)  # unknown keys and bad values in the sft recipe or its overrides: now
 
 
 def check_pts(section: dict[str, Any]) -> None:
+    from phiforge.train.pts import ARITHMETIC, parse_arithmetic
+
     data = section["data"]
-    if data and not data.startswith("arithmetic:") and not Path(data).is_file():
+    if data.startswith(ARITHMETIC):
+        parse_arithmetic(data, "data")
+    elif data and not Path(data).is_file():
         raise RecipeError(f"data = {data!r}: no such file")
     pts_config(section).validate()  # unknown keys and bad values in the pts recipe or its overrides: now
 
