@@ -439,3 +439,66 @@ def test_pts_and_dpo_fingerprints_follow_their_sections_and_files(tmp_path: Path
         with pytest.raises(RecipeError, match=message):
             Runner(load_recipe(recipe, [*base, override]), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def post_recipe(folder: Path, documents: Path) -> Path:
+    """pretrain (a few steps) -> sft on arithmetic chats -> pts on other problems -> dpo on its pairs."""
+    return write_recipe(folder, documents, steps=20, stages='["tokenizer", "tokenize", "pretrain", "sft", "pts", '
+                        '"dpo"]', extra="""
+[sft]
+data = "arithmetic:2000:1"
+overrides = ["run.max_steps=150", "data.seq_len=256", "batch.global_sequences=16", "batch.micro_batch_size=16",
+             "optim.lr=3e-3", "log.tensorboard=false"]
+
+[pts]
+data = "arithmetic:16"
+overrides = ["sampling.max_new_tokens=16", "search.min_prob=0.05", "search.max_prob=0.95", "search.max_samples=16",
+             "search.queries_per_batch=1"]
+
+[dpo]
+overrides = ["run.max_steps=30", "optim.lr=1e-4", "batch.global_sequences=8", "batch.micro_batch_size=8",
+             "checkpoint.every=3", "log.tensorboard=false", "log.peak_flops=1e11"]
+""")
+
+
+@pytest.mark.slow
+def test_killed_pts_and_dpo_resume_and_give_the_uninterrupted_results(tmp_path: Path, documents: Path) -> None:
+    """SIGKILL mid-pts (after some queries finished) and mid-dpo (after a checkpoint): the reruns resume, pts
+    with every query once and the same results and pairs as an uninterrupted search (one query per engine
+    batch: the same batches in both runs), dpo from its checkpoint."""
+    recipe = post_recipe(tmp_path, documents)
+    command = [sys.executable, "-m", "phiforge", "run", str(recipe), "tokenizer.chat_format=phi3", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1] / "src"),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    run = tmp_path / "run"
+    results = run / "pts" / "results.jsonl"
+    victim = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 900
+    while not (results.is_file() and results.read_text().count("\n") >= 2) and victim.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run ended before pts could be killed"
+    partial = results.read_text().count("\n")
+    assert 2 <= partial < 16
+    assert json.loads((run / "run.json").read_text())["stages"]["pts"]["status"] == "running"
+    out = killed_then_rerun(recipe, "dpo", "tokenizer.chat_format=phi3")  # resumes pts, then dpo is killed
+    assert "== sft: unchanged, skipped" in out
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert sorted(r["id"] for r in lines) == sorted(f"arithmetic-0-{i}" for i in range(16))  # no gap, no repeat
+    stats = json.loads((run / "pts" / "stats.json").read_text())
+    assert stats["pairs"] > 0 and stats["model"] == "sft", stats
+    # the same search uninterrupted, on the same SFT model
+    from phiforge.stages import prepare_section, pts_config
+    from phiforge.train.pts import pts
+
+    section = prepare_section("pts", load_recipe(recipe).recipe["pts"])
+    config = pts_config(section)
+    config.model.path, config.run.out_dir = str(run / "sft" / "final"), str(tmp_path / "ref")
+    config.run.progress = False
+    pts(config)
+    reference = {json.loads(line)["id"]: json.loads(line) for line in (tmp_path / "ref" / "results.jsonl").open()}
+    assert {r["id"]: r for r in lines} == reference
+    assert (run / "pts" / "pairs.jsonl").read_text() == (tmp_path / "ref" / "pairs.jsonl").read_text()
+    assert (run / "dpo" / "final" / "config.json").is_file()
