@@ -231,24 +231,34 @@ def test_tiny_textbooks_recipe_end_to_end_at_a_small_size(tmp_path: Path, teache
 ONE_PHASE = ["synth", "curate", "tokenizer", "tokenize", "pretrain", "eval", "report"]
 
 
-@pytest.mark.parametrize("recipe", ["tiny-textbooks", "phi-1.5", "phi-1.5-web", "phi-4", "phi-3-mini"])
+POST = ["sft", "pts", "dpo"]
+
+
+@pytest.mark.parametrize("recipe", ["tiny-textbooks", "phi-1.5", "phi-1.5-web", "phi-4", "phi-3-mini", "tiny-phi4"])
 def test_builtin_run_recipes_pass_a_dry_run(recipe: str, tmp_path: Path, chat_records: Path,
                                             builtin_vocabs: Path) -> None:
     overrides = [f"run.out_dir={tmp_path / 'r'}"]
     expected = ONE_PHASE
-    if recipe != "tiny-textbooks":  # their eval tasks include sets that only the hub has: named before any work
+    queries = tmp_path / "math.jsonl"
+    queries.write_text('{"id": "q", "question": "1+1?", "answer": "#### 2"}\n')
+    post_data = [f"sft.data={chat_records}", f"pts.data={queries}"]
+    if recipe not in ("tiny-textbooks", "tiny-phi4"):  # their eval tasks include sets only the hub has: named first
         try:
-            Runner(load_recipe(recipe, [*overrides, f"sft.data={chat_records}"] if recipe == "phi-3-mini"
-                               else overrides), progress=False)
+            Runner(load_recipe(recipe, [*overrides, *post_data]), progress=False)
         except RecipeError as err:
             assert re.search(r"\[eval\] no data for \[.*'hellaswag'.*\]: set \$PHIFORGE_BENCHMARKS", str(err))
             assert "hellaswag: Rowan/hellaswag" in str(err)
         overrides.append('eval.tasks=["piqa", "gsm8k", "mmlu", "mbpp", "humaneval"]')
-    if recipe == "phi-3-mini":  # the SFT records are the cluster's: without them the dry run names the file
-        with pytest.raises(RecipeError, match=r"\[sft\] data = '/data/chat/phi-3-sft.jsonl': no such file"):
+    if recipe in ("phi-3-mini", "phi-4"):  # the SFT records are the cluster's: without them the dry run names the file
+        with pytest.raises(RecipeError, match=r"\[sft\] data = '/data/chat/phi-[34]-sft.jsonl': no such file"):
             Runner(load_recipe(recipe, overrides), progress=False)
         overrides.append(f"sft.data={chat_records}")
-        expected = [*ONE_PHASE[:5], "pretrain2", "sft", *ONE_PHASE[5:]]
+        with pytest.raises(RecipeError, match=r"\[pts\] data = '/data/pts/math.jsonl': no such file"):
+            Runner(load_recipe(recipe, overrides), progress=False)
+        overrides.append(f"pts.data={queries}")
+        expected = [*ONE_PHASE[:5], *(["pretrain2"] if recipe == "phi-3-mini" else []), *POST, *ONE_PHASE[5:]]
+    if recipe == "tiny-phi4":
+        expected = [*ONE_PHASE[:5], *POST, *ONE_PHASE[5:]]
     plan = Runner(load_recipe(recipe, overrides), progress=False).dry_run()
     assert list(plan["stages"]) == expected
     assert all(stage["action"] == "run" for stage in plan["stages"].values())
@@ -424,3 +434,105 @@ def test_launch_keys_are_checked_before_any_work(tmp_path: Path, documents: Path
                        "c10d", "--rdzv_endpoint", "head:29500", "--rdzv_id", "phi", "--max_restarts", "2",
                        "-m", "phiforge.train.pretrain", "phi-1.5", "run.out_dir=x"]
     assert not (tmp_path / "run").exists()
+
+
+# ---- pts and dpo -------------------------------------------------------------------------------------------------
+def test_pts_and_dpo_fingerprints_follow_their_sections_and_files(tmp_path: Path, documents: Path) -> None:
+    """eval reads the dpo model; a changed [pts] or [dpo] section, or an edited pairs file, changes the
+    stage's fingerprint (so the stage and what follows rerun); dpo without pts needs [dpo] pairs."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "2+2=", "chosen": "4", "rejected": "5"}\n')
+    recipe = write_recipe(tmp_path, documents, stages='["tokenizer", "tokenize", "pretrain", "sft", "pts", "dpo", '
+                          '"eval", "report"]',
+                          extra='\n[sft]\ndata = "arithmetic:50:1"\n[pts]\ndata = "arithmetic:4"\n')
+    base = ["tokenizer.chat_format=phi3"]
+    runner = Runner(load_recipe(recipe, base), progress=False)
+    assert runner.ctx.model_stage("eval") == "dpo" and runner.ctx.model_stage("dpo") == "sft"
+    assert runner.ctx.model_stage("pts") == "sft" and runner._inputs("dpo") == ["sft", "pts"]
+    keys = {s: runner._fingerprint(s) for s in ("pts", "dpo")}
+    for override, stage in (('pts.overrides=["search.p_gap=0.3"]', "pts"), ("pts.data=arithmetic:5", "pts"),
+                            ('dpo.overrides=["dpo.beta=0.2"]', "dpo"), (f"dpo.pairs={pairs}", "dpo")):
+        changed = Runner(load_recipe(recipe, [*base, override]), progress=False)
+        assert changed._fingerprint(stage) != keys[stage], override
+        other = "dpo" if stage == "pts" else "pts"
+        assert changed._fingerprint(other) == keys[other], override
+    given = Runner(load_recipe(recipe, [*base, f"dpo.pairs={pairs}"]), progress=False)
+    key = given._fingerprint("dpo")
+    pairs.write_text(pairs.read_text() + '{"prompt": "3+3=", "chosen": "6", "rejected": "7"}\n')
+    assert given._fingerprint("dpo") != key  # an edited pairs file redoes dpo
+    only_dpo = 'run.stages=["tokenizer", "tokenize", "pretrain", "sft", "dpo", "eval"]'
+    with pytest.raises(RecipeError, match=r"stage dpo reads \['pts'\]"):
+        Runner(load_recipe(recipe, [*base, only_dpo]), progress=False)
+    Runner(load_recipe(recipe, [*base, only_dpo, f"dpo.pairs={pairs}"]), progress=False)
+    for override, message in ((f"pts.data={tmp_path / 'nope.jsonl'}", r"\[pts\] data = .*nope.jsonl': no such file"),
+                              ("pts.data=arithmetic:x", r"\[pts\] .*arithmetic:N"),
+                              ('pts.overrides=["search.p_gap=2"]', r"\[pts\] search.p_gap"),
+                              ("pts.data=''", r"\[pts\] data: give the queries"),
+                              (f"dpo.pairs={tmp_path / 'nope.jsonl'}", r"\[dpo\] pairs = .*no such file"),
+                              ('dpo.overrides=["dpo.betaa=1"]', r"\[dpo\] .*dpo.betaa")):
+        with pytest.raises(RecipeError, match=message):
+            Runner(load_recipe(recipe, [*base, override]), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def post_recipe(folder: Path, documents: Path) -> Path:
+    """pretrain (a few steps) -> sft on arithmetic chats -> pts on other problems -> dpo on its pairs."""
+    return write_recipe(folder, documents, steps=20, stages='["tokenizer", "tokenize", "pretrain", "sft", "pts", '
+                        '"dpo"]', extra="""
+[sft]
+data = "arithmetic:2000:1"
+overrides = ["run.max_steps=150", "data.seq_len=256", "batch.global_sequences=16", "batch.micro_batch_size=16",
+             "optim.lr=3e-3", "log.tensorboard=false"]
+
+[pts]
+data = "arithmetic:16"
+overrides = ["sampling.max_new_tokens=16", "search.min_prob=0.05", "search.max_prob=0.95", "search.max_samples=16",
+             "search.queries_per_batch=1"]
+
+[dpo]
+overrides = ["run.max_steps=30", "optim.lr=1e-4", "batch.global_sequences=8", "batch.micro_batch_size=8",
+             "checkpoint.every=3", "log.tensorboard=false", "log.peak_flops=1e11"]
+""")
+
+
+@pytest.mark.slow
+def test_killed_pts_and_dpo_resume_and_give_the_uninterrupted_results(tmp_path: Path, documents: Path) -> None:
+    """SIGKILL mid-pts (after some queries finished) and mid-dpo (after a checkpoint): the reruns resume, pts
+    with every query once and the same results and pairs as an uninterrupted search (one query per engine
+    batch: the same batches in both runs), dpo from its checkpoint."""
+    recipe = post_recipe(tmp_path, documents)
+    command = [sys.executable, "-m", "phiforge", "run", str(recipe), "tokenizer.chat_format=phi3", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1] / "src"),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    run = tmp_path / "run"
+    results = run / "pts" / "results.jsonl"
+    victim = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 900
+    while not (results.is_file() and results.read_text().count("\n") >= 2) and victim.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run ended before pts could be killed"
+    partial = results.read_text().count("\n")
+    assert 2 <= partial < 16
+    assert json.loads((run / "run.json").read_text())["stages"]["pts"]["status"] == "running"
+    out = killed_then_rerun(recipe, "dpo", "tokenizer.chat_format=phi3")  # resumes pts, then dpo is killed
+    assert "== sft: unchanged, skipped" in out
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert sorted(r["id"] for r in lines) == sorted(f"arithmetic-0-{i}" for i in range(16))  # no gap, no repeat
+    stats = json.loads((run / "pts" / "stats.json").read_text())
+    assert stats["pairs"] > 0 and stats["model"] == "sft", stats
+    # the same search uninterrupted, on the same SFT model
+    from phiforge.stages import prepare_section, pts_config
+    from phiforge.train.pts import pts
+
+    section = prepare_section("pts", load_recipe(recipe).recipe["pts"])
+    config = pts_config(section)
+    config.model.path, config.run.out_dir = str(run / "sft" / "final"), str(tmp_path / "ref")
+    config.run.progress = False
+    pts(config)
+    reference = {json.loads(line)["id"]: json.loads(line) for line in (tmp_path / "ref" / "results.jsonl").open()}
+    assert {r["id"]: r for r in lines} == reference
+    assert (run / "pts" / "pairs.jsonl").read_text() == (tmp_path / "ref" / "pairs.jsonl").read_text()
+    assert (run / "dpo" / "final" / "config.json").is_file()

@@ -1,11 +1,12 @@
 """``phiforge run RECIPE``: the phi recipe's stages in order, each writing its own artifact folder.
 
-    synth -> curate -> tokenizer -> tokenize -> pretrain -> (pretrain2) -> (sft) -> eval -> report
+    synth -> curate -> tokenizer -> tokenize -> pretrain -> (pretrain2) -> (sft) -> (pts) -> (dpo) -> eval -> report
 
-pretrain2 (a second pretraining phase with its own mixture, phi-3's phase 2) and sft (chat fine-tuning) run
-when the recipe lists them (or, without [run] stages, has their section). Each model stage starts from the
-newest model before it, and eval evaluates the newest model: sft's when it runs, else pretrain2's, else
-pretrain's (RunContext.model_stage).
+pretrain2 (a second pretraining phase with its own mixture, phi-3's phase 2), sft (chat fine-tuning), pts
+(Pivotal Token Search: preference pairs from the newest model) and dpo (DPO on pts's pairs, or a given pairs
+file) run when the recipe lists them (or, without [run] stages, has their section). Each model stage starts
+from the newest model before it, and eval evaluates the newest model: dpo's when it runs, else sft's, else
+pretrain2's, else pretrain's (RunContext.model_stage).
 
 A stage's fingerprint hashes its recipe section and its inputs' fingerprints. A rerun skips a stage whose
 fingerprint matches a finished run of it, resumes one that was interrupted with the same fingerprint
@@ -32,14 +33,14 @@ from phiforge.checkpoint import write_json
 from phiforge.train.config import apply_override, read_recipe
 
 RECIPES_DIR = Path(__file__).parent / "recipes" / "runs"
-ORDER = ("synth", "curate", "tokenizer", "tokenize", "pretrain", "pretrain2", "sft", "eval", "report")
-OPT_IN = ("pretrain2", "sft")  # without [run] stages, these run only when the recipe has their section
-MODEL_STAGES = ("pretrain", "pretrain2", "sft")  # the stages that export a model to FOLDER/final
+ORDER = ("synth", "curate", "tokenizer", "tokenize", "pretrain", "pretrain2", "sft", "pts", "dpo", "eval", "report")
+OPT_IN = ("pretrain2", "sft", "pts", "dpo")  # without [run] stages, these run only when the recipe has their section
+MODEL_STAGES = ("pretrain", "pretrain2", "sft", "dpo")  # the stages that export a model to FOLDER/final
 MODEL = "model"  # in INPUTS: the newest model stage before the reader (RunContext.model_stage)
 # the stages each stage reads from (their folders must exist, from this run or an earlier one)
 INPUTS = {"synth": (), "curate": ("synth",), "tokenizer": ("curate",), "tokenize": ("curate", "tokenizer"),
           "pretrain": ("tokenizer", "tokenize"), "pretrain2": ("tokenizer", "tokenize", MODEL), "sft": (MODEL,),
-          "eval": ("tokenize", MODEL), "report": ()}
+          "pts": (MODEL,), "dpo": (MODEL, "pts"), "eval": ("tokenize", MODEL), "report": ()}
 
 
 class RecipeError(ValueError):
@@ -174,6 +175,8 @@ class Runner:
             return True
         if needed == "synth" and self.plan.recipe.get("curate", {}).get("input", {}).get("paths"):
             return "synth" not in self.plan.stages  # curate reads its own input files
+        if (stage, needed) == ("dpo", "pts"):  # [dpo] pairs = a given file instead of pts's
+            return bool(self.plan.recipe.get("dpo", {}).get("pairs")) and "pts" not in self.plan.stages
         return (stage, needed) in {("eval", "tokenize")}
 
     def _fingerprint(self, stage: str) -> str:
@@ -192,8 +195,9 @@ class Runner:
         if stage == "curate" and "synth" not in self.plan.stages:  # curate reads its own input.paths
             paths = self.plan.recipe.get("curate", {}).get("input", {}).get("paths", [])
             return sorted(f for p in paths for f in (Path(p).parent.glob(Path(p).name)) if f.is_file())
-        chat = self.plan.recipe.get("sft", {}).get("data") if stage == "sft" else None
-        return [Path(chat)] if chat and Path(chat).is_file() else []
+        key = {"sft": "data", "pts": "data", "dpo": "pairs"}.get(stage)  # chat records, queries, pairs
+        given = self.plan.recipe.get(stage, {}).get(key) if key else None
+        return [Path(given)] if given and Path(given).is_file() else []
 
     def run(self) -> dict[str, Any]:
         from phiforge.stages import STAGES

@@ -297,6 +297,8 @@ def build_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
         _training_section(run / "pretrain"),
         _training_section(run / "pretrain2", "Pretraining, phase 2"),
         _training_section(run / "sft", "Supervised fine-tuning"),
+        _stats_section("Pivotal Token Search (preference pairs)", _read_json(run / "pts" / "stats.json")),
+        _training_section(run / "dpo", "Direct Preference Optimization"),
         _eval_section(run / "eval"),
         f"<h2>Recipe</h2><details><summary>{html.escape(recipe.name)} (click to open)</summary>"
         f"<pre>{html.escape(recipe.read_text(encoding='utf-8'))}</pre></details>" if recipe.is_file() else "",

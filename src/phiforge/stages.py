@@ -1,8 +1,8 @@
 """The stages ``phiforge run`` chains. Each takes its recipe section and the RunContext, writes its artifact
 folder (ctx.folder(name)) and returns statistics (saved as stats.json beside the artifacts).
 
-The stages only call the public functions of synth, curate, tokenizer, packing, pretrain, sft, eval and report;
-what a section may contain is documented in recipes/runs/tiny-textbooks.toml.
+The stages only call the public functions of synth, curate, tokenizer, packing, pretrain, sft, pts, dpo, eval
+and report; what a section may contain is documented in recipes/runs/tiny-textbooks.toml.
 """
 
 from __future__ import annotations
@@ -194,6 +194,69 @@ def stage_sft(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     return {**{k: v for k, v in summary.items() if k != "losses"}, "skipped_records": len(skipped)}
 
 
+# ---- pts, dpo ---------------------------------------------------------------------------------------------
+def pts_config(s: dict[str, Any], ctx: RunContext | None = None):  # noqa: ANN201
+    """The PTS config of a [pts] section: the newest model before it searched on ``data`` (a queries file or
+    arithmetic:N[:SEED]; "" = the questions of [synth.seeds] qa_seeds, gathered into pts/queries.jsonl)."""
+    from phiforge.train.pts import PTSConfig
+
+    model, out = (ctx.model_folder("pts"), ctx.folder("pts")) if ctx else ("sft/final", "runs/pts")
+    queries = s["data"] or str(Path(out) / "queries.jsonl")
+    progress = "true" if ctx is None or ctx.progress else "false"
+    return PTSConfig.from_toml(s["recipe"], [f"model.path={model}", f"data.path={queries}", f"run.out_dir={out}",
+                                             f"run.progress={progress}", *s["overrides"]])
+
+
+def _qa_seed_queries(recipe: dict[str, Any]) -> list[dict[str, Any]]:
+    from phiforge.data.synth import seeds as S
+
+    paths = recipe.get("synth", {}).get("seeds", {}).get("qa_seeds", [])
+    if not paths:
+        raise RecipeError("[pts] data: give the queries (a JSONL of question/answer records, or arithmetic:N), "
+                          "or [synth.seeds] qa_seeds for pts to search the synth stage's questions")
+    return [{"id": item.id, "question": item.question, "answer": item.answer} for item in S.load_qa_seeds(paths)]
+
+
+def stage_pts(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    """Resumable by query: pts appends each finished query to pts/results.jsonl and a rerun skips those."""
+    from phiforge.data.packing import atomic_write_bytes
+    from phiforge.train.pts import pts
+
+    if not s["data"]:  # the same file on every (re)run: the seeds are read in their order
+        records = _qa_seed_queries(ctx.recipe)
+        atomic_write_bytes(ctx.folder("pts") / "queries.jsonl",
+                           "".join(json.dumps(r) + "\n" for r in records).encode())
+    summary = pts(pts_config(s, ctx))
+    skipped = summary.pop("skipped_records")
+    return {**{k: v for k, v in summary.items() if k != "config"}, "model": ctx.model_stage("pts"),
+            "skipped_records": len(skipped)}
+
+
+def _dpo_overrides(s: dict[str, Any], ctx: RunContext | None) -> list[str]:
+    model, out = (ctx.model_folder("dpo"), ctx.folder("dpo")) if ctx else ("sft/final", "runs/dpo")
+    pairs = s["pairs"] or (ctx.folder("pts") / "pairs.jsonl" if ctx else "pts/pairs.jsonl")
+    progress = "true" if ctx is None or ctx.progress else "false"
+    return [f"model.init_from={model}", f"data.path={pairs}", f"run.out_dir={out}", "checkpoint.resume=auto",
+            f"log.progress={progress}", *s["overrides"]]
+
+
+def stage_dpo(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    from phiforge.train.dpo import DPOConfig, dpo
+
+    pairs = Path(s["pairs"]) if s["pairs"] else ctx.folder("pts") / "pairs.jsonl"
+    if not pairs.is_file() or not pairs.read_text().strip():
+        found = json.loads((ctx.folder("pts") / "stats.json").read_text()) if not s["pairs"] else {}
+        raise RecipeError(f"[dpo] {pairs}: no preference pairs" + (
+            f" (pts searched {found.get('queries')} queries: {found.get('status')}; widen [pts] "
+            "search.min_prob/max_prob, or give queries the model solves part of the time)" if found else ""))
+    if launch.distributed(s):
+        summary = launch.run_torchrun("phiforge.train.dpo", s["recipe"], _dpo_overrides(s, ctx), s,
+                                      ctx.folder("dpo"), ctx.log)
+    else:
+        summary = dpo(DPOConfig.from_toml(s["recipe"], _dpo_overrides(s, ctx)))
+    return {k: v for k, v in summary.items() if k not in ("losses", "skipped_records")}
+
+
 # ---- eval ------------------------------------------------------------------------------------------------
 def _token_array(folder: Path) -> np.ndarray:
     from phiforge.data.packing import load_shards
@@ -295,16 +358,41 @@ def check_sft(section: dict[str, Any]) -> None:
     if not section["data"]:
         raise RecipeError("data: give the chat records to fine-tune on (a JSONL file of "
                           '{"messages": [...]} records, as `phiforge sft` reads)')
-    if not Path(section["data"]).is_file():
+    from phiforge.train.pts import ARITHMETIC, parse_arithmetic
+
+    if section["data"].startswith(ARITHMETIC):
+        parse_arithmetic(section["data"], "data")
+    elif not Path(section["data"]).is_file():
         raise RecipeError(f"data = {section['data']!r}: no such file")
     launch.check_launch(section)
     sft_config(section)  # unknown keys and bad values in the sft recipe or its overrides: now
 
 
+def check_pts(section: dict[str, Any]) -> None:
+    from phiforge.train.pts import ARITHMETIC, parse_arithmetic
+
+    data = section["data"]
+    if data.startswith(ARITHMETIC):
+        parse_arithmetic(data, "data")
+    elif data and not Path(data).is_file():
+        raise RecipeError(f"data = {data!r}: no such file")
+    pts_config(section).validate()  # unknown keys and bad values in the pts recipe or its overrides: now
+
+
+def check_dpo(section: dict[str, Any]) -> None:
+    from phiforge.train.dpo import DPOConfig
+
+    if section["pairs"] and not Path(section["pairs"]).is_file():
+        raise RecipeError(f"pairs = {section['pairs']!r}: no such file")
+    launch.check_launch(section)
+    DPOConfig.from_toml(section["recipe"], _dpo_overrides(section, None)).validate()
+
+
 def check_across(recipe: dict[str, Any], sections: dict[str, dict[str, Any]]) -> None:
     """Checks that need two sections or the whole recipe: the benchmarks curate's decontamination names have
-    data; sft renders chats with the run tokenizer's template, which exists only when [tokenizer] chat_format
-    adds it (or from = ... brings one), unless the sft overrides name one (data.chat_template)."""
+    data; pts's default queries need [synth.seeds] qa_seeds; sft renders chats with the run tokenizer's template,
+    which exists only when [tokenizer] chat_format adds it (or from = ... brings one), unless the sft overrides
+    name one (data.chat_template)."""
     decontam = sections.get("curate", {}).get("decontam", {})
     if "curate" in sections and decontam.get("enabled", True):  # named benchmarks ("all" is the stage's to check)
         named = [b for b in decontam.get("benchmarks", ["all"]) if b != "all"]
@@ -312,6 +400,8 @@ def check_across(recipe: dict[str, Any], sections: dict[str, dict[str, Any]]) ->
             check_benchmark_data(named, decontam.get("data_dir") or None, decontam.get("paths"))
         except RecipeError as err:
             raise RecipeError(f"[curate.decontam] {err}") from None
+    if "pts" in sections and not sections["pts"]["data"]:
+        _qa_seed_queries(recipe)  # the default queries need [synth.seeds] qa_seeds
     if "sft" in sections and not sft_config(sections["sft"]).data.chat_template \
             and not (recipe.get("tokenizer", {}).get("chat_format") or recipe.get("tokenizer", {}).get("from")):
         raise RecipeError('[sft] the run\'s tokenizer has no chat template: set [tokenizer] chat_format = "phi3" '
@@ -361,6 +451,8 @@ STAGES: dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any] | None,
     "pretrain2": (stage_pretrain2, {"recipe": "tiny", "source": "text", "overrides": [], **launch.LAUNCH_KEYS},
                   check_pretrain),
     "sft": (stage_sft, {"recipe": "sft", "data": "", "overrides": [], **launch.LAUNCH_KEYS}, check_sft),
+    "pts": (stage_pts, {"recipe": "pts", "data": "", "overrides": []}, check_pts),
+    "dpo": (stage_dpo, {"recipe": "dpo", "pairs": "", "overrides": [], **launch.LAUNCH_KEYS}, check_dpo),
     "eval": (stage_eval, {"tasks": ["piqa"], "limit": 200, "num_fewshot": -1, "window": 128, "sample_tokens": 48,
                           "prompts": DEFAULT_SAMPLE_PROMPTS}, check_eval),
     "report": (stage_report, {}, None),

@@ -543,23 +543,37 @@ def arithmetic_questions(n: int, seed: int = 0) -> list[dict[str, Any]]:
         name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
         if i % 2 == 0:
             a, b = rng.randint(2, 6), rng.randint(3, 9)
-            event, when, answer = f"buys {b} more", "now", a + b
+            event, when, answer, step = f"buys {b} more", "now", a + b, f"{a} + {b}"
         else:
             a, b = rng.randint(5, 9), rng.randint(1, 4)
-            event, when, answer = f"gives {b} away", "left", a - b
+            event, when, answer, step = f"gives {b} away", "left", a - b, f"{a} - {b}"
         question = f"{name} has {a} {item} and {event}. How many {item} does {name} have {when}?"
-        out.append({"id": f"arithmetic-{seed}-{i}", "question": question, "answer": f"#### {answer}"})
+        out.append({"id": f"arithmetic-{seed}-{i}", "question": question, "answer": f"#### {answer}",
+                    "solution": f"{step} = {answer}\n#### {answer}"})
     return out
+
+
+def parse_arithmetic(path: str, key: str = "data.path") -> tuple[int, int]:
+    """``arithmetic:N`` or ``arithmetic:N:SEED`` -> (N, SEED); SEED 0 when not given."""
+    parts = path[len(ARITHMETIC):].split(":")
+    if len(parts) > 2 or not all(p.isdigit() for p in parts) or int(parts[0]) < 1:
+        raise TrainConfigError(f"{key} {path!r}: expected {ARITHMETIC}N or {ARITHMETIC}N:SEED with N >= 1")
+    return int(parts[0]), int(parts[1]) if len(parts) == 2 else 0
+
+
+def arithmetic_chats(path: str, key: str = "data.path") -> list[dict[str, Any]]:
+    """``arithmetic:N[:SEED]`` as chat records (question -> one-line worked solution and ``#### answer``): SFT
+    data that teaches a small model the format and, in part, the sums PTS then searches (other seeds)."""
+    return [{"id": q["id"], "messages": [{"role": "user", "content": q["question"]},
+                                         {"role": "assistant", "content": q["solution"]}]}
+            for q in arithmetic_questions(*parse_arithmetic(path, key))]
 
 
 def _read_queries(path: str) -> tuple[Path, list[dict[str, Any]]]:
     from phiforge.eval.tasks.data import TaskDataError, read_records
 
     if path.startswith(ARITHMETIC):
-        count = path[len(ARITHMETIC):]
-        if not count.isdigit() or int(count) < 1:
-            raise TrainConfigError(f"data.path {path!r}: expected {ARITHMETIC}N with N >= 1")
-        return Path(path), arithmetic_questions(int(count))
+        return Path(path), arithmetic_questions(*parse_arithmetic(path))
     try:
         return Path(path), read_records("pts", Path(path))
     except TaskDataError as err:

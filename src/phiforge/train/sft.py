@@ -51,7 +51,7 @@ class RecordError(ValueError):
 # ---- config ----------------------------------------------------------------------------------------
 @dataclass
 class SFTDataSection:
-    path: str = ""  # training records: .jsonl(.gz), .json or .parquet
+    path: str = ""  # training records: .jsonl(.gz), .json or .parquet, or arithmetic:N[:SEED] (generated chats)
     val_path: str = ""  # held-out records (optional)
     val_fraction: float = 0.0  # or: share of the training records held out
     seq_len: int = 1024  # tokens per row (longer examples are truncated)
@@ -209,10 +209,11 @@ def read_examples(path: str, tok: Any, seq_len: int, id_field: str,
                   skip_bad: bool) -> tuple[list[Example], list[dict[str, str]], int]:
     """Render every record of ``path``: (examples, skipped [{id, reason}], truncated count)."""
     from phiforge.eval.tasks.data import TaskDataError, read_records
+    from phiforge.train.pts import ARITHMETIC, arithmetic_chats
 
     file = Path(path)
     try:
-        records = read_records("sft", file)
+        records = arithmetic_chats(path) if path.startswith(ARITHMETIC) else read_records("sft", file)
     except TaskDataError as err:
         raise TrainConfigError(str(err).replace("task sft: ", "")) from None
     examples, skipped, truncated = [], [], 0
