@@ -69,8 +69,13 @@ def worker(data: Path, out: Path, steps: int, layers: int) -> None:
     shutdown(env)
 
 
-def launch(cmd: list[str], out: Path, threads: int) -> list[dict]:
+def launch(cmd: list[str], out: Path, threads: int, ranks: int, reuse: bool) -> list[dict]:
+    found = sorted(out.glob("rank-*.json"))
+    if reuse and len(found) == ranks:  # a run that finished before (the other one failed): not rerun
+        return [json.loads(p.read_text()) for p in found]
     out.mkdir(parents=True, exist_ok=True)
+    for stale in found:
+        stale.unlink()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -89,6 +94,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/phiforge-fsdp-memory"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank of the FSDP run")
     parser.add_argument("--single-threads", type=int, default=4, help="torch threads of the single process")
+    parser.add_argument("--reuse", action="store_true", help="keep a run whose rank files are already in --out")
     parser.add_argument("--worker", nargs=2, metavar=("DATA", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -108,10 +114,11 @@ def main() -> None:
     # one thread per rank (4 ranks on a small CPU would oversubscribe it otherwise); the single process gets
     # --single-threads so that it is not 4x slower in wall time (threads add a few MB of RSS, not GB)
     single = launch([*me, "--worker", str(data), str(args.out / "single")], args.out / "single",
-                    args.single_threads)
+                    args.single_threads, 1, args.reuse)
+    # torchrun runs its script with this interpreter itself: the script path, not the interpreter, goes first
     ranks = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                    str(args.nproc), *me, "--worker", str(data), str(args.out / "fsdp")], args.out / "fsdp",
-                   args.threads)
+                    str(args.nproc), *me[1:], "--worker", str(data), str(args.out / "fsdp")], args.out / "fsdp",
+                   args.threads, args.nproc, args.reuse)
     from phiforge.train import TrainConfig
     from phiforge.train.pretrain import resolve_model_config
 
