@@ -41,11 +41,14 @@ def overrides(corpus: Corpus, out: Path, *extra: str) -> list[str]:
             "log.tensorboard=false", "checkpoint.every=6", "checkpoint.keep_last=2", *extra]
 
 
-def torchrun(corpus: Corpus, out: Path, *extra: str) -> dict:
+def torchrun(corpus: Corpus, out: Path, *extra: str, stderr: list[str] | None = None) -> dict:
+    """The run summary of a 2-rank torchrun (its stderr appended to ``stderr`` when given)."""
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "phiforge.train.pretrain", "tiny", *overrides(corpus, out, *extra)]
     done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
+    if stderr is not None:
+        stderr.append(done.stderr)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -100,13 +103,23 @@ def test_two_ranks_match_one_process(strategy: str, single: Path, two_ranks: Cal
 
 
 def test_fsdp_resume_continues_exactly(corpus: Corpus, two_ranks: Callable, tmp_path: Path) -> None:
-    """A sharded (DCP) checkpoint from step 6, resumed by a fresh torchrun, repeats steps 7-12 exactly."""
+    """A sharded (DCP) checkpoint from step 6, resumed by a fresh torchrun, repeats steps 7-12 exactly; the
+    newer step-12 checkpoint beside it, one DCP shard corrupted, fails its manifest (both ranks hash a share
+    of the files) and is skipped by name."""
     full, _ = two_ranks("fsdp")
     resumed = tmp_path / "resumed"
-    step6 = dict(list_checkpoints(full))[6]
-    shutil.copytree(step6, resumed / "checkpoints" / step6.name)
-    summary = torchrun(corpus, resumed, "distributed.strategy=fsdp", "checkpoint.resume=auto")
+    for step in (6, 12):
+        source = dict(list_checkpoints(full))[step]
+        shutil.copytree(source, resumed / "checkpoints" / source.name)
+    step12 = resumed / "checkpoints" / "step-00000012"
+    shard = sorted((step12 / "sharded").glob("*.distcp"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    err: list[str] = []
+    summary = torchrun(corpus, resumed, "distributed.strategy=fsdp", "checkpoint.resume=auto", stderr=err)
     assert summary["start_step"] == 6
+    assert f"skipping checkpoint {step12}: {shard}: sha256 differs from the manifest's" in err[0]
     assert losses(resumed)[0] == losses(full)[0][6:]
 
 
@@ -148,7 +161,7 @@ def test_fsdp_meta_init_sharded_load_mixed_precision_and_one_sync_per_step(corpu
         assert r["meta_init"]["tiny-phi4-mini"]["tied"]
         assert r["init_from"]["max_logit_diff"] < 1e-5
         assert r["init_from"]["local_numel"] <= 0.52 * r["init_from"]["total_numel"]
-        groups = preset("tiny-phi").num_layers + 1  # one reduce-scatter per FSDP group (blocks + root)
+        groups = preset("tiny-phi").num_layers + 3  # one reduce-scatter per FSDP unit (embed, blocks, head, root)
         assert r["fsdp-micro6"]["reductions"] == r["fsdp-micro2"]["reductions"] == groups  # 1 vs 3 micro-batches
         assert r["fsdp-micro2"]["reduce_dtypes"] == ["torch.float32"]
         assert r["fsdp-micro2"]["compute_dtypes"] == ["torch.bfloat16"]

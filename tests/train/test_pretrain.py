@@ -169,6 +169,40 @@ def test_sigkill_then_resume_is_bitwise_identical(corpus: Corpus, tmp_path: Path
     assert json.loads((killed / "summary.json").read_text())["start_step"] == kill_step
 
 
+def test_resume_skips_a_corrupted_newest_checkpoint_for_the_newest_that_verifies(corpus: Corpus, tmp_path: Path,
+                                                                                capsys: pytest.CaptureFixture) -> None:
+    """Every checkpoint's state.json lists each file's bytes and sha256; resume=auto takes the newest that
+    matches, names the file that does not, and moves the bad checkpoint out of the way (corrupt-step-N)."""
+    from phiforge.train.checkpointing import resolve_resume, verify_checkpoint
+
+    args = ["run.max_steps=3", "checkpoint.every=1", "checkpoint.keep_last=3", "checkpoint.export=false",
+            "log.eval_every=0", "log.eval_sequences=4", "log.tensorboard=false", "batch.global_sequences=4",
+            "batch.micro_batch_size=4"]
+    train(TrainConfig.from_toml("tiny", overrides(corpus, tmp_path, *args)))
+    (_, one), (_, two), (_, three) = list_checkpoints(tmp_path)
+    manifest = json.loads((three / "state.json").read_text())["files"]
+    assert {"model.safetensors", "optimizer.safetensors", "optimizer.json", "rng/rank-00000.json"} <= set(manifest)
+    assert all(verify_checkpoint(p) == "" for p in (one, two, three))
+    weights = three / "model.safetensors"
+    with open(weights, "r+b") as handle:  # one flipped bit in the middle of the weights: same size
+        handle.seek(weights.stat().st_size // 2)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 1]))
+    summary = train(TrainConfig.from_toml("tiny", overrides(corpus, tmp_path, *args[1:], "run.max_steps=4",
+                                                            "checkpoint.resume=auto")))
+    err = capsys.readouterr().err
+    assert f"skipping checkpoint {three}: {weights}: sha256 differs from the manifest's" in err
+    assert summary["start_step"] == 2 and f"resumed from {two} at step 2" in err
+    assert (tmp_path / "checkpoints" / "corrupt-step-00000003" / "model.safetensors").is_file()
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3, 4]  # step 3 written anew by the resumed run
+    # an explicitly named checkpoint that does not verify is an error naming the file (no silent fallback)
+    optim = two / "optimizer.safetensors"
+    optim.write_bytes(optim.read_bytes()[:-10])
+    with pytest.raises(TrainCheckpointError, match=rf"{two}: does not verify .*{optim}: \d+ bytes, the manifest"):
+        resolve_resume(str(two), tmp_path)
+
+
 # ---- precision, activation checkpointing, optimizer groups -------------------------------------------------
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains(corpus: Corpus, tmp_path: Path, precision: str) -> None:
@@ -249,6 +283,10 @@ def test_overrides_set_nested_values_and_list_entries_by_name() -> None:
     ("run.precision=fp8", "run.precision = 'fp8'; expected one of 'fp32', 'bf16', 'fp16'"),
     ("data.sources.code.weight=1", "data.sources.code: no entry named 'code'; entries are ['text']"),
     ("lr", "override 'lr' must look like section.key=value"),
+    ("distributed.strategy=zero2", "ZeRO-2 (replicated params, sharded grads + optimizer) is not built: use 'fsdp'"),
+    ("distributed.strategy=zero", "distributed.strategy = 'zero'; expected one of 'ddp', 'fsdp', 'hsdp'"),
+    ("distributed.param_dtype=fp8", "distributed.param_dtype = 'fp8'; expected one of 'auto', 'fp32'"),
+    ("run.attention=xformers", "run.attention = 'xformers'; expected one of 'auto', 'sdpa', 'flex'"),
 ])
 def test_bad_config_keys_fail_with_the_key_and_the_valid_ones(override: str, message: str) -> None:
     with pytest.raises(TrainConfigError) as err:

@@ -1,7 +1,8 @@
 """Training checkpoints: atomic folders holding model, optimizer, schedule/data position and per-rank RNG.
 
     out_dir/checkpoints/step-00000100/
-        state.json              step, tokens, model + train config, data position, loss scale (written last)
+        state.json              step, tokens, model + train config, data position, loss scale, and the
+                                manifest: bytes + sha256 of every other file (written last)
         model.safetensors       single process / DDP: weights under the model's parameter names
         optimizer.safetensors   AdamW moments keyed "<parameter name>/<slot>"; optimizer.json: param groups
         sharded/                FSDP: torch.distributed.checkpoint files, one per rank (model + optimizer)
@@ -9,6 +10,8 @@
 
 Every rank writes into ``.tmp-step-N``; rank 0 then renames it, so a folder named ``step-N`` is always
 complete and a killed run leaves at most a temp folder that nothing trusts (it is removed on the next save).
+Resuming with ``checkpoint.resume=auto`` takes the newest checkpoint whose files match its manifest; one
+that does not (a flipped bit, a truncated shard) is named, renamed ``corrupt-step-N`` and skipped.
 Weights never go through pickle here; small state is JSON. The layout assumes every rank sees out_dir
 (one machine, or a shared filesystem).
 """
@@ -17,15 +20,18 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -71,19 +77,99 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
-    """"" -> None; "auto" -> the latest complete checkpoint of out_dir (None on a first run); else a folder."""
+def resolve_resume(resume: str, out_dir: str | Path, env: DistEnv | None = None,
+                   say: Callable[[str], None] | None = None) -> Path | None:
+    """"" -> None; "auto" -> the newest checkpoint of out_dir that verifies (None on a first run); a run
+    folder -> the same in it; else that checkpoint folder, which must verify. Collective when ``env`` is
+    distributed (every rank hashes a share of the files); ``say`` gets a line per skipped checkpoint."""
     if not resume:
         return None
-    if resume == "auto":
-        return latest_checkpoint(out_dir)
     path = Path(resume)
-    if path.is_dir() and not (path / STATE).is_file() and latest_checkpoint(path) is not None:
-        return latest_checkpoint(path)  # a run folder: take its latest checkpoint
-    if not (path / STATE).is_file():
-        raise TrainCheckpointError(f"{path}: not a complete training checkpoint (no {STATE}); "
-                                   f"complete ones in it: {[str(p) for _, p in list_checkpoints(path)]}")
-    return path
+    if resume != "auto" and not (path / STATE).is_file():
+        if not (path.is_dir() and list_checkpoints(path)):
+            raise TrainCheckpointError(f"{path}: not a complete training checkpoint (no {STATE}); "
+                                       f"complete ones in it: {[str(p) for _, p in list_checkpoints(path)]}")
+        out_dir = path  # a run folder: take its newest good checkpoint
+    elif resume != "auto":
+        problem = verify_checkpoint(path, env)
+        if problem:
+            raise TrainCheckpointError(f"{path}: does not verify against its manifest: {problem}")
+        return path
+    return newest_verified(out_dir, env, say)
+
+
+def newest_verified(out_dir: str | Path, env: DistEnv | None = None,
+                    say: Callable[[str], None] | None = None) -> Path | None:
+    """The newest checkpoint whose files match its manifest. Newer ones that do not are renamed
+    ``corrupt-step-N`` (kept for a look, out of resume's and keep_last's way) and reported to ``say``."""
+    found = list_checkpoints(out_dir)
+    bad: list[tuple[Path, str]] = []
+    chosen = None
+    for _, path in reversed(found):
+        problem = verify_checkpoint(path, env)
+        if not problem:
+            chosen = path
+            break
+        bad.append((path, problem))
+    if bad and chosen is None:
+        raise TrainCheckpointError(f"{Path(out_dir) / CHECKPOINTS}: no checkpoint verifies against its manifest: "
+                                   + "; ".join(f"{p.name}: {why}" for p, why in bad))
+    main = env is None or env.is_main
+    for path, problem in bad:
+        if main:
+            path.rename(path.with_name(f"corrupt-{path.name}"))
+        if say is not None:
+            say(f"skipping checkpoint {path}: {problem}; renamed corrupt-{path.name}, resuming from {chosen}")
+    if bad and env is not None:
+        barrier(env)  # no rank looks at the folder again before the renames are done
+    return chosen
+
+
+# ---- manifest: size and sha256 of every file ---------------------------------------------------------------
+def _sha256(file: Path) -> str:
+    with open(file, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _share_of_work(names: list[str], work: Callable[[str], Any], env: DistEnv | None) -> dict[str, Any]:
+    """{name: work(name)} for all names, each rank doing every world_size-th one (one rank would read the
+    whole model + optimizer of a large run alone)."""
+    if env is None or not env.distributed:
+        return {name: work(name) for name in names}
+    parts: list[Any] = [None] * env.world_size
+    dist.all_gather_object(parts, {name: work(name) for name in names[env.rank :: env.world_size]})
+    return {name: value for part in parts for name, value in part.items()}
+
+
+def file_manifest(folder: Path, env: DistEnv | None = None) -> dict[str, dict[str, Any]]:
+    """{relative path: {"bytes", "sha256"}} of every file in ``folder`` but state.json. Collective."""
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != STATE)
+    return _share_of_work(names, lambda n: {"bytes": (folder / n).stat().st_size, "sha256": _sha256(folder / n)},
+                          env)
+
+
+def verify_checkpoint(path: Path, env: DistEnv | None = None) -> str:
+    """"" when every file in the checkpoint's manifest is there with its size and sha256 (or it predates
+    manifests); else what is wrong, naming the first bad file. Collective."""
+    try:
+        manifest = read_state(path).get("files")
+    except TrainCheckpointError as err:
+        return str(err)
+    if manifest is None:
+        return ""
+
+    def check(name: str) -> str:
+        file, want = path / name, manifest[name]
+        if not file.is_file():
+            return f"{file}: missing"
+        if file.stat().st_size != want["bytes"]:
+            return f"{file}: {file.stat().st_size} bytes, the manifest says {want['bytes']}"
+        if _sha256(file) != want["sha256"]:
+            return f"{file}: sha256 differs from the manifest's"
+        return ""
+
+    problems = _share_of_work(sorted(manifest), check, env)
+    return next((problems[n] for n in sorted(problems) if problems[n]), "")
 
 
 def read_state(path: str | Path) -> dict[str, Any]:
@@ -202,9 +288,10 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer:
         _save_full(tmp, model, optimizer)
     write_json(tmp / "rng" / f"rank-{env.rank:05d}.json", rng_state(env.device))
     barrier(env)
+    files = file_manifest(tmp, env)
     if env.is_main:
         write_json(tmp / STATE, {**state, "step": step, "format": "dcp" if sharded else "safetensors",
-                                 "world_size": env.world_size})
+                                 "world_size": env.world_size, "files": files})
         if final.exists():  # a resumed run re-saving a step it already had
             shutil.rmtree(final)
         tmp.rename(final)

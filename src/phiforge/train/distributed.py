@@ -164,7 +164,11 @@ def shard_model(model: PhiForgeModel, env: DistEnv, plan: ShardPlan) -> PhiForge
 
     mesh = device_mesh(env, plan)
     mp = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=plan.reduce_dtype)
-    for module in (*model.blocks, model):
+    # an untied embedding and head are units of their own (torchtitan's layout): gathered only around their
+    # use, not for the whole step with the root (a [vocab, d] matrix each; phi-4's are 0.5 B params apiece)
+    tied = model.lm_head.weight is model.embed.weight
+    units = [*model.blocks] if tied else [model.embed, *model.blocks, model.lm_head]
+    for module in (*units, model):
         fully_shard(module, mesh=mesh, reshard_after_forward=plan.reshard_after_forward, mp_policy=mp)
     return model
 

@@ -143,7 +143,7 @@ class Pretrainer:
         config.validate()
         self.config, self.env = config, env
         self.out_dir = Path(config.run.out_dir)
-        self.resume_from = ckpt.resolve_resume(config.checkpoint.resume, self.out_dir)
+        self.resume_from = ckpt.resolve_resume(config.checkpoint.resume, self.out_dir, env, self._say)
         existing = ckpt.latest_checkpoint(self.out_dir)
         if self.resume_from is None and existing is not None:
             raise TrainConfigError(f"run.out_dir {self.out_dir} already holds checkpoints (latest {existing.name}); "
