@@ -14,12 +14,14 @@ import json
 import torch
 from common import best_seconds_interleaved, machine, random_phiforge, transformers_view
 
+from phiforge import fast_paths
 from phiforge.config import DTYPES, preset
 
 
 def bench_shape(name: str, tokens: int, dtype: torch.dtype, repeats: int) -> dict:
     ours = random_phiforge(preset(name), dtype)
     reference = transformers_view(ours)
+    fast_paths.install(ours, pack=False)  # the engine's routes (native RMSNorm), without the packed copies
     ids = torch.randint(0, ours.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         ours_logits, ref_logits = ours(ids).float(), reference(ids).logits.float()

@@ -204,6 +204,28 @@ def test_abi_is_checked_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
         abi.bind(lib)
 
 
+def test_every_entry_point_signature_matches_its_c_prototype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """argtypes/restype for every exported pf_* symbol, parameter by parameter against native.c (checked at load)."""
+    import ctypes
+
+    from phiforge.kernels import abi
+
+    source = kernels.SOURCE.read_text()
+    exported = abi.prototypes(source)
+    assert set(exported) == set(abi.SIGNATURES) and len(exported) >= 16
+    assert exported["pf_rms_norm_bf16"] == (None, ["ptr", "ptr", "ptr", ctypes.c_int, ctypes.c_int, ctypes.c_float,
+                                                   ctypes.c_int])
+    abi.check_prototypes(source)
+    restype, argtypes = abi.SIGNATURES["pf_decode_step"]
+    monkeypatch.setitem(abi.SIGNATURES, "pf_decode_step", (restype, [*argtypes[:6], ctypes.c_int, *argtypes[7:]]))
+    with pytest.raises(abi.AbiError, match="pf_decode_step: C"):  # first_row declared int, not int64_t
+        abi.check_prototypes(source)
+    monkeypatch.delitem(abi.SIGNATURES, "pf_features")
+    with pytest.raises(abi.AbiError, match="pf_features has no ctypes signature"):
+        abi.bind(kernels._load(), source)
+    assert abi.Gemm[kernels.gemm_path(96, 160).upper()] == kernels._load().pf_bf16_gemm_path(96, 160)
+
+
 def test_levels_and_cache_key_follow_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     here = kernels.levels()
     assert kernels.level() == here[-1]  # the best this CPU runs

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 from conftest import randomize_
 
 from phiforge.checkpoint import load_hf_folder, save_hf_folder
 from phiforge.config import preset
-from phiforge.kernels import GEMM_MAX_ROWS
-from phiforge.model import Linear, build_model
+from phiforge.model import build_model
 
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
             bos_token_id=1, eos_token_id=2, pad_token_id=None)
@@ -139,35 +137,3 @@ def test_fp16_phi_attention_scores_in_fp32() -> None:
         half = model.to(torch.float16)(_tokens(16, batch=1))
     assert torch.isfinite(half).all()
     assert torch.isfinite(want).all()
-
-
-def test_packed_linear_gives_f_linear_bitwise_and_never_a_stale_weight() -> None:
-    linear = Linear(96, 80).to(torch.bfloat16)
-    if not linear.pack():
-        pytest.skip("no oneDNN in this PyTorch build")
-    x = torch.randn(2, 7, 96, dtype=torch.bfloat16)
-    first = linear.packed
-    assert linear.pack() and linear.packed is first  # asked again (another Engine): no second copy
-    with torch.no_grad():
-        assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
-        linear.weight.mul_(2)  # an update after packing: the packed copy must not be used
-        assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
-        assert linear.pack() and linear.packed is not first  # repacked for the new weights
-        assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
-
-
-def test_gemm_packed_linear_serves_decode_batches_and_never_a_stale_weight() -> None:
-    from phiforge import kernels
-
-    linear = Linear(96, 64).to(torch.bfloat16)
-    if not (kernels.gemm_available() and linear.pack()):
-        pytest.skip("no vector bf16 GEMM (AMX or AVX512-BF16) on this CPU")
-    assert linear.gemm_packed is not None
-    x = torch.randn(4, 96, dtype=torch.bfloat16)  # a decode batch of 4 rows: the native GEMM
-    with torch.no_grad():
-        torch.testing.assert_close(linear(x), F.linear(x, linear.weight, linear.bias), atol=2e-2, rtol=1e-2)
-        linear.weight.mul_(-1)  # updated after packing: the packed copy must not be used either
-        assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
-        big = torch.randn(GEMM_MAX_ROWS + 8, 96, dtype=torch.bfloat16)  # more rows: oneDNN's copy, bitwise
-        linear.pack()
-        assert torch.equal(linear(big), F.linear(big, linear.weight, linear.bias))

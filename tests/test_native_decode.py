@@ -1,4 +1,5 @@
-"""The whole-step native decode (native_decode.py, kernels' pf_decode_step) against model.py's layer-by-layer path."""
+"""The whole-step native decode (native_decode.py, kernels' pf_decode_step, installed by fast_paths) against the
+layer-by-layer path."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from phiforge import kernels, native_decode
+from phiforge import fast_paths, kernels, native_decode
 from phiforge.config import preset
 from phiforge.generate import Engine, SamplingParams
 from phiforge.model import build_model
@@ -36,6 +37,7 @@ def model_and_ids(name: str, dtype: torch.dtype, length: int = 24, **overrides: 
                   ) -> tuple[torch.nn.Module, torch.Tensor]:
     config = dataclasses.replace(preset(name), **overrides)
     model = build_model(config, dtype=dtype, seed=3).eval()
+    fast_paths.install(model)  # what the Engine does to a model it runs
     ids = torch.randint(0, config.vocab_size, (1, length), generator=torch.Generator().manual_seed(5))
     return model, ids
 
@@ -97,11 +99,12 @@ def test_plan_is_per_cache_and_declines_what_it_cannot_run() -> None:
     assert native_decode.plan_for(model, second, torch.float32) is not plan
     assert native_decode.plan_for(model, model.new_cache(1, 8, torch.bfloat16), torch.float32) is None
     sparse = build_model(preset("tiny-phi3small")).eval()
+    fast_paths.install(sparse)
     sparse_cache = sparse.new_cache(1, 8)
     assert native_decode.plan_for(sparse, sparse_cache, torch.float32) is None
     assert native_decode._PLANS[sparse_cache][2] is None  # the "no" is remembered: not re-decided every step
     model.train()
-    assert model._decode_plan_for(torch.zeros(1, 1, model.config.hidden_size), first) is None
+    assert model.decode_plan(torch.device("cpu"), torch.float32, first) is None
 
 
 def batched_decode_logits(model: torch.nn.Module, rows: list[list[int]], steps: int, *, native: bool,
@@ -129,7 +132,7 @@ def test_batched_step_matches_layer_path(quantized: bool, monkeypatch: pytest.Mo
     model, ids = model_and_ids("tiny-llama", torch.bfloat16, intermediate_size=192)
     if quantized:
         quantize_model(model, 4, group_size=32)
-    elif not (kernels.gemm_available() and model.pack_weights(True)):
+    elif not (kernels.gemm_available() and fast_paths.install(model, pack=True)):
         pytest.skip("batches take the native step only with packed copies for a vector GEMM (AMX or AVX512-BF16)")
     rows = [ids[0, :5].tolist(), ids[0, 3:14].tolist(), ids[0, 1:9].tolist()]
     cache = model.new_cache(len(rows), 8)

@@ -11,8 +11,15 @@ from pathlib import Path
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from phiforge.info import describe, format_info, resolve_config
+    from phiforge.info import describe, engine_paths, format_info, resolve_config
 
+    if args.paths:
+        from phiforge.fast_paths import format_paths
+
+        report = engine_paths(args.model, None if args.dtype == "auto" else args.dtype,
+                              int(args.quantize[3:]) if args.quantize else None, args.group_size)
+        print(json.dumps(report, indent=2) if args.json else format_paths(report))
+        return 0
     config, source = resolve_config(args.model)
     info = describe(config)
     print(json.dumps(info, indent=2) if args.json else format_info(info, source))
@@ -289,6 +296,13 @@ def _parser() -> argparse.ArgumentParser:
     p = add("info", cmd_info, "architecture, parameter count, memory per dtype and KV-cache bytes per token")
     p.add_argument("model", help="preset name, model folder, .gguf file or embedded alias")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--paths", action="store_true",
+                   help="which inference route each layer takes on this CPU (the engine's fast paths installed; "
+                        "a preset gets random weights)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="with --paths (auto: the checkpoint's dtype, bfloat16 for a preset)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="with --paths: quantized at load time")
+    p.add_argument("--group-size", type=int, default=32, help="with --paths --quantize int4: weights per scale")
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command", required=True)
     p = add("train", cmd_tokenizer_train, "train a byte-level BPE tokenizer on JSONL (field text) or .txt files",

@@ -9,6 +9,7 @@ generator, so a request's output does not depend on what it was batched with.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from phiforge import fast_paths
 from phiforge.model import KVCache, PhiForgeModel
 
 AUTO_MAX_BATCH = 128  # rows when the engine picks: bf16 GEMMs of 128 rows run ~1.3x faster per row than 32
@@ -90,7 +92,10 @@ class Engine:
                  max_seq_len: int | None = None, kv_budget_bytes: int = 2 << 30, pack_weights: bool | None = None
                  ) -> None:
         self.model = model.eval()
-        model.pack_weights(pack_weights)  # batched steps and prefill ~1.4x faster on the CPU (small models)
+        # the CPU fast paths (packed weights: batched steps and prefill ~1.4x faster; native decode)
+        fast_paths.install(model, pack=pack_weights)
+        if fast_paths.log.isEnabledFor(logging.DEBUG):
+            fast_paths.log.debug("engine paths: %s", fast_paths.summary(fast_paths.paths(model)))
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size  # None: the engine picks (see batch_size)
         self.on_finish: Callable[[int, Completion], None] | None = None  # called as each request ends

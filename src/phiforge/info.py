@@ -1,4 +1,5 @@
-"""What a model is and what it costs: architecture, parameters, memory per dtype, KV cache per token."""
+"""What a model is and what it costs: architecture, parameters, memory per dtype, KV cache per token; and which
+inference route each of its layers takes once the engine has installed its fast paths (``--paths``)."""
 
 from __future__ import annotations
 
@@ -89,3 +90,22 @@ def format_info(info: dict[str, Any], source: str) -> str:
     lines.append(("KV cache full ctx", f"{_size(info['kv_cache_bytes_full_context_bf16'])} (bf16)"))
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
+
+
+def engine_paths(ref: str, dtype: str | None = None, quantize: int | None = None,
+                 group_size: int = 32) -> dict[str, Any]:
+    """fast_paths.paths of the model behind ``ref`` on the CPU, as an Engine would run it: a preset gets random
+    weights (bf16 unless ``dtype``), a folder or GGUF its own; ``quantize`` (4 or 8) as ``--quantize`` does."""
+    from phiforge import fast_paths
+    from phiforge.checkpoint import load_pretrained
+    from phiforge.quantize import quantize_model
+
+    if ref in PRESETS:
+        model = build_model(PRESETS[ref].replace(), dtype=getattr(torch, dtype or "bfloat16"))
+    else:
+        resolve_config(ref)  # a clear error for what is neither preset, folder, GGUF nor alias
+        model = load_pretrained(ref, dtype=dtype, device="cpu", with_tokenizer=False)[0]
+    if quantize:
+        quantize_model(model, bits=quantize, group_size=group_size, keep_stored=False)
+    fast_paths.install(model.eval())
+    return fast_paths.paths(model)

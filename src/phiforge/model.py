@@ -9,6 +9,10 @@
 
 Projections are fused in memory (qkv, gate+up) whatever the on-disk layout: fewer, larger matmuls.
 checkpoint.py maps each family's Hugging Face keys onto these parameters.
+
+Plain PyTorch only: training, export and FSDP see these modules as they are. The inference engine installs
+its CPU fast paths (packed weights, native GEMV/attention/RMSNorm, the whole-step decode plan) onto a model it
+owns (fast_paths.py), overriding the hooks Attention.attend and PhiForgeModel.run_blocks.
 """
 
 from __future__ import annotations
@@ -20,9 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phiforge import kernels, native_decode
 from phiforge.config import ModelConfig
-from phiforge.kernels import GEMM_MAX_ROWS
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -41,9 +43,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" \
-                and not torch.is_grad_enabled() and kernels.available():  # one call instead of eight ops
-            return kernels.rms_norm_bf16(x, self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -74,55 +73,6 @@ def blocksparse_mask(config: ModelConfig, positions: torch.Tensor, num_keys: int
     causal = keys <= positions[..., None]  # [B, T, keys]
     local = qb - kb < c.blocksparse_local_blocks
     return causal[:, None] & (local[:, None] | vertical[None, :, None])
-
-
-PACK_LIMIT_BYTES = 1 << 30  # models up to this many weight bytes get pre-blocked copies by default (Linear.pack)
-
-
-class Linear(nn.Linear):
-    """nn.Linear with faster CPU inference paths for bf16, each giving F.linear's result:
-
-    - one row (a decode step of one sequence), bound by reading the weight: the native GEMV (bias fused)
-      where built, else torch.mv, which streams the weight ~1.4x faster than F.linear's GEMM here;
-    - several rows, after ``pack()``: oneDNN's pre-blocked copy of the weight, ~1.4x faster than F.linear,
-      which re-blocks the weight on every call (bitwise the same result);
-    - 2 to 32 rows (a decode batch) on a CPU with AMX or AVX512-BF16, after ``pack()``: the native GEMM (AMX
-      tiles, else vdpbf16ps register tiles) over a copy laid out as it streams it, ~1.3x faster than oneDNN's
-      when the weights come from DRAM (AMX, measured; fp32 sums in another order: not bitwise F.linear's).
-    Packing costs copies of the weight, so the Engine packs only models that are small for the machine.
-    """
-
-    packed: torch.Tensor | None = None
-    gemm_packed: torch.Tensor | None = None
-    packed_version: int = -1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" \
-                and not torch.is_grad_enabled():
-            if x.numel() == self.in_features:
-                if kernels.available():
-                    return kernels.bf16_gemv(x, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
-                y = torch.mv(self.weight, x.reshape(-1))
-                return (y + self.bias if self.bias is not None else y).view(*x.shape[:-1], self.out_features)
-            if self.packed is not None and self.packed_version == self.weight._version:  # not stale
-                if self.gemm_packed is not None and x.numel() <= GEMM_MAX_ROWS * self.in_features:
-                    y = kernels.bf16_gemm(x, self.gemm_packed, self.out_features, self.bias)
-                    return y.view(*x.shape[:-1], self.out_features)
-                return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
-
-    def pack(self) -> bool:
-        """Keep oneDNN's blocked copy of a bf16 CPU weight for inference; False where that is not possible."""
-        if self.weight.dtype != torch.bfloat16 or self.weight.device.type != "cpu" \
-                or not torch.backends.mkldnn.is_available():
-            return False
-        if self.packed is not None and self.packed_version == self.weight._version:
-            return True  # every Engine and scorer asks; the copy is made once per weight version
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 128)
-        if kernels.gemm_available() and kernels.gemm_fits(self.out_features, self.in_features):
-            self.gemm_packed = kernels.bf16_pack(self.weight.detach())
-        self.packed_version = self.weight._version
-        return True
 
 
 _FLEX: list = []
@@ -366,9 +316,9 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.qkv = Linear(config.hidden_size, config.q_size + 2 * config.kv_size,
-                          bias=config.attn_bias or config.qkv_bias)
-        self.proj = Linear(config.q_size, config.hidden_size, bias=config.attn_bias)
+        self.qkv = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size,
+                             bias=config.attn_bias or config.qkv_bias)
+        self.proj = nn.Linear(config.q_size, config.hidden_size, bias=config.attn_bias)
         if config.qk_layernorm:
             self.q_norm = nn.LayerNorm(config.head_dim, eps=config.norm_eps)
             self.k_norm = nn.LayerNorm(config.head_dim, eps=config.norm_eps)
@@ -377,6 +327,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: CacheView | None = None) -> torch.Tensor:
+        qk, v = self.heads(x)
+        return self.proj(self.attend(qk, v, cos, sin, mask, cache))
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys [B, H + KV, T, hd] (normed where qk_layernorm, not yet rotated), values [B, KV, T, hd]."""
         c = self.config
         B, T, _ = x.shape
         heads = self.qkv(x).view(B, T, c.num_heads + 2 * c.num_kv_heads, c.head_dim)
@@ -388,25 +343,18 @@ class Attention(nn.Module):
         if c.qk_layernorm:
             q, k = qk.split((c.num_heads, c.num_kv_heads), dim=1)
             qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
-        if cache is not None and T == 1 and self._native_decode(qk, cache):  # RoPE, cache store, attention: one call
-            q, k = qk.split((c.num_heads, c.num_kv_heads), dim=1)
-            k_cache, v_cache = cache.cache.layer(cache.layer, cache.rows)
-            lo, hi = cache.cache.key_bounds(cache.positions, c.sliding_window)
-            scale = c.attn_scale or c.head_dim**-0.5
-            return self.proj(kernels.decode_attention(q, k, v, k_cache, v_cache, lo, hi, scale, cos, sin))
+        return qk, v
+
+    def attend(self, qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               mask: torch.Tensor | None, cache: CacheView | None) -> torch.Tensor:
+        """RoPE, the cache write and attention: [B, T, q_size], what the output projection takes."""
+        c = self.config
+        B, _, T, _ = v.shape
         q, k = apply_rotary(qk, cos, sin).split((c.num_heads, c.num_kv_heads), dim=1)  # q and k in one pass
         if cache is not None:
             k, v = cache.write(k, v)
         y = self._sdpa(q, k, v, mask)
-        return self.proj(y.transpose(1, 2).reshape(B, T, c.q_size))
-
-    def _native_decode(self, qk: torch.Tensor, cache: CacheView) -> bool:
-        """One query per row on the CPU over a dense cache of q's dtype: the native kernel reads each key once
-        for all query heads of its group (SDPA's CPU kernel re-reads it per head)."""
-        dense = cache.cache.k[cache.layer]
-        return (qk.device.type == "cpu" and qk.dtype in (torch.bfloat16, torch.float32) and not self.training
-                and not self.config.is_sparse_layer(cache.layer) and dense is not None and dense.dtype == qk.dtype
-                and kernels.available())
+        return y.transpose(1, 2).reshape(B, T, c.q_size)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         dtype = q.dtype
@@ -429,8 +377,8 @@ class MLP(nn.Module):
         super().__init__()
         width = config.intermediate_size
         self.gated = config.gated_mlp
-        self.fc = Linear(config.hidden_size, 2 * width if self.gated else width, bias=config.mlp_bias)
-        self.proj = Linear(width, config.hidden_size, bias=config.mlp_bias)
+        self.fc = nn.Linear(config.hidden_size, 2 * width if self.gated else width, bias=config.mlp_bias)
+        self.proj = nn.Linear(width, config.hidden_size, bias=config.mlp_bias)
         limit = config.gegelu_limit
         self.act = ACTIVATIONS.get(config.hidden_act)
         self.gegelu = (lambda h: gegelu(h, limit)) if config.hidden_act == "gegelu" else None
@@ -473,7 +421,7 @@ class PhiForgeModel(nn.Module):
         self.embed_drop = nn.Dropout(config.embd_pdrop)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm_f = make_norm(config, config.hidden_size)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rope = RotaryEmbedding(config)
@@ -492,32 +440,27 @@ class PhiForgeModel(nn.Module):
         if input_pos is None:
             input_pos = torch.arange(T, device=input_ids.device)
         positions = input_pos if input_pos.dim() == 2 else input_pos[None].expand(B, T)
-        span = int(positions.max()) + 1
         c = self.config
         x = self.embed_drop(self.embed(input_ids))
         if c.embedding_multiplier != 1.0:
             x = x * c.embedding_multiplier
         cos, sin = self.rope(positions, x.dtype)
-        num_keys = span if cache is not None else T
-        mask = attn_mask if attn_mask is not None else self.attention_mask(positions, num_keys)
-        sparse = blocksparse_mask(c, positions, num_keys) if c.blocksparse_block_size else None
-        plan = self._decode_plan_for(x, cache) if cache is not None and T == 1 else None
-        if plan is not None and B <= plan.max_rows:  # one token per row: every layer in one native call
-            lo, hi = cache.key_bounds(positions, c.sliding_window)
-            first_row = range(cache.batch_size)[cache_rows][0]
-            x = plan.step(x.view(B, -1), cos, sin, first_row, lo, hi).view(B, 1, -1)
-        else:
-            for i, block in enumerate(self.blocks):
-                view = CacheView(cache, i, cache_rows, positions, span) if cache is not None else None
-                x = block(x, cos, sin, sparse if c.is_sparse_layer(i) else mask, view)
+        x = self.run_blocks(x, cos, sin, positions, attn_mask, cache, cache_rows)
         x = self.norm_f(x[:, -1:] if last_only else x)
         return x if return_hidden else self.logits(x)
 
-    def _decode_plan_for(self, x: torch.Tensor, cache: KVCache) -> native_decode.DecodePlan | None:
-        """The native whole-step plan for inference on the CPU (PHIFORGE_NATIVE=0 or anything unusual: None)."""
-        if self.training or torch.is_grad_enabled() or x.device.type != "cpu":
-            return None
-        return native_decode.plan_for(self, cache, x.dtype)
+    def run_blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                   attn_mask: torch.Tensor | None, cache: KVCache | None, cache_rows: slice) -> torch.Tensor:
+        """Hidden states [B, T, hidden] through every block, each with its mask and its view of the cache."""
+        c = self.config
+        span = int(positions.max()) + 1
+        num_keys = span if cache is not None else x.shape[1]
+        mask = attn_mask if attn_mask is not None else self.attention_mask(positions, num_keys)
+        sparse = blocksparse_mask(c, positions, num_keys) if c.blocksparse_block_size else None
+        for i, block in enumerate(self.blocks):
+            view = CacheView(cache, i, cache_rows, positions, span) if cache is not None else None
+            x = block(x, cos, sin, sparse if c.is_sparse_layer(i) else mask, view)
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The head: muP's width divisor and reserved ids masked (Phi-3-small); plain lm_head otherwise."""
@@ -576,17 +519,6 @@ class PhiForgeModel(nn.Module):
                     local.fill_(1.0)
                 else:
                     _seeded_normal_rows(local, offset, param.shape[0], std, f"{seed}/{prefix}.{leaf}")
-
-    def pack_weights(self, when: bool | None = None) -> int:
-        """Pre-block bf16 Linear weights for faster batched CPU inference (see Linear); bytes added.
-
-        ``when=None`` packs only a model of at most PACK_LIMIT_BYTES of weights: the copies double or triple them."""
-        if when is None:
-            when = sum(p.numel() * p.element_size() for p in self.parameters()) <= PACK_LIMIT_BYTES
-        if not when:
-            return 0
-        return sum(m.weight.numel() * m.weight.element_size() * (1 + (m.gemm_packed is not None))
-                   for m in self.modules() if isinstance(m, Linear) and m.pack())
 
     def num_parameters(self) -> int:
         """Unique parameters (a tied head counts once), like transformers' num_parameters()."""

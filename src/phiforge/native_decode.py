@@ -5,6 +5,7 @@ than reading its weights: SmolLM2-135M in int4 reads ~70 MB per token, ~3 ms, bu
 ~20 ms. So for the common single-stream case (one row, one new token, CPU, bf16 or fp32 activations) the
 model hands its layers to C, described once per (model, cache) as ctypes structs that point at the live
 tensors. Anything unusual (block-sparse or qk-normed layers, GeGELU, training) keeps model.py's path.
+The engine's model calls it (fast_paths.FastModel); model.py knows nothing of it.
 """
 
 from __future__ import annotations

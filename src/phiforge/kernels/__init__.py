@@ -119,7 +119,7 @@ def _open(level: str) -> ctypes.CDLL | None:
             path = _build(level)
             if path is not None:
                 lib = ctypes.CDLL(str(path))
-                abi.bind(lib)
+                abi.bind(lib, SOURCE.read_text())
         except (OSError, abi.AbiError) as error:  # an unwritable cache, a noexec mount: PyTorch's kernels instead
             warnings.warn(f"phiforge: native kernels ({level}) unavailable ({error})", stacklevel=3)
             lib = None
@@ -310,7 +310,7 @@ def gemm_available() -> bool:
 
 def gemm_path(n: int, k: int) -> str:
     """Which GEMM bf16_gemm takes for an [n, k] weight: "amx", "avx512_bf16" or "plain"."""
-    return ("plain", "avx512_bf16", "amx")[_load().pf_bf16_gemm_path(n, k)]
+    return abi.Gemm(_load().pf_bf16_gemm_path(n, k)).name.lower()
 
 
 GEMM_MAX_ROWS = 32  # beyond, oneDNN's GEMM reuses the weight better than the native GEMM in Linear (measured, AMX)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import re
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int
@@ -51,7 +52,15 @@ class Read(enum.IntEnum):
     STREAM = 2
 
 
-ENUMS = {"KIND": Kind, "ACT": Act, "FEAT": Feat, "READ": Read}
+class Gemm(enum.IntEnum):
+    """pf_bf16_gemm_path(): which GEMM pf_bf16_gemm takes for a shape."""
+
+    PLAIN = 0
+    AVX512_BF16 = 1
+    AMX = 2
+
+
+ENUMS = {"KIND": Kind, "ACT": Act, "FEAT": Feat, "READ": Read, "GEMM": Gemm}
 
 
 class Linear(ctypes.Structure):
@@ -96,6 +105,52 @@ SIGNATURES: dict[str, tuple[object, list]] = {  # name: (restype, argtypes), eve
 }
 
 
+# C scalar types of the entry points' prototypes and the ctypes type each must be declared with
+_C_SCALARS = {"int": _I, "int64_t": _I64, "float": _F, "double": ctypes.c_double, "size_t": ctypes.c_size_t,
+              "void": None}
+_PROTOTYPE = re.compile(r"^(?!static)([A-Za-z_][\w ]*?\**)\s*\b(pf_\w+)\(([^)]*)\)\s*[{;]", re.MULTILINE)
+
+
+def _c_type(decl: str, named: bool) -> object:
+    """The ctypes type a C parameter or return type must be declared as: "ptr" for any pointer."""
+    if "*" in decl:
+        return "ptr"
+    words = [w for w in decl.split() if w != "const"]
+    return _C_SCALARS[" ".join(words[:-1] if named else words)]
+
+
+def _ctypes_kind(t: object) -> object:
+    """A declared ctypes type as _c_type names it."""
+    if t in (_P, ctypes.c_char_p) or (isinstance(t, type) and issubclass(t, ctypes._Pointer)):
+        return "ptr"
+    return t
+
+
+def prototypes(source: str) -> dict[str, tuple[object, list[object]]]:
+    """Every exported pf_* function of native.c: name -> (return type, parameter types), as _c_type names them."""
+    found = {}
+    for ret, name, params in _PROTOTYPE.findall(source):
+        params = [p.strip() for p in params.split(",") if p.strip() and p.strip() != "void"]
+        found[name] = (_c_type(ret, named=False), [_c_type(p, named=True) for p in params])
+    return found
+
+
+def check_prototypes(source: str) -> None:
+    """Every exported symbol of native.c has a signature here, and it matches the C prototype parameter by
+    parameter (a wrong argtypes entry would pass a truncated or misplaced argument); AbiError otherwise."""
+    c_side = prototypes(source)
+    problems = [f"{name} has no ctypes signature" for name in sorted(set(c_side) - set(SIGNATURES))]
+    for name, (restype, argtypes) in SIGNATURES.items():
+        if name not in c_side:
+            problems.append(f"{name} is not in native.c")
+            continue
+        declared = (_ctypes_kind(restype), [_ctypes_kind(t) for t in argtypes])
+        if declared != c_side[name]:
+            problems.append(f"{name}: C {c_side[name]} but ctypes {declared}")
+    if problems:
+        raise AbiError("native kernels: " + "; ".join(problems))
+
+
 def describe() -> str:
     """What pf_abi() must return for these declarations."""
     parts = []
@@ -111,8 +166,11 @@ class AbiError(RuntimeError):
     """A build whose structs, enums or symbols are not what the ctypes declarations say."""
 
 
-def bind(lib: ctypes.CDLL) -> None:
-    """Set every entry point's signature and check the C side's self-description; AbiError on a mismatch."""
+def bind(lib: ctypes.CDLL, source: str | None = None) -> None:
+    """Set every entry point's signature and check the C side's self-description (and, given the C
+    ``source`` the build came from, every prototype against its signature); AbiError on a mismatch."""
+    if source is not None:
+        check_prototypes(source)
     for name, (restype, argtypes) in SIGNATURES.items():
         try:
             fn = getattr(lib, name)

@@ -44,6 +44,7 @@ enum { PF_KIND_BF16 = 0, PF_KIND_F32 = 1, PF_KIND_INT8 = 2, PF_KIND_INT4 = 3 };
 enum { PF_ACT_GELU_TANH = 0, PF_ACT_SILU = 1, PF_ACT_GELU_ERF = 2 };
 enum { PF_FEAT_AVX512 = 1, PF_FEAT_AVX512_BF16 = 2, PF_FEAT_AVX512_VNNI = 4, PF_FEAT_AMX = 8, PF_FEAT_AVX2 = 16 };
 enum { PF_READ_PLAIN = 0, PF_READ_PREFETCH = 1, PF_READ_STREAM = 2, PF_READ_METHODS = 3 };
+enum { PF_GEMM_PLAIN = 0, PF_GEMM_AVX512_BF16 = 1, PF_GEMM_AMX = 2 }; /* pf_bf16_gemm_path */
 
 static inline float bf16_to_f32(uint16_t v) {
   union { uint32_t u; float f; } c;
@@ -1093,32 +1094,32 @@ static void gemm_plain(const uint16_t *packed, const uint16_t *x16, const void *
   }
 }
 
-int pf_bf16_gemm_path(int N, int K) { /* which GEMM pf_bf16_gemm takes for this shape: 2 AMX, 1 AVX512-BF16, 0 plain */
+int pf_bf16_gemm_path(int N, int K) { /* which GEMM pf_bf16_gemm takes for this shape (PF_GEMM_*) */
 #ifdef PF_AMX
-  if (pf_amx_available() && N % 32 == 0 && K % 32 == 0) return 2;
+  if (pf_amx_available() && N % 32 == 0 && K % 32 == 0) return PF_GEMM_AMX;
 #endif
 #if defined(PF_AVX512) && defined(__AVX512BF16__)
-  return 1;
+  return PF_GEMM_AVX512_BF16;
 #endif
   (void)N; (void)K;
-  return 0;
+  return PF_GEMM_PLAIN;
 }
 
 /* y [M, N] = x [M, K] W^T (+ bias) for W packed by pf_bf16_pack (N % 16 == 0, K even), x rounded to bf16,
    accumulated in fp32 (sums in another order than F.linear's: not bitwise its result) */
 void pf_bf16_gemm(const uint16_t *packed, const void *x_act, const void *bias, void *y, int act_bf16, int M, int N,
                   int K, int threads) {
-  int path = pf_bf16_gemm_path(N, K), padded = path == 2 ? (M + 15) / 16 * 16 : M;
+  int path = pf_bf16_gemm_path(N, K), padded = path == PF_GEMM_AMX ? (M + 15) / 16 * 16 : M;
   uint16_t *x16 = calloc((size_t)padded * K, 2);
   for (size_t i = 0; i < (size_t)M * K; i++)
     x16[i] = act_bf16 ? ((const uint16_t *)x_act)[i] : f32_to_bf16(((const float *)x_act)[i]);
 #ifdef PF_AMX
-  if (path == 2) gemm_amx(packed, x16, bias, y, act_bf16, M, padded, N, K, threads);
+  if (path == PF_GEMM_AMX) gemm_amx(packed, x16, bias, y, act_bf16, M, padded, N, K, threads);
 #endif
 #if defined(PF_AVX512) && defined(__AVX512BF16__)
-  if (path == 1) gemm_avx512bf16(packed, x16, bias, y, act_bf16, M, N, K, threads);
+  if (path == PF_GEMM_AVX512_BF16) gemm_avx512bf16(packed, x16, bias, y, act_bf16, M, N, K, threads);
 #endif
-  if (path == 0) gemm_plain(packed, x16, bias, y, act_bf16, M, N, K, threads);
+  if (path == PF_GEMM_PLAIN) gemm_plain(packed, x16, bias, y, act_bf16, M, N, K, threads);
   free(x16);
 }
 
@@ -1202,6 +1203,7 @@ const char *pf_abi(void) {
   PF_E(PF_ACT_GELU_TANH); PF_E(PF_ACT_SILU); PF_E(PF_ACT_GELU_ERF);
   PF_E(PF_FEAT_AVX512); PF_E(PF_FEAT_AVX512_BF16); PF_E(PF_FEAT_AVX512_VNNI); PF_E(PF_FEAT_AMX); PF_E(PF_FEAT_AVX2);
   PF_E(PF_READ_PLAIN); PF_E(PF_READ_PREFETCH); PF_E(PF_READ_STREAM);
+  PF_E(PF_GEMM_PLAIN); PF_E(PF_GEMM_AVX512_BF16); PF_E(PF_GEMM_AMX);
 #undef PF_S
 #undef PF_F
 #undef PF_E
