@@ -58,7 +58,8 @@ def test_shipped_prompts_and_rubric() -> None:
 
 def test_bad_prompt_file_names_the_record(tmp_path: Path) -> None:
     path = tmp_path / "prompts.jsonl"
-    path.write_text('{"id": "a", "category": "groups", "prompt": "x"}\n{"id": "b", "category": "jokes", "prompt": "y"}\n')
+    path.write_text('{"id": "a", "category": "groups", "prompt": "x"}\n'
+                    '{"id": "b", "category": "jokes", "prompt": "y"}\n')
     with pytest.raises(TaskDataError, match=r"prompts.jsonl: record 2 \(b\): category 'jokes'"):
         R.load_prompts(path)
     grades = tmp_path / "grades.json"
