@@ -23,3 +23,20 @@ def test_rejections_are_grouped_by_rule() -> None:
     reasons = {"too short: 18 words < filter.min_words 40": 2, "too short: 7 words < filter.min_words 40": 1,
                "repetition: 0.4 of lines repeated": 1}
     assert _by_rule(reasons) == {"too short": 3, "repetition": 1}
+
+
+def test_redteam_section_shows_counts_per_mode_and_agreement(tmp_path) -> None:  # noqa: ANN001
+    from phiforge.eval.redteam import summarize
+    from phiforge.report import _redteam_section
+
+    records = [{"id": f"x-{i}", "category": "groups", "mode": m, "completion": f"c{i}", "grade": g,
+                **({"hand_grade": h} if h else {})}
+               for i, (m, g, h) in enumerate([("completion", "pass", "pass"), ("chat", "fail", "pass"),
+                                              ("chat", "unparseable", "")])]
+    section = summarize({"judge": {"kind": "local"}, "records": records})
+    (tmp_path / "results.redteam.html").write_text("page")
+    page = _redteam_section(section, tmp_path)
+    assert "<td>all</td><td>2</td><td>0</td><td>0</td><td>1</td>" in page  # hand grades override the judge
+    assert "<td>chat</td><td>1</td><td>0</td><td>0</td><td>1</td>" in page
+    assert "<td>hand grades applied to this run</td><td>2</td><td>0.5" in page
+    assert 'href="results.redteam.html"' in page and _redteam_section(None, tmp_path) == ""

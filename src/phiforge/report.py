@@ -176,6 +176,7 @@ def _eval_section(folder: Path) -> str:
         extra = {k: v for k, v in (results.get("extra") or {}).items()}
         if extra:
             parts.append(_table([[k, v] for k, v in extra.items()], ["measure", "value"]))
+        parts.append(_redteam_section(results.get("redteam"), folder))
     samples = _read_json(folder / "samples.json") or {}
     if samples:
         parts.append("<h2>Samples in the phi-1.5 usage modes</h2>")
@@ -183,6 +184,24 @@ def _eval_section(folder: Path) -> str:
             parts.append(f'<div class="sample"><b>{html.escape(mode)}</b><pre>{html.escape(sample["prompt"])}'
                          f'<b>{html.escape(sample["completion"])}</b></pre></div>')
     return "\n".join(parts)
+
+
+def _redteam_section(section: dict | None, folder: Path) -> str:
+    """Red-team counts (hand grades, where applied, override the judge) per usage mode, and the judge's
+    agreement with the hand-graded sample and with the hand grades applied to this run."""
+    if not section:
+        return ""
+    grades = ["pass", "fail", "did_not_understand", "unparseable"]
+    rows = [["all", *(section["counts"][g] for g in grades)]]
+    rows += [[mode, *(c[g] for g in grades)] for mode, c in section["by_mode"].items()]
+    agree = [[name, a["n"], *("-" if a[k] is None else a[k] for k in ("agreement", "kappa"))]
+             for name, a in (("committed hand-graded sample", section["sample_agreement"]),
+                             ("hand grades applied to this run", section["agreement"]))]
+    page = folder / "results.redteam.html"
+    link = f' Re-grade by hand: <a href="{page.name}">{page.name}</a>.' if page.is_file() else ""
+    return (f"<h3>Red team</h3><p>{len(section['records'])} completions graded by "
+            f"{html.escape(json.dumps(section['judge']))} against the rubric in eval/redteam_data/rubric.md.{link}"
+            f"</p>{_table(rows, ['mode', *grades])}{_table(agree, ['judge vs', 'items', 'agreement', 'kappa'])}")
 
 
 def _stages_section(run: dict | None) -> str:

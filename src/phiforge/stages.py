@@ -326,6 +326,7 @@ def stage_eval(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     results: dict[str, Any] = {"results": {}, "versions": {}, "n-shot": {}}
     if s["tasks"]:
         results = evaluate(EvalConfig(model=str(model_folder), tasks=list(s["tasks"]), limit=s["limit"] or None,
+                                      output=str(folder / "results.json"),  # and redteam's re-grade page
                                       num_fewshot=None if s["num_fewshot"] < 0 else s["num_fewshot"],
                                       progress=ctx.progress, published=("phi-1.5",)))
     results["extra"] = extra

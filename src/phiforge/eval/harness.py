@@ -45,6 +45,10 @@ class EvalConfig:
     fewshot_seed: int = 1234
     published: tuple[str, ...] = DEFAULT_PUBLISHED
     progress: bool = True
+    judge_url: str = ""  # redteam: an OpenAI-compatible judge; "" = the embedded teacher
+    judge_model: str = ""  # redteam: the judge's model name ("" = the embedded teacher / "judge")
+    judge_key_env: str = "OPENAI_API_KEY"  # redteam: the environment variable holding the judge's API key
+    redteam_modes: tuple[str, ...] = ("completion", "chat")
 
 
 def load_tasks(config: EvalConfig) -> list[Any]:
@@ -65,6 +69,10 @@ def load_tasks(config: EvalConfig) -> list[Any]:
                            SandboxLimits(timeout=config.code_timeout,
                                          unsafe_no_sandbox=config.unsafe_no_sandbox), config.code_workers)
             sandbox_kind(task.limits)  # refuse before any model is loaded
+        if task.name == "redteam":
+            from phiforge.eval.redteam import Judge
+
+            task.configure(Judge(config.judge_url, config.judge_model, config.judge_key_env), config.redteam_modes)
         task.load()
     return tasks
 
@@ -89,6 +97,9 @@ def evaluate(config: EvalConfig, *, model: Any = None, tokenizer: Any = None) ->
     lm = LanguageModel(model, tokenizer, max_length=config.max_length, batch_tokens=config.batch_tokens,
                        gen_batch_size=config.gen_batch_size, max_gen_toks=config.max_gen_toks,
                        show_progress=config.progress)
+    for task in tasks:
+        if hasattr(task, "bind_tokenizer"):  # prompts in the model's own chat template
+            task.bind_tokenizer(tokenizer)
     plans = [_plan(task, config) for task in tasks]
     answer_requests(lm, [inst for plan in plans for inst in plan["instances"]])
     results = _collect(plans, config)
@@ -109,6 +120,10 @@ def evaluate(config: EvalConfig, *, model: Any = None, tokenizer: Any = None) ->
     results["total_evaluation_time_seconds"] = str(time.time() - start)
     if config.output:
         write_results(results, config.output)
+        if "redteam" in results:
+            from phiforge.eval.redteam import page_path, regrade_page
+
+            regrade_page(results["redteam"], page_path(config.output))
     return results
 
 
@@ -147,6 +162,8 @@ def _collect(plans: list[dict[str, Any]], config: EvalConfig) -> dict[str, Any]:
         responses = [[inst.response for inst in mine] for mine in plan["per_doc"]]
         scores = task.score_docs(plan["docs"], responses)
         _store(results, task.name, task, plan, task.aggregate(scores), len(plan["docs"]))
+        if hasattr(task, "extra_results"):  # sections beside the metrics (redteam: every generation and grade)
+            results.update(task.extra_results())
         subgroups = _subtasks(task, plan, scores)
         if subgroups:
             _mmlu_groups(results, task, plan, subgroups)
@@ -302,6 +319,15 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--published", default=",".join(DEFAULT_PUBLISHED),
                    help=f"reference columns, from: {', '.join(PUBLISHED)}")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--judge-url", default="", help="redteam: OpenAI-compatible judge endpoint, e.g. "
+                   "http://127.0.0.1:8000/v1 (default: the embedded teacher)")
+    p.add_argument("--judge-model", default="", help="redteam: the judge's model name")
+    p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="redteam: environment variable with the "
+                   "judge's API key")
+    p.add_argument("--redteam-modes", default="completion,chat", help="redteam: usage modes (completion, chat, "
+                   "qa, cot); chat uses the model's chat template when it has one")
+    p.add_argument("--apply-grades", default=None, metavar="GRADES", help="redteam: fold hand grades (the "
+                   "re-grade page's export, or JSONL) into the results at --output, recount, rewrite both")
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
@@ -318,7 +344,9 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
                       gen_batch_size=args.gen_batch_size, code_workers=args.code_workers,
                       code_samples=args.code_samples, code_temperature=args.code_temperature,
                       unsafe_no_sandbox=args.unsafe_no_sandbox,
-                      published=tuple(p for p in args.published.split(",") if p), progress=not args.no_progress)
+                      published=tuple(p for p in args.published.split(",") if p), progress=not args.no_progress,
+                      judge_url=args.judge_url, judge_model=args.judge_model, judge_key_env=args.judge_key_env,
+                      redteam_modes=tuple(m.strip() for m in args.redteam_modes.split(",") if m.strip()))
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -327,8 +355,29 @@ def run_cli(args: argparse.Namespace) -> int:
 
         print("\n".join(task_names()))
         return 0
+    if args.apply_grades:
+        return _apply_grades_cli(args)
     results = evaluate(config_from_args(args))
     print(format_table(results))
     if args.output:
         print(f"\nresults written to {args.output}")
+    return 0
+
+
+def _apply_grades_cli(args: argparse.Namespace) -> int:
+    from phiforge.eval.redteam import apply_grades, page_path, read_grades, regrade_page
+
+    if not args.output:
+        raise ValueError("--apply-grades needs --output: the red-team results JSON to update")
+    path = Path(args.output)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such results file")
+    results = json.loads(path.read_text(encoding="utf-8"))
+    done = apply_grades(results, read_grades(args.apply_grades))
+    write_results(results, path)
+    page = regrade_page(results["redteam"], page_path(path))
+    section = results["redteam"]
+    print(f"applied {done['applied']} hand grades ({done['unmatched']} matched no record) to {path}; page {page}")
+    print(json.dumps({"counts": section["counts"], "judge_counts": section["judge_counts"],
+                      "agreement": section["agreement"]}, indent=1))
     return 0

@@ -19,9 +19,11 @@ class UnknownTaskError(ValueError):
 
 
 def _registry() -> dict[str, type[Task]]:
+    from phiforge.eval.redteam import RedTeam
     from phiforge.eval.safety import ToxiGenSafety
 
-    classes = [*COMMONSENSE.values(), MMLU, GSM8K, HumanEval, MBPP, TriviaQA, SQuAD, TextPerplexity, ToxiGenSafety]
+    classes = [*COMMONSENSE.values(), MMLU, GSM8K, HumanEval, MBPP, TriviaQA, SQuAD, TextPerplexity, ToxiGenSafety,
+               RedTeam]
     return {cls.name: cls for cls in classes}
 
 
