@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes
 import enum
 
+from phiforge.errors import ExternalError
+
 _P = ctypes.c_void_p
 _I = ctypes.c_int
 _I64 = ctypes.c_int64
@@ -107,7 +109,7 @@ def describe() -> str:
     return ";".join(parts)
 
 
-class AbiError(RuntimeError):
+class AbiError(ExternalError):
     """A build whose structs, enums or symbols are not what the ctypes declarations say."""
 
 

@@ -12,11 +12,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from phiforge.errors import EvalError
+
 BENCHMARKS_ENV = "PHIFORGE_BENCHMARKS"
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
 
 
-class TaskDataError(ValueError):
+class TaskDataError(EvalError):
     """Missing or malformed benchmark data; the message names task, file and record."""
 
 
