@@ -39,7 +39,6 @@ from typing import Any
 import torch
 
 from phiforge.config_loader import config_dict, load_config
-from phiforge.errors import DataError
 from phiforge.eval.scoring import common_prefix
 from phiforge.generate import Engine
 from phiforge.model import KVCache
@@ -131,7 +130,7 @@ def gsm8k_oracle(record: dict[str, Any], texts: list[str], ids: list[list[int]])
 
     reference = normalize(str(record["answer"]), IGNORE, ignore_case=True).strip()
     if not re.fullmatch(r"-?[0-9.]+", reference):
-        raise DataError(f"answer {record['answer']!r} has no numeric final answer")
+        raise ValueError(f"answer {record['answer']!r} has no numeric final answer")
     out = []
     for text in texts:
         answer = regex_extract(text, STRICT)
