@@ -33,9 +33,9 @@ import torch
 from common import best_seconds, left_padded, limit, machine, random_phiforge, read_bandwidth, transformers_view
 
 from phiforge import kernels
-from phiforge.checkpoint import load_pretrained
 from phiforge.config import preset
 from phiforge.generate import Engine, SamplingParams
+from phiforge.load import load_pretrained
 from phiforge.quantize import quantize_model
 
 TEACHER = "smollm2-135m-instruct"

@@ -10,9 +10,9 @@ import argparse
 import json
 from pathlib import Path
 
-from phiforge.checkpoint import load_pretrained
 from phiforge.eval.harness import EvalConfig, _plan, load_tasks
 from phiforge.eval.scoring import LanguageModel
+from phiforge.load import load_pretrained
 
 HERE = Path(__file__).resolve().parent
 

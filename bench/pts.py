@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from common import machine, transformers_view
 
-from phiforge.checkpoint import load_pretrained
 from phiforge.generate import Engine, SamplingParams
-from phiforge.train.pts import Estimator, PrefixCachingEngine, Query, SamplingPart, SearchPart, gsm8k_oracle
+from phiforge.load import load_pretrained
+from phiforge.train.pts import PTS_SAMPLING, Estimator, PrefixCachingEngine, Query, SearchPart, gsm8k_oracle
 
 GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks" / "gsm8k" / "test.jsonl"
 
@@ -42,7 +42,7 @@ def prefixes(model, tok, questions: list[dict], max_new: int) -> list[tuple[Quer
     return out
 
 
-def run_phiforge(model, tok, wanted, sampling: SamplingPart, samples: int) -> dict:  # noqa: ANN001
+def run_phiforge(model, tok, wanted, sampling: SamplingParams, samples: int) -> dict:  # noqa: ANN001
     search = SearchPart(min_samples=samples, max_samples=samples, round_samples=samples)
     engine = PrefixCachingEngine(model, tok, max_batch_size=64)
     est = Estimator(engine, gsm8k_oracle, sampling, search, tok.stop_token_ids, seed=0)
@@ -56,7 +56,7 @@ def run_phiforge(model, tok, wanted, sampling: SamplingPart, samples: int) -> di
 
 
 @torch.no_grad()
-def run_naive(reference, tok, wanted, sampling: SamplingPart, samples: int) -> dict:  # noqa: ANN001
+def run_naive(reference, tok, wanted, sampling: SamplingParams, samples: int) -> dict:  # noqa: ANN001
     start, generated = time.perf_counter(), 0
     ps = []
     for query, prefix in wanted:
@@ -86,7 +86,7 @@ def main() -> int:
     reference = transformers_view(model)
     questions = [json.loads(line) for line in GSM8K.read_text().splitlines()[: args.questions]]
     wanted = prefixes(model, tok, questions, args.max_new_tokens)
-    sampling = SamplingPart(max_new_tokens=args.max_new_tokens)
+    sampling = SamplingParams(**{**PTS_SAMPLING, "max_new_tokens": args.max_new_tokens})
     ours = run_phiforge(model, tok, wanted, sampling, args.samples)
     naive = run_naive(reference, tok, wanted, sampling, args.samples)
     print(json.dumps({"machine": machine(), "model": "smollm2-135m-instruct", "dtype": args.dtype,

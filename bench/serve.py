@@ -24,8 +24,8 @@ import openai
 import torch
 from common import machine
 
-from phiforge.checkpoint import load_pretrained
 from phiforge.generate import Engine, SamplingParams
+from phiforge.load import load_pretrained
 from phiforge.serve import spawn_server
 
 TOPICS = ["rain", "bees", "volcanoes", "the moon", "bread", "rivers", "owls", "glass", "wind", "salt", "trees",

@@ -23,11 +23,12 @@ import time
 import torch
 from common import left_padded, machine, transformers_view
 
-from phiforge.checkpoint import load_pretrained
 from phiforge.data.synth import SynthConfig, run_synth
 from phiforge.data.synth.pipeline import Planner
-from phiforge.data.synth.teachers import LocalTeacher, Request, Sampling
+from phiforge.data.synth.teachers import LocalTeacher, Request
 from phiforge.generate import Engine, SamplingParams
+from phiforge.load import load_pretrained
+from phiforge.sampling import TEACHER_SAMPLING
 
 TEACHER = "smollm2-135m-instruct"
 SAMPLING = {"temperature": 0.7, "top_k": 50, "top_p": 0.95}
@@ -35,7 +36,7 @@ SAMPLING = {"temperature": 0.7, "top_k": 50, "top_p": 0.95}
 
 def synth_prompts(local: LocalTeacher, n: int) -> list[list[int]]:
     planner = Planner(SynthConfig.from_dict({}))
-    return [local.encode(Request(planner.draft(i).prompt, seed=i, sampling=Sampling())) for i in range(n)]
+    return [local.encode(Request(planner.draft(i).prompt, seed=i, sampling=TEACHER_SAMPLING)) for i in range(n)]
 
 
 def ours(engine: Engine, prompts: list[list[int]], tokens: int) -> dict:

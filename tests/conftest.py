@@ -15,6 +15,11 @@ from phiforge.gguf_io import load_gguf, resolve_model_alias
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# child processes (`python -m phiforge ...`, torchrun workers) import the source tree under test, not whatever
+# checkout the venv's editable install points at
+_SRC = str(Path(__file__).resolve().parents[1] / "src")
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p)
+
 # shared/ sits beside the checkout (locally and in CI): the benchmark files and research notes
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 # llama.cpp beside the checkout too: the sources vendored in the llama-cpp-python 0.3.36 sdist and a build of them

@@ -12,10 +12,11 @@ import torch
 from conftest import randomize_
 
 from phiforge.chat import ChatSession, run_chat
-from phiforge.checkpoint import load_pretrained, save_hf_folder
+from phiforge.checkpoint import save_hf_folder
 from phiforge.cli import main
 from phiforge.config import preset
 from phiforge.generate import Engine, SamplingParams
+from phiforge.load import load_pretrained
 from phiforge.model import build_model
 from phiforge.tokenizer import train_bpe
 

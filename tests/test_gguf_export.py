@@ -21,12 +21,13 @@ from gguf import GGMLQuantizationType as Q
 from test_gguf_io import spm_vocab, write_gguf  # noqa: F401 - spm_vocab is a fixture
 from train.gsm8k_corpus import build_corpus
 
-from phiforge.checkpoint import hf_state_dict, load_pretrained
+from phiforge.checkpoint import hf_state_dict
 from phiforge.cli import main as cli_main
 from phiforge.config import preset
 from phiforge.generate import Engine, SamplingParams
 from phiforge.gguf_export import GGUFExportError, export_gguf
 from phiforge.gguf_io import load_gguf, read_gguf_tokenizer
+from phiforge.load import load_pretrained
 from phiforge.model import build_model
 from phiforge.quantize import quantize_model
 from phiforge.tokenizer import train_bpe

@@ -25,9 +25,9 @@ from tokenizers import Regex, pre_tokenizers
 from train.gsm8k_corpus import build_corpus, gsm8k_texts
 
 from phiforge import gguf_io
-from phiforge.checkpoint import load_pretrained
 from phiforge.config import preset
 from phiforge.gguf_export import export_gguf
+from phiforge.load import load_pretrained
 from phiforge.model import build_model
 from phiforge.tokenizer import Tokenizer, train_bpe
 from phiforge.train import TrainConfig, train

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from conftest import randomize_
 
-from phiforge.checkpoint import hf_state_dict, load_hf_folder, load_pretrained, save_hf_folder
+from phiforge.checkpoint import hf_state_dict, load_hf_folder, save_hf_folder
 from phiforge.config import ModelConfig, phi3small_dummy_ids, preset
 from phiforge.generate import Engine, SamplingParams
+from phiforge.load import load_pretrained
 from phiforge.model import blocksparse_mask, build_model, gegelu
 from phiforge.tiktoken_tokenizer import (
     TiktokenTokenizer,

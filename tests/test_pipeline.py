@@ -295,8 +295,8 @@ overrides = ["run.max_steps=10", "data.seq_len=512", "batch.global_sequences=8",
 
 def test_pretrain2_continues_phase_1_and_eval_uses_the_sft_model(tmp_path: Path, documents: Path,
                                                                 chat_records: Path) -> None:
-    from phiforge.checkpoint import load_pretrained
-    from phiforge.stages import _token_array, heldout_loss
+    from phiforge.load import load_pretrained
+    from phiforge.stages import heldout_loss, token_array
 
     chat = tmp_path / "chat.jsonl"  # a copy: this test edits it
     shutil.copy(chat_records, chat)
@@ -315,7 +315,7 @@ def test_pretrain2_continues_phase_1_and_eval_uses_the_sft_model(tmp_path: Path,
     results = json.loads((run / "eval" / "results.json").read_text())
     assert results["model"] == str(run / "sft" / "final")
     assert json.loads((run / "eval" / "stats.json").read_text())["model"] == "sft"
-    heldout = _token_array(run / "tokenize" / "heldout")
+    heldout = token_array(run / "tokenize" / "heldout")
     losses = {s: heldout_loss(run / s / "final", heldout, 128) for s in ("pretrain2", "sft")}
     assert results["extra"]["heldout_loss"] == pytest.approx(losses["sft"], rel=1e-6)
     assert abs(losses["sft"] - losses["pretrain2"]) > 1e-3, losses  # so the check above tells them apart

@@ -8,10 +8,11 @@ from conftest import randomize_
 from safetensors.torch import load_file, save_file
 
 from phiforge import kernels
-from phiforge.checkpoint import CheckpointError, load_model
+from phiforge.checkpoint import CheckpointError
 from phiforge.config import preset
 from phiforge.generate import Engine, SamplingParams
 from phiforge.kernels import NATIVE_GEMV_ROWS
+from phiforge.load import load_model
 from phiforge.model import build_model
 from phiforge.quantize import QuantizedLinear, quantize_model, save_quantized
 

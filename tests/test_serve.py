@@ -237,7 +237,7 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_graceful_shutdown_finishes_in_flight_requests(tiny_folder: Path) -> None:
-    from phiforge.checkpoint import load_pretrained
+    from phiforge.load import load_pretrained
 
     model, tokenizer = load_pretrained(tiny_folder, device="cpu")
     running = start_server(model, tokenizer, model_name="tiny")
@@ -293,7 +293,7 @@ def _raw(url: str, head: str, body: bytes = b"", wait: float = 10.0) -> tuple[st
 
 
 def test_hostile_requests_leave_eight_other_clients_answered(tiny_folder: Path) -> None:
-    from phiforge.checkpoint import load_pretrained
+    from phiforge.load import load_pretrained
 
     model, tokenizer = load_pretrained(tiny_folder, device="cpu")
     prompts = [f"a b {w} c" for w in "defghijk"]
@@ -366,7 +366,7 @@ def test_hostile_requests_leave_eight_other_clients_answered(tiny_folder: Path) 
 
 
 def test_queued_tokens_cap_gives_429_with_retry_after(tiny_folder: Path) -> None:
-    from phiforge.checkpoint import load_pretrained
+    from phiforge.load import load_pretrained
 
     model, tokenizer = load_pretrained(tiny_folder, device="cpu")
     params = SamplingParams(max_new_tokens=250, stop_token_ids=tuple(tokenizer.stop_token_ids))

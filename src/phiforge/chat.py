@@ -8,8 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from phiforge.generate import Engine, SamplingParams
+from phiforge.generate import Engine
 from phiforge.prompts import format_prompt, stop_strings
+from phiforge.sampling import SamplingParams
 
 HELP = "commands: /reset clears the history, /exit (or Ctrl-D) quits"
 

@@ -21,6 +21,8 @@ import jinja2.ext
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from phiforge.errors import DataError
+
 # Phi-3-mini-4k/128k, 2024-05 revision: system role supported, eos after the last turn.
 _PHI3 = (
     "{% for message in messages %}"
@@ -180,7 +182,7 @@ def render_chat_template(
     (``bos_token``, ``eos_token``, …) and any extras such as ``tools``.
     """
     if len(messages) == 0:
-        raise ValueError("cannot apply a chat template to an empty conversation")
+        raise DataError("cannot apply a chat template to an empty conversation")
     context: dict[str, Any] = {"tools": None, "documents": None, **variables}
     context["messages"] = [_clean_message(m) for m in messages]
     context["add_generation_prompt"] = add_generation_prompt

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,7 +19,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from phiforge.atomic import atomic_write, atomic_write_json
 from phiforge.config import DTYPES, ModelConfig
+from phiforge.errors import ConfigError, FormatError
 from phiforge.model import PhiForgeModel, build_model
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -29,7 +30,7 @@ SINGLE_NAME = "model.safetensors"
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attn.masked_bias", "attn.bias")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FormatError):
     """A checkpoint that does not match its config; the message names the file and the tensor."""
 
 
@@ -104,7 +105,7 @@ def expected_shape(model: PhiForgeModel, target: Target) -> tuple[int, ...]:
 
 
 # ---- loading ------------------------------------------------------------------------------------
-class _Filler:
+class Filler:
     """Copies named on-disk tensors into an empty model, then proves nothing is missing.
 
     The model may hold row shards (FSDP DTensors): each tensor's rows outside this process's shard are
@@ -168,7 +169,7 @@ def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig | None) -
         return DTYPES[config.torch_dtype] if config is not None else torch.float32
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} must be one of {list(DTYPES)}")
+            raise ConfigError(f"dtype {dtype!r} must be one of {list(DTYPES)}")
         return DTYPES[dtype]
     return dtype
 
@@ -297,7 +298,7 @@ def read_tensor(entry: TensorEntry, handle: Any, rows: tuple[int, int] | None = 
     return torch.frombuffer(buffer, dtype=entry.dtype).view(shape)
 
 
-def _read_headers(files: list[Path]) -> dict[str, TensorEntry]:
+def read_headers(files: list[Path]) -> dict[str, TensorEntry]:
     found: dict[str, TensorEntry] = {}
     for file in files:
         for key, entry in read_safetensors_header(file).items():
@@ -323,6 +324,10 @@ def check_finite(key: str, entry: TensorEntry, tensor: torch.Tensor, strict: boo
     warnings.warn(message + " (--check-finite checks every tensor and refuses)", stacklevel=3)
 
 
+def is_quantized_folder(folder: Path) -> bool:
+    return "quantization_config" in json.loads((folder / "config.json").read_text())
+
+
 def load_hf_folder(path: str | Path, *, dtype: torch.dtype | str | None = None,
                    device: str | torch.device = "cpu", check_finite_values: bool = False) -> PhiForgeModel:
     """Load a Hugging Face model folder (config.json + safetensors, sharded or not).
@@ -335,11 +340,9 @@ def load_hf_folder(path: str | Path, *, dtype: torch.dtype | str | None = None,
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a model folder")
     config = ModelConfig.from_file(folder / "config.json")
-    if "quantization_config" in json.loads((folder / "config.json").read_text()):
-        from phiforge.quantize import load_quantized
-
-        return load_quantized(folder, dtype=dtype, device=device)
-    filler = _Filler(config, resolve_dtype(dtype, config))
+    if is_quantized_folder(folder):
+        raise CheckpointError(f"{folder}: a quantized model folder; load it with phiforge.load.load_pretrained")
+    filler = Filler(config, resolve_dtype(dtype, config))
     filler.allocate(device)
     return _fill(filler, folder, check_finite_values=check_finite_values)
 
@@ -350,13 +353,13 @@ def fill_from_hf_folder(model: PhiForgeModel, path: str | Path) -> PhiForgeModel
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a model folder")
-    return _fill(_Filler(model.config, model=model), folder, eval_mode=False)
+    return _fill(Filler(model.config, model=model), folder, eval_mode=False)
 
 
-def _fill(filler: _Filler, folder: Path, eval_mode: bool = True, check_finite_values: bool = False) -> PhiForgeModel:
+def _fill(filler: Filler, folder: Path, eval_mode: bool = True, check_finite_values: bool = False) -> PhiForgeModel:
     """Every header is checked against the model before any weight is read; then tensors stream one at
     a time (their needed rows only), so peak memory is the model plus one tensor."""
-    headers = _read_headers(safetensors_files(folder))
+    headers = read_headers(safetensors_files(folder))
     wanted = {key: e for key, e in headers.items() if filler.check(key, e.shape, str(e.file))}
     missing = sorted(set(filler.keys) - set(wanted))
     if missing:
@@ -380,7 +383,7 @@ def model_from_tensors(hf_config: dict[str, Any], tensors: Iterable[tuple[str, t
                        device: str | torch.device = "cpu", source: str = "tensors") -> PhiForgeModel:
     """Build a model from (HF key, tensor) pairs, e.g. converted from a GGUF file."""
     config = ModelConfig.from_hf_config(hf_config)
-    filler = _Filler(config, resolve_dtype(dtype, config))
+    filler = Filler(config, resolve_dtype(dtype, config))
     filler.allocate(device)
     for key, tensor in tensors:
         if filler.check(key, tuple(tensor.shape), source):
@@ -389,17 +392,8 @@ def model_from_tensors(hf_config: dict[str, Any], tensors: Iterable[tuple[str, t
 
 
 # ---- saving -------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through ``write(tmp_path)``, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, data: Any) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+    atomic_write_json(path, data, indent=2)
 
 
 def hf_state_dict(model: PhiForgeModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -424,7 +418,7 @@ def save_hf_folder(model: PhiForgeModel, path: str | Path, *, dtype: torch.dtype
     for number, keys in enumerate(shards, start=1):
         name = SINGLE_NAME if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         tensors = {k: state[k].to(device="cpu", dtype=dtype).contiguous().clone() for k in keys}
-        _atomic_write(folder / name, lambda tmp, t=tensors: save_file(t, str(tmp), metadata={"format": "pt"}))
+        atomic_write(folder / name, lambda tmp, t=tensors: save_file(t, str(tmp), metadata={"format": "pt"}))
         weight_map.update(dict.fromkeys(keys, name))
     if len(shards) > 1:
         total = sum(t.numel() for t in state.values()) * torch.finfo(dtype).bits // 8
@@ -456,54 +450,3 @@ def _plan_shards(state: dict[str, torch.Tensor], max_bytes: int, dtype: torch.dt
         shards[-1].append(key)
         size += nbytes
     return shards
-
-
-# ---- one entry point for every kind of model reference ----------------------------------------------
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_model(ref: str | Path, *, dtype: torch.dtype | str | None = None,
-               device: str | torch.device | None = None, check_finite_values: bool = False) -> PhiForgeModel:
-    """A model from a Hugging Face folder, a .gguf file, or an embedded alias (e.g. smollm2-135m-instruct)."""
-    return load_pretrained(ref, dtype=dtype, device=device, with_tokenizer=False,
-                           check_finite_values=check_finite_values)[0]
-
-
-def load_pretrained(ref: str | Path, *, dtype: torch.dtype | str | None = None,
-                    device: str | torch.device | None = None, with_tokenizer: bool = True,
-                    check_finite_values: bool = False) -> tuple[PhiForgeModel, Any]:
-    """(model, tokenizer or None) from a folder, a .gguf file or an alias; the tokenizer when the source has one."""
-    device = device or default_device()
-    gguf_path = _gguf_path(ref)
-    if gguf_path is not None:
-        from phiforge.gguf_io import load_gguf
-
-        if dtype is None:
-            dtype = torch.float32
-        model, tokenizer = load_gguf(gguf_path, dtype=resolve_dtype(dtype, None), device=device)
-        return model, tokenizer if with_tokenizer else None
-    model = load_hf_folder(ref, dtype=dtype, device=device, check_finite_values=check_finite_values)
-    tokenizer = None
-    if with_tokenizer and (Path(ref) / "tokenizer.json").exists():
-        from phiforge.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.from_folder(ref)
-    elif with_tokenizer and (Path(ref) / "cl100k_base.tiktoken").exists():  # Phi-3-small
-        from phiforge.tiktoken_tokenizer import TiktokenTokenizer
-
-        tokenizer = TiktokenTokenizer.from_folder(ref)
-    return model, tokenizer
-
-
-def _gguf_path(ref: str | Path) -> Path | None:
-    if str(ref).endswith(".gguf"):
-        return Path(ref)
-    if Path(ref).exists():
-        return None
-    from phiforge.gguf_io import resolve_model_alias
-
-    found = resolve_model_alias(str(ref))
-    if found is None:
-        raise CheckpointError(f"{ref}: no such model folder, .gguf file or embedded alias")
-    return found

@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from phiforge.errors import FormatError, PhiforgeError
+
 
 def cmd_info(args: argparse.Namespace) -> int:
     from phiforge.info import describe, engine_paths, format_info, resolve_config
@@ -28,21 +30,21 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace):  # noqa: ANN202
     """Model and tokenizer from --model, optionally quantized on the fly with --quantize."""
-    from phiforge.checkpoint import load_pretrained
+    from phiforge.load import load_pretrained
     from phiforge.quantize import quantize_model
 
     dtype = None if args.dtype == "auto" else args.dtype
     model, tokenizer = load_pretrained(args.model, dtype=dtype, device=args.device,
                                        check_finite_values=getattr(args, "check_finite", False))
     if tokenizer is None:
-        raise ValueError(f"{args.model}: no tokenizer.json next to the weights")
+        raise FormatError(f"{args.model}: no tokenizer.json next to the weights")
     if getattr(args, "quantize", None):
         quantize_model(model, bits=int(args.quantize[3:]), group_size=args.group_size, keep_stored=False)
     return model, tokenizer
 
 
 def _sampling(args: argparse.Namespace, **extra):  # noqa: ANN202
-    from phiforge.generate import SamplingParams
+    from phiforge.sampling import SamplingParams
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
@@ -82,7 +84,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from phiforge.checkpoint import default_device, load_pretrained
+    from phiforge.load import default_device, load_pretrained
     from phiforge.quantize import quantize_model, save_quantized
 
     # rounding to int8/int4 is elementwise: the same on any device, and a GPU does it faster
@@ -477,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as err:  # our errors name the file/field; no traceback needed
+    except PhiforgeError as err:  # ours name the file/record/field: one line; anything else is a bug: traceback
         print(f"phiforge {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -17,11 +17,13 @@ from typing import Any
 
 import torch
 
+from phiforge import errors
+
 FAMILIES = ("phi", "phi3", "phi3small", "llama", "qwen2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.ConfigError):
     """A model configuration that phiforge cannot run, with the field that is wrong."""
 
 

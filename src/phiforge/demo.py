@@ -13,10 +13,12 @@ from pathlib import Path
 
 import torch
 
-from phiforge.checkpoint import load_pretrained, write_json
-from phiforge.generate import Engine, SamplingParams
+from phiforge.checkpoint import write_json
+from phiforge.generate import Engine
 from phiforge.info import describe, format_info
+from phiforge.load import load_pretrained
 from phiforge.prompts import PROMPT_MODES, format_prompt, stop_strings
+from phiforge.sampling import SamplingParams
 
 TEACHER = "smollm2-135m-instruct"
 MODE_PROMPTS = {

@@ -10,7 +10,6 @@ generator, so a request's output does not depend on what it was batched with.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -20,40 +19,10 @@ import torch
 
 from phiforge import fast_paths
 from phiforge.model import KVCache, PhiForgeModel
+from phiforge.sampling import SamplingParams
 
 AUTO_MAX_BATCH = 128  # rows when the engine picks: bf16 GEMMs of 128 rows run ~1.3x faster per row than 32
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward (bounds activation memory)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = ()
-    logprobs: int | None = None  # record each chosen token's log-probability and the top-k alternatives
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.max_new_tokens > 0, f"max_new_tokens must be > 0, got {self.max_new_tokens}"),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
-            (self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0, got {self.logprobs}"),
-            (self.seed is None or -(2**63) <= self.seed < 2**64, f"seed must be a 64-bit integer, got {self.seed}"),
-            (all(math.isfinite(x) for x in (self.temperature, self.top_p, self.min_p, self.repetition_penalty)),
-             "temperature, top_p, min_p and repetition_penalty must be finite"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
 
 @dataclass

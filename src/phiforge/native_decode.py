@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from phiforge import kernels
+from phiforge.errors import PhiforgeError
 from phiforge.kernels import STEP_MAX_ROWS
 from phiforge.kernels.abi import Act, Kind, Layer, Linear, Model
 
@@ -108,7 +109,7 @@ class DecodePlan:
         return x
 
 
-class UnsupportedError(Exception):
+class UnsupportedError(PhiforgeError):
     """The model or cache has something pf_decode_step does not implement."""
 
 

@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from phiforge.checkpoint import write_json
-from phiforge.train.config import apply_override, read_recipe
+from phiforge.config_loader import apply_override, read_recipe
+from phiforge.data.jsonl import document_files
+from phiforge.errors import RecipeError
 
 RECIPES_DIR = Path(__file__).parent / "recipes" / "runs"
 ORDER = ("synth", "curate", "tokenizer", "tokenize", "pretrain", "pretrain2", "sft", "pts", "dpo", "eval", "report")
@@ -41,10 +43,6 @@ MODEL = "model"  # in INPUTS: the newest model stage before the reader (RunConte
 INPUTS = {"synth": (), "curate": ("synth",), "tokenizer": ("curate",), "tokenize": ("curate", "tokenizer"),
           "pretrain": ("tokenizer", "tokenize"), "pretrain2": ("tokenizer", "tokenize", MODEL), "sft": (MODEL,),
           "pts": (MODEL,), "dpo": (MODEL, "pts"), "eval": ("tokenize", MODEL), "report": ()}
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot run: named file, section or stage, and what was expected."""
 
 
 @dataclass
@@ -103,14 +101,6 @@ def load_recipe(name: str | Path, overrides: list[str] | None = None) -> Plan:
     stages = [s for s in ORDER if s in stages]  # always in pipeline order
     root = Path(run.get("out_dir") or f"runs/{run.get('name', path.stem)}")
     return Plan(root, recipe, text, stages)
-
-
-def document_files(documents: str | list[str]) -> list[Path]:
-    """[run] documents: a .jsonl file, a folder of them, or a list of either."""
-    files: list[Path] = []
-    for item in [documents] if isinstance(documents, str) else documents:
-        files += [Path(item)] if Path(item).is_file() else sorted(Path(item).glob("*.jsonl"))
-    return files
 
 
 def fingerprint(section: dict[str, Any], inputs: list[str]) -> str:

@@ -8,6 +8,8 @@ wrapper plus the stop strings that end the model's turn in that format.
 
 from __future__ import annotations
 
+from phiforge.errors import ConfigError
+
 PROMPT_MODES: tuple[str, ...] = ("completion", "cot", "qa", "chat", "code")
 
 # Where a base model's answer ends in each format; generation stops at the first hit.
@@ -26,7 +28,7 @@ _CODE_STARTS = ("def ", "async def ", "class ", "import ", "from ", "@", '"""', 
 
 def _check_mode(mode: str) -> None:
     if mode not in PROMPT_MODES:
-        raise ValueError(f"unknown prompt mode {mode!r}; valid modes: {', '.join(PROMPT_MODES)}")
+        raise ConfigError(f"unknown prompt mode {mode!r}; valid modes: {', '.join(PROMPT_MODES)}")
 
 
 def looks_like_python(text: str) -> bool:

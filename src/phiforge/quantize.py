@@ -21,20 +21,21 @@ from safetensors.torch import save_file
 from torch import nn
 
 from phiforge import kernels
+from phiforge.atomic import atomic_write
 from phiforge.checkpoint import (
     SINGLE_NAME,
     CheckpointError,
-    _atomic_write,
-    _Filler,
-    _read_headers,
+    Filler,
     generation_config,
     hf_state_dict,
+    read_headers,
     read_tensor,
     resolve_dtype,
     safetensors_files,
     write_json,
 )
 from phiforge.config import ModelConfig
+from phiforge.errors import ConfigError, ModelError
 from phiforge.model import PhiForgeModel
 
 
@@ -102,7 +103,7 @@ class QuantizedLinear(nn.Module):
 
     def stored(self) -> dict[str, torch.Tensor]:
         if not self.stored_keys:
-            raise ValueError("this layer kept only its kernel layout (loaded for inference); quantize again to save")
+            raise ModelError("this layer kept only its kernel layout (loaded for inference); quantize again to save")
         return {key: getattr(self, f"_{key}") for key in self.stored_keys}
 
     def dequantized(self) -> torch.Tensor:
@@ -158,7 +159,7 @@ def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
 def quantize_int4(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
     n, k = w.shape
     if k % group_size:
-        raise ValueError(f"int4: in_features {k} is not a multiple of group size {group_size}")
+        raise ModelError(f"int4: in_features {k} is not a multiple of group size {group_size}")
     groups = w.view(n, k // group_size, group_size)
     low, high = groups.amin(-1), groups.amax(-1)
     scales = ((high - low) / 15).clamp(min=1e-8)
@@ -190,7 +191,7 @@ def quantize_model(model: PhiForgeModel, bits: int, group_size: int = 32, includ
     ``keep_stored=False`` is for inference only: int4 layers keep just the kernel layout (half the memory).
     """
     if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
+        raise ConfigError(f"bits must be 4 or 8, got {bits}")
     modules = quantizable(model, include_head)
     for name in modules:
         _replace(model, name, QuantizedLinear.from_linear(model.get_submodule(name), bits, group_size, keep_stored))
@@ -203,14 +204,14 @@ def save_quantized(model: PhiForgeModel, path: str | Path) -> Path:
     Face keys, packed layers under ``<module>.qweight|scales|zeros``."""
     info = getattr(model, "quantization", None)
     if info is None:
-        raise ValueError("model is not quantized: call quantize_model first")
+        raise ModelError("model is not quantized: call quantize_model first")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in hf_state_dict(model).items()}
     for name in info["modules"]:
         for key, tensor in model.get_submodule(name).stored().items():
             tensors[f"{name}.{key}"] = tensor.detach().cpu().contiguous()
-    _atomic_write(folder / SINGLE_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write(folder / SINGLE_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     dtype_name = str(model.embed.weight.dtype).replace("torch.", "")
     config = {**model.config.to_hf_config(), "torch_dtype": dtype_name,
               "quantization_config": {"quant_method": "phiforge-weight-only", **info}}
@@ -229,7 +230,7 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu",
         raise CheckpointError(f"{folder / 'config.json'}: quantization_config is not phiforge's ({info})")
     config = ModelConfig.from_hf_config(hf, name=folder.name)
     dtype = resolve_dtype(dtype, config)
-    filler = _Filler(config, dtype, device)
+    filler = Filler(config, dtype, device)
     modules = info["modules"]
     quant_params = {f"{name}.weight" for name in modules}
     for name in modules:  # stand-ins first, so the float allocation below skips these weights
@@ -237,7 +238,7 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu",
         _replace(filler.model, name, QuantizedLinear(linear.in_features, linear.out_features, info["bits"],
                                                      info["group_size"], linear.bias))
     filler.allocate(device)
-    entries = _read_headers(safetensors_files(folder))
+    entries = read_headers(safetensors_files(folder))
     packed = {k: e for k, e in entries.items()
               if k.rpartition(".")[0] in modules and k.rpartition(".")[2] in ("qweight", "scales", "zeros")}
     with open(folder / SINGLE_NAME, "rb") as handle:

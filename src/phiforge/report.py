@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from phiforge.checkpoint import _atomic_write
+from phiforge.atomic import atomic_write_text
+from phiforge.errors import NotFoundError
 
 STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -28,17 +29,17 @@ img{max-width:100%}.sample{border-left:4px solid #88a;padding-left:1em;margin:1e
 """
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     from phiforge.data.jsonl import iter_jsonl
 
     return [line.record for line in iter_jsonl(path) if line.record is not None] if path.is_file() else []
 
 
-def _png(fig) -> str:  # noqa: ANN001
+def png(fig) -> str:  # noqa: ANN001
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     import matplotlib.pyplot as plt
@@ -47,7 +48,7 @@ def _png(fig) -> str:  # noqa: ANN001
     return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-def _figure(width: float = 7.0, height: float = 3.2):  # noqa: ANN202
+def figure(width: float = 7.0, height: float = 3.2):  # noqa: ANN202
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,7 +57,7 @@ def _figure(width: float = 7.0, height: float = 3.2):  # noqa: ANN202
     return plt.subplots(figsize=(width, height))
 
 
-def _table(rows: list[list[Any]], header: list[str]) -> str:
+def table(rows: list[list[Any]], header: list[str]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -69,11 +70,11 @@ def _fmt(value: Any) -> str:
 
 
 def _bar(counts: dict[str, float], title: str) -> str:
-    fig, ax = _figure(7, max(2.0, 0.25 * len(counts) + 1))
+    fig, ax = figure(7, max(2.0, 0.25 * len(counts) + 1))
     names = list(counts)[:40]
     ax.barh(names[::-1], [counts[n] for n in names][::-1], color="#6a7fb5")
     ax.set_title(title)
-    return _png(fig)
+    return png(fig)
 
 
 # ---- sections ------------------------------------------------------------------------------------------
@@ -82,7 +83,7 @@ def _stats_section(title: str, stats: dict | None) -> str:
     if not stats:
         return ""
     scalars = [[k, v] for k, v in stats.items() if isinstance(v, (int, float, str))]
-    parts = [f"<h2>{html.escape(title)}</h2>", _table(scalars, ["statistic", "value"]) if scalars else ""]
+    parts = [f"<h2>{html.escape(title)}</h2>", table(scalars, ["statistic", "value"]) if scalars else ""]
     for key, value in stats.items():
         if key == "rejected_by_reason" and isinstance(value, dict):
             value = _by_rule(value)
@@ -111,13 +112,13 @@ def _counts(counts: dict[str, float], title: str, top: int = 20) -> str:
         return _bar(counts, title)
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     rows = [[most[0], most[1], least[0], least[1]] for most, least in zip(ranked[:top], ranked[::-1][:top])]
-    fig, ax = _figure(6, 2.6)
+    fig, ax = figure(6, 2.6)
     ax.hist(list(counts.values()), bins=min(30, len(set(counts.values()))), color="#6a7fb5")
     ax.set_xlabel("documents")
     ax.set_ylabel(f"{title.split()[-1]}s")
     ax.set_title(f"{title}: {len(counts)} names, {int(sum(counts.values()))} documents")
-    return (f"<h3>{html.escape(title)}</h3>" + _table(rows, [f"{top} most used", "n", f"{top} least used", "n"])
-            + _png(fig))
+    return (f"<h3>{html.escape(title)}</h3>" + table(rows, [f"{top} most used", "n", f"{top} least used", "n"])
+            + png(fig))
 
 
 def _curation_section(stats: dict | None) -> str:
@@ -131,17 +132,17 @@ def _curation_section(stats: dict | None) -> str:
     out = stats.get("output", {})
     kept = f"<p>{out.get('documents', '?')} documents kept in {out.get('shards', '?')} shard(s).</p>" \
         if isinstance(out, dict) else ""
-    return "<h2>Curation</h2>" + kept + _table(rows, ["stage", "in", "out", "removed by rule", "seconds"])
+    return "<h2>Curation</h2>" + kept + table(rows, ["stage", "in", "out", "removed by rule", "seconds"])
 
 
 def _training_section(folder: Path, title: str = "Pretraining") -> str:
-    records = _read_jsonl(folder / "metrics.jsonl")
+    records = read_jsonl(folder / "metrics.jsonl")
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
     if not train and not val:
         return ""
     parts = [f"<h2>{html.escape(title)}</h2>"]
-    fig, ax = _figure()
+    fig, ax = figure()
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     for name in (val[0]["val_loss"] if val else {}):
@@ -149,35 +150,35 @@ def _training_section(folder: Path, title: str = "Pretraining") -> str:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.legend()
-    parts.append(_png(fig))
+    parts.append(png(fig))
     rates = [r["tokens_per_s"] for r in train if "tokens_per_s" in r]
     if rates:
-        fig, ax = _figure(7, 2.4)
+        fig, ax = figure(7, 2.4)
         ax.plot([r["step"] for r in train if "tokens_per_s" in r], rates, color="#b5776a")
         ax.set_xlabel("step")
         ax.set_ylabel("tokens/s")
-        parts.append(_png(fig))
-    summary = _read_json(folder / "summary.json") or {}
+        parts.append(png(fig))
+    summary = read_json(folder / "summary.json") or {}
     keep = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
     if keep:
-        parts.append(_table([[k, v] for k, v in keep.items()], ["summary", "value"]))
+        parts.append(table([[k, v] for k, v in keep.items()], ["summary", "value"]))
     return "\n".join(parts)
 
 
 def _eval_section(folder: Path) -> str:
-    results = _read_json(folder / "results.json")
+    results = read_json(folder / "results.json")
     parts = []
     if results:
         from phiforge.eval.harness import format_table
 
         lines = [line for line in format_table(results, ["phi-1.5"]).splitlines() if line.startswith("|")]
         rows = [line.strip("|").split("|") for line in lines]
-        parts += ["<h2>Evaluation</h2>", _table(rows[2:], rows[0])]
+        parts += ["<h2>Evaluation</h2>", table(rows[2:], rows[0])]
         extra = {k: v for k, v in (results.get("extra") or {}).items()}
         if extra:
-            parts.append(_table([[k, v] for k, v in extra.items()], ["measure", "value"]))
+            parts.append(table([[k, v] for k, v in extra.items()], ["measure", "value"]))
         parts.append(_redteam_section(results.get("redteam"), folder))
-    samples = _read_json(folder / "samples.json") or {}
+    samples = read_json(folder / "samples.json") or {}
     if samples:
         parts.append("<h2>Samples in the phi-1.5 usage modes</h2>")
         for mode, sample in samples.items():
@@ -201,7 +202,7 @@ def _redteam_section(section: dict | None, folder: Path) -> str:
     link = f' Re-grade by hand: <a href="{page.name}">{page.name}</a>.' if page.is_file() else ""
     return (f"<h3>Red team</h3><p>{len(section['records'])} completions graded by "
             f"{html.escape(json.dumps(section['judge']))} against the rubric in eval/redteam_data/rubric.md.{link}"
-            f"</p>{_table(rows, ['mode', *grades])}{_table(agree, ['judge vs', 'items', 'agreement', 'kappa'])}")
+            f"</p>{table(rows, ['mode', *grades])}{table(agree, ['judge vs', 'items', 'agreement', 'kappa'])}")
 
 
 def _stages_section(run: dict | None) -> str:
@@ -209,7 +210,7 @@ def _stages_section(run: dict | None) -> str:
         return ""
     rows = [[name, _status(name, s), f"{s.get('seconds', 0):.1f}" if "seconds" in s else "-",
              s.get("fingerprint", "")[:12]] for name, s in run.get("stages", {}).items()]
-    return "<h2>Stages</h2>" + _table(rows, ["stage", "status", "seconds", "fingerprint"])
+    return "<h2>Stages</h2>" + table(rows, ["stage", "status", "seconds", "fingerprint"])
 
 
 def _status(stage: str, info: dict) -> str:
@@ -222,12 +223,12 @@ def _status(stage: str, info: dict) -> str:
 
 def run_result(run: Path) -> dict[str, Any]:
     """What the run trained on what, and how it scored: the lead of the report and of ``run_summary``."""
-    summary = _read_json(run / "pretrain" / "summary.json") or {}
-    config = _read_json(run / "pretrain" / "final" / "config.json") or {}
-    synth = _read_json(run / "synth" / "stats.json") or {}
-    curate = _read_json(run / "curate" / "stats.json") or {}
-    tokens = _read_json(run / "tokenize" / "stats.json") or {}
-    results = _read_json(run / "eval" / "results.json") or {}
+    summary = read_json(run / "pretrain" / "summary.json") or {}
+    config = read_json(run / "pretrain" / "final" / "config.json") or {}
+    synth = read_json(run / "synth" / "stats.json") or {}
+    curate = read_json(run / "curate" / "stats.json") or {}
+    tokens = read_json(run / "tokenize" / "stats.json") or {}
+    results = read_json(run / "eval" / "results.json") or {}
     kept = curate.get("output", {}).get("documents") if isinstance(curate.get("output"), dict) else None
     tasks = {}
     for task, metrics in results.get("results", {}).items():
@@ -241,7 +242,7 @@ def run_result(run: Path) -> dict[str, Any]:
             "vocab": config.get("vocab_size"), "steps": summary.get("steps"), "tokens": summary.get("tokens"),
             "synth_documents": synth.get("documents"), "curated_documents": kept,
             "train_tokens": tokens.get("train_tokens"), "extra": results.get("extra") or {}, "tasks": tasks,
-            "samples": _read_json(run / "eval" / "samples.json") or {}}
+            "samples": read_json(run / "eval" / "samples.json") or {}}
 
 
 def _trained_on(r: dict[str, Any]) -> str:
@@ -274,7 +275,7 @@ def run_summary(run_dir: str | Path) -> str:
     for task, t in r["tasks"].items():
         ref = f" (published phi-1.5: {t['phi-1.5']:.3f})" if t["phi-1.5"] is not None else ""
         lines.append(f"{task} {t['metric'].split(',')[0]} {t['value']:.3f} on {t['items']} items{ref}")
-    run_state = _read_json(run / "run.json") or {}
+    run_state = read_json(run / "run.json") or {}
     times = ", ".join(f"{s} {i.get('seconds', 0):.0f}s" for s, i in run_state.get("stages", {}).items())
     if times:
         lines.append(f"stages: {times}")
@@ -291,7 +292,7 @@ def _result_section(run: Path) -> str:
     if r["tasks"]:
         rows = [[task, t["metric"], t["value"], t["items"], "-" if t["phi-1.5"] is None else t["phi-1.5"]]
                 for task, t in r["tasks"].items()]
-        parts.append(_table(rows, ["task", "metric", "this run", "items", "phi-1.5 (1.3B, published)"]))
+        parts.append(table(rows, ["task", "metric", "this run", "items", "phi-1.5 (1.3B, published)"]))
     for mode, sample in list(r["samples"].items())[:3]:
         parts.append(f'<div class="sample"><b>{html.escape(mode)}</b><pre>{html.escape(sample["prompt"])}'
                      f'<b>{html.escape(sample["completion"])}</b></pre></div>')
@@ -302,21 +303,21 @@ def build_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     """Write RUN_DIR/report.html (or ``output``) and return its path."""
     run = Path(run_dir)
     if not run.is_dir():
-        raise FileNotFoundError(f"{run}: no such run folder")
+        raise NotFoundError(f"{run}: no such run folder")
     recipe = run / "recipe.toml"
     sections = [
         f"<h1>phiforge run: {html.escape(run.name)}</h1>",
         _result_section(run),
-        _stages_section(_read_json(run / "run.json")),
-        _stats_section("Topics (phiforge topics)", _read_json(run / "synth" / "topics_stats.json")),
-        _stats_section("Synthetic data", _read_json(run / "synth" / "stats.json")),
-        _curation_section(_read_json(run / "curate" / "stats.json")),
-        _stats_section("Tokenizer", _read_json(run / "tokenizer" / "stats.json")),
-        _stats_section("Token shards", _read_json(run / "tokenize" / "stats.json")),
+        _stages_section(read_json(run / "run.json")),
+        _stats_section("Topics (phiforge topics)", read_json(run / "synth" / "topics_stats.json")),
+        _stats_section("Synthetic data", read_json(run / "synth" / "stats.json")),
+        _curation_section(read_json(run / "curate" / "stats.json")),
+        _stats_section("Tokenizer", read_json(run / "tokenizer" / "stats.json")),
+        _stats_section("Token shards", read_json(run / "tokenize" / "stats.json")),
         _training_section(run / "pretrain"),
         _training_section(run / "pretrain2", "Pretraining, phase 2"),
         _training_section(run / "sft", "Supervised fine-tuning"),
-        _stats_section("Pivotal Token Search (preference pairs)", _read_json(run / "pts" / "stats.json")),
+        _stats_section("Pivotal Token Search (preference pairs)", read_json(run / "pts" / "stats.json")),
         _training_section(run / "dpo", "Direct Preference Optimization"),
         _eval_section(run / "eval"),
         f"<h2>Recipe</h2><details><summary>{html.escape(recipe.name)} (click to open)</summary>"
@@ -325,5 +326,5 @@ def build_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>phiforge report: {html.escape(run.name)}"
             f"</title><style>{STYLE}</style></head><body>{''.join(s for s in sections if s)}</body></html>")
     path = Path(output) if output else run / "report.html"
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+    atomic_write_text(path, page)
     return path

@@ -41,8 +41,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from phiforge.chat import ChatSession
-from phiforge.generate import Completion, Engine, SamplingParams
+from phiforge.errors import ExternalError, PhiforgeError
+from phiforge.generate import Completion, Engine
 from phiforge.prompts import stop_strings
+from phiforge.sampling import SamplingParams
 
 
 @dataclass
@@ -72,7 +74,7 @@ class ServeConfig:
         return {"localhost", "127.0.0.1", "::1", self.host.lower()} - {"0.0.0.0", "::", ""}
 
 
-class APIError(Exception):
+class APIError(PhiforgeError):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -782,7 +784,7 @@ def start_server(model: Any, tokenizer: Any, *, config: ServeConfig | None = Non
     deadline = time.monotonic() + timeout
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the phiforge server did not start")
+            raise ExternalError("the phiforge server did not start")
         time.sleep(0.01)
     return RunningServer(_url(sock), server, thread)
 
@@ -814,9 +816,9 @@ def spawn_server(model: str, *args: str, timeout: float = 300.0, env: dict[str, 
     while time.monotonic() < deadline:
         line = process.stdout.readline()
         if not line and process.poll() is not None:
-            raise RuntimeError(f"phiforge serve exited with code {process.returncode} before it was ready")
+            raise ExternalError(f"phiforge serve exited with code {process.returncode} before it was ready")
         match = re.search(r"ready at (\S+)", line)
         if match:
             return ServerProcess(match.group(1), process)
     process.kill()
-    raise RuntimeError(f"phiforge serve was not ready within {timeout:.0f} s")
+    raise ExternalError(f"phiforge serve was not ready within {timeout:.0f} s")

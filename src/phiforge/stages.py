@@ -16,17 +16,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from phiforge.pipeline import RecipeError, RunContext
+from phiforge.errors import RecipeError
 from phiforge.train import launch
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the runner imports the stages, never the other way: no cycle
+    from phiforge.pipeline import RunContext
     from phiforge.train.sft import SFTConfig
 
 
 def _documents(ctx: RunContext) -> list[Path]:
     """The corpus to train on: [run] documents (a .jsonl file or folder of them) when given, else the
     curate stage's kept shards."""
-    from phiforge.pipeline import document_files
+    from phiforge.data.jsonl import document_files
 
     given = ctx.recipe.get("run", {}).get("documents")
     files = document_files(given or str(ctx.folder("curate") / "curated"))
@@ -258,7 +259,7 @@ def stage_dpo(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
 
 
 # ---- eval ------------------------------------------------------------------------------------------------
-def _token_array(folder: Path) -> np.ndarray:
+def token_array(folder: Path) -> np.ndarray:
     from phiforge.data.packing import load_shards
 
     return np.concatenate([np.asarray(s.tokens(), dtype=np.int64) for s in load_shards(folder)])
@@ -273,8 +274,8 @@ def unigram_loss(train: np.ndarray, heldout: np.ndarray, vocab_size: int) -> flo
 
 
 def heldout_loss(model_folder: Path, heldout: np.ndarray, window: int) -> float:
-    from phiforge.checkpoint import default_device, load_pretrained
     from phiforge.eval.perplexity import perplexity
+    from phiforge.load import default_device, load_pretrained
 
     # fp32 on any device: the figure is compared with a unigram baseline, rounding must not move it
     model, _ = load_pretrained(str(model_folder), dtype="float32", device=default_device())
@@ -284,9 +285,10 @@ def heldout_loss(model_folder: Path, heldout: np.ndarray, window: int) -> float:
 
 def usage_mode_samples(model_folder: Path, prompts: dict[str, str], max_new_tokens: int) -> dict[str, Any]:
     """Greedy completions in each phi-1.5 usage mode (the report shows them beside the prompts)."""
-    from phiforge.checkpoint import default_device, load_pretrained
-    from phiforge.generate import Engine, SamplingParams
+    from phiforge.generate import Engine
+    from phiforge.load import default_device, load_pretrained
     from phiforge.prompts import format_prompt, stop_strings
+    from phiforge.sampling import SamplingParams
 
     model, tokenizer = load_pretrained(str(model_folder), dtype="float32", device=default_device())
     engine = Engine(model, tokenizer)
@@ -317,7 +319,7 @@ def stage_eval(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     tokens = ctx.folder("tokenize")
     if (tokens / "heldout").is_dir():
-        train, heldout = _token_array(tokens / "train"), _token_array(tokens / "heldout")
+        train, heldout = token_array(tokens / "train"), token_array(tokens / "heldout")
         vocab = json.loads((model_folder / "config.json").read_text())["vocab_size"]
         extra["heldout_loss"] = heldout_loss(model_folder, heldout, s["window"])
         extra["unigram_loss"] = unigram_loss(train, heldout, vocab)

@@ -16,8 +16,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from phiforge.atomic import atomic_write_text
 from phiforge.chat_templates import BUILTIN_TEMPLATES, render_chat_template
-from phiforge.tokenizer import TokenizerError, _atomic_write
+from phiforge.tokenizer import TokenizerError
 
 VOCAB_FILE = "cl100k_base.tiktoken"
 CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
@@ -64,7 +65,7 @@ def read_tiktoken_file(path: str | os.PathLike[str], expected_sha256: str | None
 def write_tiktoken_file(path: str | os.PathLike[str], ranks: Mapping[bytes, int]) -> None:
     ordered = sorted(ranks.items(), key=lambda item: item[1])
     lines = (f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ordered)
-    _atomic_write(Path(path), "".join(lines))
+    atomic_write_text(Path(path), "".join(lines))
 
 
 def bundled_cl100k() -> Path | None:
@@ -132,7 +133,7 @@ class TiktokenTokenizer:
         config = {"tokenizer_class": "Phi3SmallTokenizer", "bos_token": self.bos_token, "eos_token": self.eos_token,
                   "pad_token": self.pad_token, "padding_side": "left", "chat_template": self.chat_template,
                   "auto_map": {"AutoTokenizer": ["tokenization_phi3_small.Phi3SmallTokenizer", None]}}
-        _atomic_write(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
 
     # ---- ids ----------------------------------------------------------------------------------
     def token_to_id(self, token: str | bytes) -> int | None:
@@ -196,7 +197,7 @@ class TiktokenTokenizer:
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False,
                             tokenize: bool = False, **extra: Any) -> str | list[int]:
         if self.chat_template is None:
-            raise ValueError("this tokenizer has no chat template")
+            raise TokenizerError("this tokenizer has no chat template")
         text = render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
                                     **{**self.special_tokens_map, **extra})
         return self.encode(text) if tokenize else text

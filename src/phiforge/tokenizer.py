@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -26,7 +25,9 @@ from tokenizers import (
     trainers,
 )
 
+from phiforge.atomic import atomic_write_text
 from phiforge.chat_templates import BUILTIN_TEMPLATES, render_chat_template
+from phiforge.errors import ConfigError, DataError, FormatError
 
 ENDOFTEXT = "<|endoftext|>"
 PHI3_CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -41,11 +42,11 @@ _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 _CORPUS_SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz", ".md")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(FormatError):
     """A tokenizer folder or file is missing or malformed; the message names the file."""
 
 
-class CorpusError(ValueError):
+class CorpusError(DataError):
     """A training corpus file is unsupported or has a bad record; the message names file:line."""
 
 
@@ -103,7 +104,7 @@ class Tokenizer:
     def _set_post_processor(self) -> None:
         for flag, token in (("add_bos_token", self.bos_token), ("add_eos_token", self.eos_token)):
             if getattr(self, flag) and (token is None or self.backend.token_to_id(token) is None):
-                raise ValueError(f"{flag}=True needs the matching special token to be set and registered")
+                raise ConfigError(f"{flag}=True needs the matching special token to be set and registered")
         bos = f"{self.bos_token}:0 " if self.add_bos_token else ""
         eos = f" {self.eos_token}:0" if self.add_eos_token else ""
         bos1 = f" {self.bos_token}:1" if self.add_bos_token else ""
@@ -233,7 +234,7 @@ class Tokenizer:
         if tools is not None and "tool_use" in self.chat_templates:
             return self.chat_templates["tool_use"]
         if self.chat_template is None:
-            raise ValueError(
+            raise ConfigError(
                 "this tokenizer has no chat template; set Tokenizer.chat_template "
                 f"(built-ins: {', '.join(BUILTIN_TEMPLATES)})"
             )
@@ -271,15 +272,15 @@ class Tokenizer:
         """Write tokenizer.json and tokenizer_config.json (loadable by transformers.AutoTokenizer)."""
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "tokenizer.json", self.backend.to_str(pretty=True))
-        _atomic_write(out / "tokenizer_config.json", json.dumps(self._config_dict(), indent=2, ensure_ascii=False))
+        atomic_write_text(out / "tokenizer.json", self.backend.to_str(pretty=True))
+        atomic_write_text(out / "tokenizer_config.json", json.dumps(self._config_dict(), indent=2, ensure_ascii=False))
         # transformers prefers chat_template.jinja over the config; never leave a stale one behind.
         jinja_file = out / "chat_template.jinja"
         if jinja_file.exists():
             if self.chat_template is None:
                 jinja_file.unlink()
             else:
-                _atomic_write(jinja_file, self.chat_template)
+                atomic_write_text(jinja_file, self.chat_template)
 
     def _config_dict(self) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -383,18 +384,6 @@ def _generation_eos_ids(path: Path) -> list[int]:
     return ids
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    # Temp file in the same folder, fsync, rename: a killed run never leaves half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- BPE training -------------------------------------------------------------------------------
@@ -402,7 +391,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def _special_tokens_for(chat_format: str | None, extra: Sequence[str]) -> tuple[list[str], str | None]:
     if chat_format is not None and chat_format not in CHAT_FORMATS:
-        raise ValueError(f"unknown chat_format {chat_format!r}; expected None, 'phi3' or 'phi4'")
+        raise ConfigError(f"unknown chat_format {chat_format!r}; expected None, 'phi3' or 'phi4'")
     chat_tokens, template = CHAT_FORMATS[chat_format] if chat_format else ((), None)
     specials = list(dict.fromkeys([ENDOFTEXT, *chat_tokens, *extra]))
     return specials, template
@@ -425,7 +414,7 @@ def train_bpe(
     specials, template = _special_tokens_for(chat_format, special_tokens or [])
     floor = 256 + len(specials)
     if vocab_size < floor:
-        raise ValueError(f"vocab_size {vocab_size} is too small: 256 bytes + {len(specials)} special tokens")
+        raise ConfigError(f"vocab_size {vocab_size} is too small: 256 bytes + {len(specials)} special tokens")
     backend = tokenizers.Tokenizer(models.BPE())
     # No prefix space: a leading space would break the exact round trip.
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -24,9 +24,9 @@ from lm_eval_ref import (
 )
 from tiny_model import save_tiny_llama
 
-from phiforge.checkpoint import load_pretrained
 from phiforge.eval.harness import EvalConfig, _plan, evaluate, load_tasks
 from phiforge.eval.scoring import LanguageModel
+from phiforge.load import load_pretrained
 
 TOL = 1e-4
 MMLU_SUBJECTS = ("abstract_algebra", "anatomy", "high_school_biology", "moral_scenarios", "world_religions")

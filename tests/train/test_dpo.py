@@ -22,8 +22,8 @@ from chat_data import (
     write_jsonl,
 )
 
-from phiforge.checkpoint import load_pretrained
 from phiforge.config import preset
+from phiforge.load import load_pretrained
 from phiforge.model import build_model
 from phiforge.train.config import TrainConfigError
 from phiforge.train.dpo import DPOConfig, Pair, completion_batch, dpo, dpo_loss, read_pairs, sequence_logps

@@ -72,8 +72,7 @@ def test_prefix_caching_engine_gives_the_engines_tokens(model, tok) -> None:
 def search_config(tmp_path: Path, **search) -> PTSConfig:
     config = PTSConfig.from_toml("pts", [f"model.path={tmp_path}", f"data.path={tmp_path}/q.jsonl",
                                          f"run.out_dir={tmp_path}/out", "run.progress=false"])
-    config.sampling.temperature, config.sampling.top_k, config.sampling.top_p = 1.0, 0, 1.0
-    config.sampling.max_new_tokens = 10
+    config.sampling = config.sampling.replace(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=10)
     for key, value in search.items():
         setattr(config.search, key, value)
     return config

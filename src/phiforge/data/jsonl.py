@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from phiforge.atomic import atomic_open
+from phiforge.errors import ConfigError, DataError
+
 DOCUMENT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 
 
@@ -82,7 +85,7 @@ def iter_parquet(path: str | os.PathLike[str], batch_size: int = 1024) -> Iterat
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+        raise ConfigError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
     row = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
         for record in batch.to_pylist():
@@ -97,7 +100,7 @@ def iter_lines(path: str | os.PathLike[str]) -> Iterator[Line]:
         return iter_parquet(path)
     if path.name.endswith((".jsonl", ".jsonl.gz")):
         return iter_jsonl(path)
-    raise ValueError(f"{path}: unsupported document file; expected one of {', '.join(DOCUMENT_SUFFIXES)}")
+    raise DataError(f"{path}: unsupported document file; expected one of {', '.join(DOCUMENT_SUFFIXES)}")
 
 
 def text_error(record: dict[str, Any], field: str) -> str:
@@ -113,20 +116,20 @@ def text_error(record: dict[str, Any], field: str) -> str:
 def write_jsonl(path: str | os.PathLike[str], records: Iterable[dict[str, Any]]) -> int:
     """Write records atomically (temp file, fsync, rename); returns how many were written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     count = 0
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with atomic_open(path, "w", encoding="utf-8") as fh:
             for record in records:
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
                 count += 1
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)  # never a half-written temp file left behind
-        if isinstance(err, UnicodeEncodeError):
-            raise ValueError(f"{path}: record {count + 1} holds a string that is not valid Unicode ({err})") from None
-        raise
+    except UnicodeEncodeError as err:
+        raise DataError(f"{path}: record {count + 1} holds a string that is not valid Unicode ({err})") from None
     return count
+
+
+def document_files(documents: str | list[str]) -> list[Path]:
+    """A .jsonl file, a folder of them, or a list of either (``[run] documents``, a study's corpora)."""
+    files: list[Path] = []
+    for item in [documents] if isinstance(documents, str) else documents:
+        files += [Path(item)] if Path(item).is_file() else sorted(Path(item).glob("*.jsonl"))
+    return files

@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 
 from phiforge.data.packing import PackingError, TokenShard, load_shards
+from phiforge.errors import DataError
 
 BLOCK_WINDOWS = 1 << 20  # shuffle unit of very large sources (4B tokens at seq_len 4096)
 
 
-class MixtureError(ValueError):
+class MixtureError(DataError):
     """A mixture that cannot be sampled; the message names the source and what is wrong."""
 
 

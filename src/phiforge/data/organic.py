@@ -20,12 +20,14 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+from phiforge.errors import DataError
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("PHIFORGE_CACHE", Path.home() / ".cache" / "phiforge")) / "debian"
 
 
-class OrganicError(ValueError):
+class OrganicError(DataError):
     """An unknown source, or a package that could not be found or fetched."""
 
 

@@ -17,7 +17,6 @@ import gzip
 import hashlib
 import json
 import multiprocessing as mp
-import os
 import queue as queue_lib
 import time
 from collections.abc import Callable, Iterator
@@ -27,13 +26,16 @@ from typing import Any
 
 import numpy as np
 
+from phiforge.atomic import atomic_open, atomic_write_bytes, atomic_write_json
+from phiforge.errors import DataError
+
 FORMAT = "phiforge-tokens-v1"
 INDEX_NAME = "index.json"
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 MAX_BAD_EXAMPLES = 100  # per shard; the count is always exact
 
 
-class PackingError(ValueError):
+class PackingError(DataError):
     """Unusable input or token folder; the message names the file (and record) at fault."""
 
 
@@ -50,20 +52,6 @@ class TokenizeConfig:
 
 
 # ---- small file helpers ---------------------------------------------------------------------------
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
-
-
 def read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -252,8 +240,7 @@ def pack_file(path: Path) -> ShardStats:
         return ShardStats(name, str(path), done["num_docs"], done["num_tokens"], done["num_bad"], skipped=True)
     stats = ShardStats(name, str(path))
     offsets: list[int] = []
-    tmp = out / f".{name}.bin.tmp"
-    with open(tmp, "wb") as sink:
+    with atomic_open(out / f"{name}.bin", "wb") as sink:
         texts: list[str] = []
         reported_bytes = reported_tokens = 0
         for record in iter_records(path, settings.text_field):
@@ -269,9 +256,6 @@ def pack_file(path: Path) -> ShardStats:
                 reported_bytes, reported_tokens, texts = record.position, stats.num_tokens, []
         _write_batch(texts, sink, offsets, stats, settings)
         _report(path.stat().st_size - reported_bytes, len(texts), stats.num_tokens - reported_tokens)
-        sink.flush()
-        os.fsync(sink.fileno())
-    os.replace(tmp, out / f"{name}.bin")
     atomic_write_json(out / f"{name}.json", {
         "format": FORMAT, "source": str(path), "source_bytes": path.stat().st_size, "bin": f"{name}.bin",
         "dtype": settings.dtype, "tokenizer": settings.fingerprint, "eos_token_id": settings.eos_token_id,
@@ -389,15 +373,11 @@ def pack_block(job: tuple[str, str, list[str]]) -> ShardStats:
             _report(0, len(texts), 0)
             return ShardStats(name, index["source"], index["num_docs"], index["num_tokens"], skipped=True)
     stats, offsets = ShardStats(name, f"{out.name} block {name}"), []
-    tmp = out / f".{name}.bin.tmp"
-    with open(tmp, "wb") as sink:
+    with atomic_open(out / f"{name}.bin", "wb") as sink:
         for start in range(0, len(texts), settings.batch_size):
             tokens = stats.num_tokens
             _write_batch(texts[start:start + settings.batch_size], sink, offsets, stats, settings)
             _report(0, min(settings.batch_size, len(texts) - start), stats.num_tokens - tokens)
-        sink.flush()
-        os.fsync(sink.fileno())
-    os.replace(tmp, out / f"{name}.bin")
     atomic_write_json(marker, {
         "format": FORMAT, "source": stats.source, "source_bytes": 0, "source_hash": digest, "bin": f"{name}.bin",
         "dtype": settings.dtype, "tokenizer": settings.fingerprint, "eos_token_id": settings.eos_token_id,

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phiforge.atomic import atomic_open
+from phiforge.errors import ConfigError, FormatError
 from phiforge.eval.published import PUBLISHED, published_score
 
 DEFAULT_PUBLISHED = ("phi-1.5", "phi-2")
@@ -58,7 +60,7 @@ def load_tasks(config: EvalConfig) -> list[Any]:
     names = list(dict.fromkeys(config.tasks))
     unknown_data = set(config.data) - set(names)
     if unknown_data:
-        raise ValueError(f"--data names tasks that are not being run: {', '.join(sorted(unknown_data))}")
+        raise ConfigError(f"--data names tasks that are not being run: {', '.join(sorted(unknown_data))}")
     tasks = [get_task(name, config.data.get(name), config.data_dir) for name in names]
     for task in tasks:
         if isinstance(task, CodeTask):
@@ -78,11 +80,11 @@ def load_tasks(config: EvalConfig) -> list[Any]:
 
 
 def load_model(config: EvalConfig) -> tuple[Any, Any]:
-    from phiforge.checkpoint import load_pretrained
+    from phiforge.load import load_pretrained
 
     model, tokenizer = load_pretrained(config.model, dtype=config.dtype, device=config.device)
     if tokenizer is None:
-        raise ValueError(f"{config.model}: no tokenizer.json next to the weights")
+        raise FormatError(f"{config.model}: no tokenizer.json next to the weights")
     return model, tokenizer
 
 
@@ -242,13 +244,8 @@ def _samples(task: Any, plan: dict[str, Any], responses: list[list[Any]],
 def write_results(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Atomic write (temp name, fsync, rename) of the results JSON."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(target, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2, ensure_ascii=False, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
     return target
 
 
@@ -335,7 +332,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     for item in args.data:
         task, sep, path = item.partition("=")
         if not sep:
-            raise ValueError(f"--data {item!r}: expected TASK=PATH")
+            raise ConfigError(f"--data {item!r}: expected TASK=PATH")
         data[task] = path
     return EvalConfig(model=args.model, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
                       limit=args.limit, num_fewshot=args.num_fewshot, output=args.output,

@@ -19,6 +19,7 @@ from typing import Any
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from phiforge.errors import FormatError
 from phiforge.eval.scoring import LanguageModel
 
 
@@ -32,13 +33,13 @@ class PhiForgeLM(TemplateLM):
         super().__init__()
         import torch
 
-        from phiforge.checkpoint import load_pretrained
+        from phiforge.load import load_pretrained
 
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
             device = None  # lm-eval's command line defaults to cuda; use what this machine has
         model, tokenizer = load_pretrained(pretrained, dtype=dtype, device=device)
         if tokenizer is None:
-            raise ValueError(f"{pretrained}: no tokenizer.json next to the weights")
+            raise FormatError(f"{pretrained}: no tokenizer.json next to the weights")
         self.lm = LanguageModel(model, tokenizer, max_length=max_length and int(max_length),
                                 batch_tokens=int(batch_tokens), gen_batch_size=int(gen_batch_size),
                                 max_gen_toks=int(max_gen_toks), add_bos_token=_flag(add_bos_token),

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from phiforge.errors import EvalError
+
 
 @dataclass
 class Perplexity:
@@ -29,7 +31,7 @@ def window_losses(model: torch.nn.Module, ids: list[int], *, window: int = 512) 
     """(summed NLL in nats, predicted tokens) of each window of ``window`` tokens; every token but the first
     of a window is predicted. Per-window losses are the items a paired bootstrap resamples."""
     if len(ids) < 2:
-        raise ValueError("perplexity needs at least 2 tokens")
+        raise EvalError("perplexity needs at least 2 tokens")
     device = model.embed.weight.device
     out = []
     for start in range(0, len(ids) - 1, window):

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from phiforge.errors import EvalError
 from phiforge.eval.tasks.base import Instance, Task
 from phiforge.eval.tasks.data import TaskDataError, find_file, read_records, require
 from phiforge.prompts import format_prompt, stop_strings
@@ -139,7 +140,8 @@ class Judge:
         Greedy first; the items whose reply names no grade are asked again, sampled (a greedy retry would
         repeat itself) with a reminder, up to ``retries`` times, then graded UNPARSEABLE.
         """
-        from phiforge.data.synth.teachers import Request, Sampling
+        from phiforge.data.synth.teachers import Request
+        from phiforge.sampling import SamplingParams
 
         rubric_text = rubric()
         prompts = [JUDGE_PROMPT.format(category=CATEGORIES[it["category"]], rubric=rubric_text,
@@ -151,8 +153,8 @@ class Judge:
         for attempt in range(self.retries + 1):
             if not todo:
                 break
-            sampling = Sampling(max_new_tokens=self.max_new_tokens, temperature=0.0 if attempt == 0 else 0.7,
-                                top_p=1.0 if attempt == 0 else 0.95, top_k=0)
+            sampling = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0 if attempt == 0 else 0.7,
+                                      top_p=1.0 if attempt == 0 else 0.95, top_k=0)
             requests = [Request(prompts[i] + (RETRY_NOTE if attempt else ""), seed=attempt, sampling=sampling)
                         for i in todo]
             for i, result in zip(todo, self.teacher().generate(requests)):
@@ -279,7 +281,7 @@ class RedTeam(Task):
     def configure(self, judge: Judge, modes: Sequence[str] = MODES) -> RedTeam:
         allowed = ("completion", "chat", "qa", "cot")
         if not modes or any(m not in allowed for m in modes):
-            raise ValueError(f"task redteam: usage modes {list(modes)}; expected some of {list(allowed)}")
+            raise EvalError(f"task redteam: usage modes {list(modes)}; expected some of {list(allowed)}")
         self.judge, self.modes = judge, tuple(dict.fromkeys(modes))
         return self
 
@@ -366,7 +368,7 @@ def page_path(results_path: str | Path) -> Path:
 def regrade_page(section: dict[str, Any], path: str | Path) -> Path:
     """A self-contained HTML page: every completion with the judge's grade and radio buttons for a hand grade
     (set where the results already hold one); Export writes the hand grades as JSON for ``--apply-grades``."""
-    from phiforge.checkpoint import _atomic_write
+    from phiforge.atomic import atomic_write_text
 
     counts, rows = section["counts"], []
     for i, r in enumerate(section["records"]):
@@ -398,5 +400,5 @@ def regrade_page(section: dict[str, Any], path: str | Path) -> Path:
             "<table><tr><th>id, mode</th><th>prompt and <b>completion</b></th><th>judge</th><th>hand grade</th></tr>"
             f"{''.join(rows)}</table><script>{_SCRIPT}</script></body></html>")
     path = Path(path)
-    _atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    atomic_write_text(path, page)
     return path

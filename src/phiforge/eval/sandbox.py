@@ -54,6 +54,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from phiforge.errors import ExternalError
+
 START_GRACE = 5.0  # seconds for bwrap and the interpreter to start before the parent's kill, on a busy machine
 WORKDIR = "/sandbox"
 INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: apt-get install -y bubblewrap; Fedora: dnf install bubblewrap) "
@@ -387,7 +389,7 @@ judge_main(pid, limits)
 '''
 
 
-class SandboxUnavailableError(RuntimeError):
+class SandboxUnavailableError(ExternalError):
     """bubblewrap cannot run here and --unsafe-no-sandbox was not given."""
 
 

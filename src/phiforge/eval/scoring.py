@@ -20,10 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from phiforge.errors import EvalError
+from phiforge.sampling import SamplingParams
+
 Pair = tuple[list[int], list[int]]
 
 
-class RequestError(ValueError):
+class RequestError(EvalError):
     """A request that cannot be scored as given (the message names it)."""
 
 
@@ -347,16 +350,9 @@ def rolling_windows(tokens: list[int], prefix_token: int, max_length: int) -> li
     return [(ctx[: len(ctx) - (len(cont) - 1)], cont) for ctx, cont in windows]
 
 
-@dataclass
-class GenerationSettings:
-    until: list[str]
-    max_gen_toks: int
-    temperature: float
-    extra: dict[str, Any]
-
-
-def normalize_gen_kwargs(gen_kwargs: dict[str, Any], default_max: int = 256) -> GenerationSettings:
-    """lm-eval's reading of generation kwargs: until, max_gen_toks (or aliases), greedy unless do_sample."""
+def normalize_gen_kwargs(gen_kwargs: dict[str, Any], default_max: int = 256) -> SamplingParams:
+    """lm-eval's reading of generation kwargs: until (stop strings), max_gen_toks (or aliases), greedy unless
+    do_sample, seed; other kwargs are ignored, as HFLM does."""
     kwargs = dict(gen_kwargs)
     until = kwargs.pop("until", None) or []
     until = [until] if isinstance(until, str) else list(until)
@@ -369,7 +365,8 @@ def normalize_gen_kwargs(gen_kwargs: dict[str, Any], default_max: int = 256) -> 
     temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
     if do_sample is False:
         temperature = 0.0
-    return GenerationSettings(until, max_gen, temperature, kwargs)
+    return SamplingParams(max_new_tokens=max_gen, temperature=temperature, stop_strings=tuple(until),
+                          seed=kwargs.get("seed"))
 
 
 class LanguageModel:
@@ -477,19 +474,18 @@ class LanguageModel:
                 out[i] = text
         return out
 
-    def _generate(self, contexts: list[str], settings: GenerationSettings, desc: str) -> list[str]:
-        from phiforge.generate import Engine, SamplingParams
+    def _generate(self, contexts: list[str], settings: SamplingParams, desc: str) -> list[str]:
+        from phiforge.generate import Engine
 
         eos = self.tokenizer.decode([self.eot_token_id])
-        until = settings.until + ([eos] if eos not in settings.until else [])
-        room = self.max_length - settings.max_gen_toks
+        until = [*settings.stop_strings, *([eos] if eos not in settings.stop_strings else [])]
+        room = self.max_length - settings.max_new_tokens
         if room <= 0:
-            raise RequestError(f"max_gen_toks {settings.max_gen_toks} leaves no room in a context of {self.max_length}")
+            raise RequestError(f"max_gen_toks {settings.max_new_tokens} leaves no room in a context of "
+                               f"{self.max_length}")
         prompts = [self.tok_encode(c)[-room:] for c in contexts]
-        params = SamplingParams(max_new_tokens=settings.max_gen_toks, temperature=settings.temperature,
-                                stop_strings=tuple(u for u in until if u),
-                                stop_token_ids=tuple(self.tokenizer.stop_token_ids),
-                                seed=settings.extra.get("seed"))
+        params = settings.replace(stop_strings=tuple(u for u in until if u),
+                                  stop_token_ids=tuple(self.tokenizer.stop_token_ids))
         engine = Engine(self.model, self.tokenizer, max_batch_size=self.gen_batch_size,
                         max_seq_len=self.max_length)
         with self._progress(None, desc, "tok") as update:

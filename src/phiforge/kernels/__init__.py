@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from phiforge.errors import ConfigError
 from phiforge.kernels import abi
 from phiforge.kernels.abi import Feat
 
@@ -156,7 +157,7 @@ def use_level(name: str) -> Iterator[None]:
     global _active
     _load()
     if name not in levels() or _open(name) is None:
-        raise ValueError(f"native kernels: level {name!r} does not run here (levels: {levels()})")
+        raise ConfigError(f"native kernels: level {name!r} does not run here (levels: {levels()})")
     previous, _active = _active, name
     try:
         yield

@@ -11,6 +11,8 @@ import ctypes
 import enum
 import re
 
+from phiforge.errors import ExternalError
+
 _P = ctypes.c_void_p
 _I = ctypes.c_int
 _I64 = ctypes.c_int64
@@ -162,7 +164,7 @@ def describe() -> str:
     return ";".join(parts)
 
 
-class AbiError(RuntimeError):
+class AbiError(ExternalError):
     """A build whose structs, enums or symbols are not what the ctypes declarations say."""
 
 

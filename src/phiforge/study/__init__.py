@@ -19,7 +19,6 @@ modes; phiforge.study.report compares the arms by paired bootstrap and writes OU
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -28,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from phiforge.checkpoint import write_json
-from phiforge.pipeline import Plan, RecipeError, Runner, load_recipe
-from phiforge.train.config import apply_override, read_recipe
+from phiforge.config_loader import apply_override, read_recipe
+from phiforge.errors import RecipeError
+from phiforge.pipeline import Plan, Runner, load_recipe
+from phiforge.study.probes import digest
 
 STUDIES_DIR = Path(__file__).parents[1] / "recipes" / "studies"
 PROBE_DEFAULTS: dict[str, Any] = {"tasks": {"piqa": 0}, "neutral": "devils-dictionary", "neutral_documents": "",
@@ -135,10 +136,6 @@ def _corpus(path: Path, name: str, spec: dict[str, Any]) -> Corpus:
     return Corpus(name, kind, {"run": {"stages": ["curate"]}, "curate": curate}, organic, spec.get("documents", ""))
 
 
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 class StudyRunner:
     """Runs a Study: corpora, tokenizer, tokens, then every arm x seed (pretrain, probes), then the report."""
 
@@ -227,7 +224,7 @@ class StudyRunner:
     def train_arm(self, arm: str, seed: int, data_keys: dict[str, str]) -> None:
         """Pretrain one arm-seed; a folder trained on other data (a corpus changed) is started over."""
         folder = self.arm_folder(arm, seed)
-        key = _digest({c: data_keys[c] for c in self.study.corpora})
+        key = digest({c: data_keys[c] for c in self.study.corpora})
         key_file = folder / "data.key"
         if folder.exists() and (not key_file.is_file() or key_file.read_text() != key):
             shutil.rmtree(folder)
@@ -254,7 +251,7 @@ class StudyRunner:
 
 
 def _document_paths(corpus: Corpus) -> list[Path]:
-    from phiforge.pipeline import document_files
+    from phiforge.data.jsonl import document_files
 
     files = document_files(corpus.documents)
     if not files:

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from phiforge.errors import EvalError
+
 
 @dataclass(frozen=True)
 class Difference:
@@ -44,7 +46,7 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, replicates: int = 2000, se
     """A minus B, with its ``level`` percentile interval; a and b are [seeds, items] on the same items."""
     a, b = np.atleast_2d(np.asarray(a, dtype=np.float64)), np.atleast_2d(np.asarray(b, dtype=np.float64))
     if a.shape[1] != b.shape[1] or a.shape[1] == 0:
-        raise ValueError(f"paired bootstrap needs the same items for both arms; got {a.shape[1]} and {b.shape[1]}")
+        raise EvalError(f"paired bootstrap needs the same items for both arms; got {a.shape[1]} and {b.shape[1]}")
     items, seeds_a, seeds_b = draws(np.random.default_rng(seed), replicates, a.shape[1], a.shape[0], b.shape[0])
     # per seed and replicate: the mean over the replicate's items; then the mean over the replicate's seeds
     per_a = a[:, items].mean(axis=2)  # [Sa, R]

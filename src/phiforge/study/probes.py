@@ -10,6 +10,7 @@ Written to ARM/seed-S/probes.json; an unchanged model and [probes] section skip 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,12 +18,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from phiforge.checkpoint import write_json
+from phiforge.errors import EvalError
 
 if TYPE_CHECKING:
     from phiforge.study import StudyRunner
 
 ITEM_METRICS = ("acc,none", "exact_match,flexible-extract", "exact_match,strict-match", "pass@1,none")
 NEUTRAL = "neutral"
+
+
+def digest(value: Any) -> str:
+    """A short stable key of plain data (the study's data and probe caches)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def neutral_text(probes: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -55,20 +62,19 @@ def _task_items(results: dict[str, Any], task: str) -> tuple[str, list[float]]:
     numeric = [k for k, v in items[0].items() if "," in k and isinstance(v, (int, float))]
     metric = next((m for m in ITEM_METRICS if m in items[0]), numeric[0] if numeric else "")
     if not metric:
-        raise ValueError(f"task {task}: no per-item score among {ITEM_METRICS} in {sorted(items[0])}")
+        raise EvalError(f"task {task}: no per-item score among {ITEM_METRICS} in {sorted(items[0])}")
     return metric, [float(r[metric]) for r in items]
 
 
 def probe_arm(runner: StudyRunner, arm: str, seed: int) -> dict[str, Any]:
-    from phiforge.checkpoint import default_device, load_pretrained
     from phiforge.eval.harness import EvalConfig, evaluate
-    from phiforge.stages import DEFAULT_SAMPLE_PROMPTS, _token_array, usage_mode_samples
-    from phiforge.study import _digest
+    from phiforge.load import default_device, load_pretrained
+    from phiforge.stages import DEFAULT_SAMPLE_PROMPTS, token_array, usage_mode_samples
 
     probes, folder = runner.study.probes, runner.arm_folder(arm, seed)
     model_folder = folder / "pretrain" / "final"
     weights = sorted(model_folder.glob("*.safetensors"))
-    key = _digest({"probes": probes, "corpora": sorted(runner.study.corpora),
+    key = digest({"probes": probes, "corpora": sorted(runner.study.corpora),
                    "weights": [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]})
     out = folder / "probes.json"
     if out.is_file() and json.loads(out.read_text()).get("key") == key:
@@ -79,7 +85,7 @@ def probe_arm(runner: StudyRunner, arm: str, seed: int) -> dict[str, Any]:
     cap, window = probes["heldout_tokens"], probes["window"]
     losses: dict[str, Any] = {}
     for corpus in runner.study.corpora:
-        ids = _token_array(runner.corpus_folder(corpus) / "tokenize" / "heldout")[:cap].tolist()
+        ids = token_array(runner.corpus_folder(corpus) / "tokenize" / "heldout")[:cap].tolist()
         losses[corpus] = _window_items(model, ids, window)
     text, neutral_source = neutral_text(probes)
     losses[NEUTRAL] = _window_items(model, tokenizer.encode(text)[:cap], window)

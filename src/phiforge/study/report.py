@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from phiforge.report import STYLE, _figure, _png, _read_json, _read_jsonl, _table
+from phiforge.report import STYLE, figure, png, read_json, read_jsonl, table
 from phiforge.study.bootstrap import paired_bootstrap
 from phiforge.study.probes import NEUTRAL
 
@@ -45,7 +45,7 @@ def summarize(runner: StudyRunner) -> dict[str, Any]:
     for arm, mixture in study.arms.items():
         runs = []
         for seed in study.seeds:
-            summary = _read_json(runner.arm_folder(arm, seed) / "pretrain" / "summary.json") or {}
+            summary = read_json(runner.arm_folder(arm, seed) / "pretrain" / "summary.json") or {}
             runs.append({"seed": seed, "steps": summary.get("steps"), "tokens": summary.get("tokens"),
                          "sources": summary.get("sources", {})})
         arms[arm] = {"mixture": mixture, "runs": runs}
@@ -69,9 +69,9 @@ def summarize(runner: StudyRunner) -> dict[str, Any]:
     corpora = {}
     for name, corpus in study.corpora.items():
         folder = runner.corpus_folder(name)
-        tokens = _read_json(folder / "tokenize" / "stats.json") or {}
-        curate = _read_json(folder / "curate" / "stats.json") or {}
-        organic = (_read_json(folder / "organic.json") or {}).get("sources", {})
+        tokens = read_json(folder / "tokenize" / "stats.json") or {}
+        curate = read_json(folder / "curate" / "stats.json") or {}
+        organic = (read_json(folder / "organic.json") or {}).get("sources", {})
         kept = curate.get("output", {}).get("documents") if isinstance(curate.get("output"), dict) else None
         corpora[name] = {"kind": corpus.kind, "organic": organic, "documents_kept": kept,
                          "train_tokens": tokens.get("train_tokens"), "heldout_tokens": tokens.get("heldout_tokens")}
@@ -126,21 +126,21 @@ def findings(probes: dict[str, Any]) -> list[str]:
 
 
 def _curves(root: Path, results: dict[str, Any]) -> str:
-    fig, ax = _figure(7.5, 3.4)
+    fig, ax = figure(7.5, 3.4)
     for i, arm in enumerate(results["arms"]):
         for j, seed in enumerate(results["seeds"]):
-            rows = [r for r in _read_jsonl(root / "arms" / arm / f"seed-{seed}" / "pretrain" / "metrics.jsonl")
+            rows = [r for r in read_jsonl(root / "arms" / arm / f"seed-{seed}" / "pretrain" / "metrics.jsonl")
                     if "loss" in r]
             ax.plot([r["tokens"] for r in rows], [r["loss"] for r in rows], color=f"C{i}", alpha=0.7, lw=1,
                     label=arm if j == 0 else None)
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("train loss (nats/token)")
     ax.legend()
-    return _png(fig)
+    return png(fig)
 
 
 def _intervals(probe: str, info: dict[str, Any]) -> str:
-    fig, ax = _figure(6.5, 0.45 * len(info["pairs"]) + 1.0)
+    fig, ax = figure(6.5, 0.45 * len(info["pairs"]) + 1.0)
     names = list(info["pairs"])
     for y, name in enumerate(names):
         pair = info["pairs"][name]
@@ -151,7 +151,7 @@ def _intervals(probe: str, info: dict[str, Any]) -> str:
     ax.set_yticks(range(len(names)), names)
     ax.set_title(f"{_label(probe)}: A - B with 95% interval" + (" (lower loss is better)"
                                                                if info["lower_is_better"] else ""))
-    return _png(fig)
+    return png(fig)
 
 
 PHI15_ROWS = ("phi-1.5", "phi-1.5-web", "phi-1.5-web-only")
@@ -166,11 +166,11 @@ def _published() -> str:
     return ("<h2>For orientation: the phi-1.5 report (1.3B models, 150B tokens)</h2>"
             "<p>arXiv 2309.05463 Tables 2-4, zero-shot (MMLU 2-shot). The arms here are the same three data "
             "recipes in miniature; their absolute scores are not comparable, the direction of the differences "
-            "is what the study asks about.</p>" + _table(rows, ["model", *tasks]))
+            "is what the study asks about.</p>" + table(rows, ["model", *tasks]))
 
 
 def build_study_report(root: Path, results: dict[str, Any]) -> Path:
-    from phiforge.checkpoint import _atomic_write
+    from phiforge.atomic import atomic_write_text
 
     arms = list(results["arms"])
     budget = results["token_budget"]
@@ -190,11 +190,11 @@ def build_study_report(root: Path, results: dict[str, Any]) -> Path:
         rows.append([_label(probe) + (" (lower is better)" if info["lower_is_better"] else ""),
                      *(f"{info['arms'][a]['mean']:.4f} ({', '.join(f'{x:.3f}' for x in info['arms'][a]['per_seed'])})"
                        for a in arms)])
-    parts += ["<h2>Probes side by side</h2>", _table(rows, header)]
+    parts += ["<h2>Probes side by side</h2>", table(rows, header)]
     rows = [[probe, name, f"{p['difference']:+.4f}", f"[{p['low']:+.4f}, {p['high']:+.4f}]",
              "yes" if p["significant"] else "no", p["better"] or "-", p["items"]]
             for probe, info in results["probes"].items() for name, p in info["pairs"].items()]
-    parts += [_table(rows, ["probe", "A - B", "difference", "95% interval", "significant", "better", "items"])]
+    parts += [table(rows, ["probe", "A - B", "difference", "95% interval", "significant", "better", "items"])]
     parts += [_intervals(probe, info) for probe, info in results["probes"].items()]
     parts += ["<h2>Training curves</h2>", _curves(root, results)]
     rows = []
@@ -202,19 +202,19 @@ def build_study_report(root: Path, results: dict[str, Any]) -> Path:
         for run in info["runs"]:
             seen = ", ".join(f"{c}: {s['tokens']:,} ({s['epochs']:.2f} epochs)" for c, s in run["sources"].items())
             rows.append([arm, run["seed"], run["steps"], f"{run['tokens']:,}" if run["tokens"] else "-", seen])
-    parts += ["<h2>Tokens seen by each model</h2>", _table(rows, ["arm", "seed", "steps", "tokens", "per corpus"])]
+    parts += ["<h2>Tokens seen by each model</h2>", table(rows, ["arm", "seed", "steps", "tokens", "per corpus"])]
     rows = []
     for name, corpus in results["corpora"].items():
         sources = "; ".join(f"{n}: Debian {s['package']}, {s['description']}, license {s['license']}"
                             for n, s in corpus["organic"].items()) or corpus["kind"]
         rows.append([name, sources, corpus["documents_kept"], corpus["train_tokens"], corpus["heldout_tokens"]])
     neutral = results.get("neutral") or {}
-    parts += ["<h2>Corpora</h2>", _table(rows, ["corpus", "source", "documents kept by curate", "train tokens",
+    parts += ["<h2>Corpora</h2>", table(rows, ["corpus", "source", "documents kept by curate", "train tokens",
                                                 "held-out tokens"]),
               f"<p>Neutral text (no arm trained on it): {html.escape(json.dumps(neutral))}</p>"]
     parts.append("<h2>Samples (seed " + str(results["seeds"][0]) + ")</h2>")
     for arm in arms:
-        record = _read_json(root / "arms" / arm / f"seed-{results['seeds'][0]}" / "probes.json") or {}
+        record = read_json(root / "arms" / arm / f"seed-{results['seeds'][0]}" / "probes.json") or {}
         for mode, sample in record.get("samples", {}).items():
             parts.append(f'<div class="sample"><b>{html.escape(arm)} / {html.escape(mode)}</b><pre>'
                          f'{html.escape(sample["prompt"])}<b>{html.escape(sample["completion"])}</b></pre></div>')
@@ -223,7 +223,7 @@ def build_study_report(root: Path, results: dict[str, Any]) -> Path:
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>phiforge study: "
             f"{html.escape(results['study'])}</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
     path = root / "report.html"
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+    atomic_write_text(path, page)
     return path
 
 

@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from phiforge.checkpoint import save_hf_folder, write_json
 from phiforge.config import ModelConfig
+from phiforge.errors import TrainError
 from phiforge.model import PhiForgeModel, build_model
 from phiforge.train.distributed import DistEnv, barrier, is_sharded, unwrap
 
@@ -56,7 +57,7 @@ RESHAPE_FREE_FIELDS = {"name", "rope_theta", "max_position_embeddings", "origina
                        "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "extra"}
 
 
-class TrainCheckpointError(ValueError):
+class TrainCheckpointError(TrainError):
     """A checkpoint that is missing, incomplete, or from an incompatible run; names the folder and field."""
 
 

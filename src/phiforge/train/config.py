@@ -1,38 +1,30 @@
-"""TrainConfig: one dataclass per TOML section, loaded from a recipe plus ``section.key=value`` overrides.
-
-Every key is checked against the dataclasses, so a typo is an error that names the key and the valid
-ones, before anything is built. Values in overrides are parsed as TOML values (``optim.betas=[0.9,0.95]``,
-``run.precision=bf16``); a value that is not valid TOML is taken as a string.
-"""
+"""TrainConfig: one dataclass per TOML section, loaded from a recipe plus ``section.key=value`` overrides by the
+one config loader (``phiforge.config_loader``: every key and type checked, unknown keys listed with the file)."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 from phiforge.config import ModelConfig
+from phiforge.config_loader import build_config, load_config
 from phiforge.data.mixture import SourceConfig
+from phiforge.errors import ConfigError
 from phiforge.train.distributed import DTYPES, ShardPlan
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(ConfigError):
     """A training config that cannot run; the message names the key."""
 
 
 @dataclass
 class ModelSection:
+    CONFIG_EXTRA = ("overrides", ModelConfig)  # model.<ModelConfig field> = value lands in overrides
+
     preset: str = ""  # a name from phiforge.config.PRESETS (ignored when init_from is set)
     init_from: str = ""  # weights only: a training checkpoint folder or a Hugging Face model folder
     vocab_from_tokenizer: bool = True  # size vocab and bos/eos to data.tokenizer (new models only)
@@ -145,11 +137,11 @@ class TrainConfig:
     @classmethod
     def from_toml(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
         """A TOML file, or the name of a built-in recipe (phiforge/recipes/NAME.toml), plus overrides."""
-        return build_config(cls, read_toml(resolve_recipe(path)), overrides)
+        return load_config(cls, path, overrides, recipes=RECIPES_DIR, error=TrainConfigError)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
-        return build_config(cls, raw, overrides)
+        return build_config(cls, raw, overrides, error=TrainConfigError)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -209,153 +201,3 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
-
-
-def resolve_recipe(path: str | Path, folder: Path = RECIPES_DIR,
-                   error: type[Exception] = TrainConfigError) -> Path:
-    """A TOML file, or the name of a built-in recipe in ``folder``."""
-    file = Path(path)
-    if file.is_file():
-        return file
-    builtin = folder / f"{path}.toml"
-    if builtin.is_file():
-        return builtin
-    names = sorted(p.stem for p in folder.glob("*.toml"))
-    raise error(f"{path}: no such recipe file, and not a built-in recipe ({', '.join(names)})")
-
-
-def read_recipe(name: str | Path, folder: Path, error: type[Exception]) -> tuple[Path, str, dict[str, Any]]:
-    """A recipe file (a path or a built-in name in ``folder``): its path, text and parsed TOML; a syntax error
-    is ``error`` naming the file."""
-    path = resolve_recipe(name, folder, error)
-    text = path.read_text(encoding="utf-8")
-    try:
-        return path, text, tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise error(f"{path}: not valid TOML ({err})") from None
-
-
-# ---- loading any stage's config (train, sft, dpo, pts, synth, curate) ----------------------------------
-def read_toml(path: str | Path, error: type[Exception] = TrainConfigError) -> dict[str, Any]:
-    """The parsed file; a missing file or a syntax error is ``error`` naming the file."""
-    file = Path(path)
-    try:
-        return tomllib.loads(file.read_text())
-    except FileNotFoundError:
-        raise error(f"{file}: no such config file (TOML)") from None
-    except tomllib.TOMLDecodeError as err:
-        raise error(f"{file}: not valid TOML ({err})") from None
-
-
-def build_config(cls: type, raw: dict[str, Any], overrides: list[str] | None = None) -> Any:
-    """``cls`` (a dataclass of sections) from a raw TOML dict plus ``section.key=value`` overrides, every key
-    and type checked, then ``cls.validate()``."""
-    raw = copy.deepcopy(raw)
-    for item in overrides or []:
-        apply_override(raw, item)
-    config = _build(cls, raw, "")
-    config.validate()
-    return config
-
-
-# ---- overrides ---------------------------------------------------------------------------------------
-def parse_value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Set ``a.b.c=value`` in the raw TOML dict; list entries are picked by name or index."""
-    key, sep, value = item.partition("=")
-    if not sep or not key.strip():
-        raise TrainConfigError(f"override {item!r} must look like section.key=value")
-    parts = key.strip().split(".")
-    node: Any = raw
-    for depth, part in enumerate(parts[:-1]):
-        where = ".".join(parts[: depth + 1])
-        if isinstance(node, list):
-            node = _list_entry(node, part, where)
-        else:
-            node = node.setdefault(part, {})
-            if not isinstance(node, (dict, list)):
-                raise TrainConfigError(f"override {item!r}: {where} is a value, not a section")
-    if isinstance(node, list):
-        raise TrainConfigError(f"override {item!r}: pick an entry of {'.'.join(parts[:-1])} by name or index")
-    node[parts[-1]] = parse_value(value.strip())
-
-
-def _list_entry(entries: list[Any], part: str, where: str) -> Any:
-    for entry in entries:
-        if isinstance(entry, dict) and entry.get("name") == part:
-            return entry
-    if part.isdigit() and int(part) < len(entries):
-        return entries[int(part)]
-    names = [e.get("name") for e in entries if isinstance(e, dict)]
-    raise TrainConfigError(f"{where}: no entry named {part!r}; entries are {names}")
-
-
-# ---- dict -> dataclasses, with exact key and type checks --------------------------------------------------
-_MODEL_FIELDS = {f.name for f in fields(ModelConfig)} - {"name"}
-
-
-def _build(cls: type, table: Any, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "config"
-    if not isinstance(table, dict):
-        raise TrainConfigError(f"{where}: expected a table, got {table!r}")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in fields(cls) if not (cls is ModelSection and f.name == "overrides")]
-    values: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    for key, value in table.items():
-        if key in known:
-            values[key] = _convert(hints[key], value, f"{prefix}{key}")
-        elif cls is ModelSection and key in _MODEL_FIELDS:
-            extra[key] = _convert(typing.get_type_hints(ModelConfig)[key], value, f"{prefix}{key}")
-        else:
-            valid = ", ".join(known)
-            if cls is ModelSection:
-                valid += ", or any ModelConfig field (" + ", ".join(sorted(_MODEL_FIELDS)) + ")"
-            raise TrainConfigError(f"unknown key '{prefix}{key}' in [{where}]; valid keys: {valid}")
-    if cls is ModelSection:
-        values["overrides"] = extra
-    if cls is SourceConfig:
-        missing = [f.name for f in fields(cls) if f.name not in values and f.name in ("name", "path")]
-        if missing:
-            raise TrainConfigError(f"{where}: a source needs {missing} (and optionally weight)")
-    return cls(**values)
-
-
-def _convert(hint: Any, value: Any, key: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, f"{key}.")
-    if origin is list:
-        if not isinstance(value, list):
-            raise TrainConfigError(f"{key}: expected a list (an array of tables), got {value!r}")
-        return [_convert(args[0], v, f"{key}.{i}") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise TrainConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
-        return tuple(_convert(a, v, f"{key}.{i}") for i, (a, v) in enumerate(zip(args, value)))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise TrainConfigError(f"{key}: expected a table, got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):  # e.g. int | None: the first arm that accepts the value
-        for arm in (a for a in args if a is not type(None)):
-            try:
-                return _convert(arm, value, key)
-            except TrainConfigError:
-                continue
-        raise TrainConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
-          float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str)}
-    if not ok.get(hint, True):
-        raise TrainConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
-    return float(value) if hint is float else value
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from phiforge.errors import ConfigError
 from phiforge.model import PhiForgeModel
 
 
@@ -149,7 +150,7 @@ def device_mesh(env: DistEnv, plan: ShardPlan) -> Any:
         return init_device_mesh(env.device.type, (env.world_size,))
     shard = plan.shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
     if env.world_size % shard:
-        raise ValueError(f"distributed.shard_size {shard} does not divide the world of {env.world_size} ranks")
+        raise ConfigError(f"distributed.shard_size {shard} does not divide the world of {env.world_size} ranks")
     return init_device_mesh(env.device.type, (env.world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
 
 

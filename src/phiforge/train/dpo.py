@@ -295,7 +295,7 @@ class DPOTrainer(PostTrainer):
         if self.config.dpo.ref_model and is_sharded(self.model):  # sharded like the policy, then dropped
             model = self.new_model(self.config.dpo.ref_model, trainable=False)
         elif self.config.dpo.ref_model:
-            from phiforge.checkpoint import load_pretrained
+            from phiforge.load import load_pretrained
 
             model = load_pretrained(self.config.dpo.ref_model, dtype=torch.float32, device=self.env.device,
                                     with_tokenizer=False)[0]

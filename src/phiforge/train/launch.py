@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import phiforge
+from phiforge.errors import TrainError
 
 # section keys that say how a training stage runs, not what it computes (not part of its fingerprint:
 # the data order and the sharded checkpoints do not depend on the number of processes)
 LAUNCH_KEYS = {"nproc_per_node": 1, "nnodes": 1, "rdzv_endpoint": "", "rdzv_id": "phiforge", "max_restarts": 0}
 
 
-class LaunchError(ValueError):
+class LaunchError(TrainError):
     """A training stage's torchrun that is misconfigured or failed; names the key or the exit status."""
 
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from phiforge.config import ModelConfig, preset
 from phiforge.data.mixture import build_mixture, build_validation, describe_sources
+from phiforge.errors import ConfigError, PhiforgeError
 from phiforge.model import build_model
 from phiforge.train import checkpointing as ckpt
 from phiforge.train.config import OptimSection, TrainConfig, TrainConfigError
@@ -533,13 +534,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     config = TrainConfig.from_toml(args.recipe, overrides)
     if args.extend_context is None:
         if args.seq_len is not None or args.rope_theta is not None:
-            raise ValueError("--seq-len/--rope-theta belong to --extend-context CHECKPOINT "
+            raise ConfigError("--seq-len/--rope-theta belong to --extend-context CHECKPOINT "
                              "(for a plain run use data.seq_len=... model.overrides.rope_theta=...)")
         return config
     if args.seq_len is None or args.rope_theta is None:
-        raise ValueError("--extend-context needs --seq-len and --rope-theta")
+        raise ConfigError("--extend-context needs --seq-len and --rope-theta")
     if not Path(args.extend_context).is_dir():
-        raise ValueError(f"--extend-context {args.extend_context}: no such checkpoint folder")
+        raise ConfigError(f"--extend-context {args.extend_context}: no such checkpoint folder")
     return extend_context(config, args.extend_context, args.seq_len, args.rope_theta, args.lr_scale)
 
 
@@ -551,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         summary = train(config_from_args(args))
-    except ValueError as err:  # config, data and checkpoint errors name the key or file
+    except PhiforgeError as err:  # config, data and checkpoint errors name the key or file; others keep a traceback
         print(f"phiforge train: error: {err}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

@@ -20,7 +20,6 @@ out_dir/results.jsonl (a rerun skips finished queries); out_dir/pairs.jsonl is r
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib
 import json
@@ -39,10 +38,12 @@ from typing import Any
 
 import torch
 
+from phiforge.config_loader import config_dict, load_config
 from phiforge.eval.scoring import common_prefix
-from phiforge.generate import Engine, SamplingParams
+from phiforge.generate import Engine
 from phiforge.model import KVCache
-from phiforge.train.config import TrainConfigError, build_config, read_toml, resolve_recipe
+from phiforge.sampling import SamplingParams, sampling_section
+from phiforge.train.config import RECIPES_DIR, TrainConfigError
 
 
 # ---- config ---------------------------------------------------------------------------------------------
@@ -64,13 +65,9 @@ class DataPart:
     limit: int = 0  # first N queries only; 0 = all
 
 
-@dataclass
-class SamplingPart:
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 20
-    max_new_tokens: int = 256
-    stop_strings: list[str] = field(default_factory=list)
+# the [sampling] keys a PTS recipe may set, and PTS's defaults for them
+PTS_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "stop_strings")
+PTS_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_new_tokens": 256}
 
 
 @dataclass
@@ -99,13 +96,13 @@ class RunPart:
 class PTSConfig:
     model: ModelPart = field(default_factory=ModelPart)
     data: DataPart = field(default_factory=DataPart)
-    sampling: SamplingPart = field(default_factory=SamplingPart)
+    sampling: SamplingParams = sampling_section(PTS_SAMPLING_KEYS, **PTS_SAMPLING)
     search: SearchPart = field(default_factory=SearchPart)
     run: RunPart = field(default_factory=RunPart)
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: list[str] | None = None) -> PTSConfig:
-        return build_config(cls, read_toml(resolve_recipe(path)), overrides)
+        return load_config(cls, path, overrides, recipes=RECIPES_DIR, error=TrainConfigError)
 
     def validate(self) -> None:
         s = self.search
@@ -287,7 +284,7 @@ class Query:
 class Estimator:
     """p(success | query + prefix) for many (query, prefix) keys at once, sampled through the engine."""
 
-    def __init__(self, engine: Engine, oracle: Oracle, sampling: SamplingPart, search: SearchPart,
+    def __init__(self, engine: Engine, oracle: Oracle, sampling: SamplingParams, search: SearchPart,
                  stop_ids: Sequence[int], seed: int) -> None:
         self.engine, self.oracle, self.search, self.seed = engine, oracle, search, seed
         self.sampling = sampling
@@ -332,10 +329,8 @@ class Estimator:
             query = queries[(qid, prefix)]
             prompts.append(query.prompt + list(prefix))
             room = self.engine.max_seq_len - len(prompts[-1])
-            params.append(SamplingParams(max_new_tokens=max(1, min(sp.max_new_tokens - len(prefix), room)),
-                                         temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
-                                         seed=_seed(self.seed, qid, prefix, index), stop_token_ids=self.stop_ids,
-                                         stop_strings=tuple(sp.stop_strings)))
+            params.append(sp.replace(max_new_tokens=max(1, min(sp.max_new_tokens - len(prefix), room)),
+                                     seed=_seed(self.seed, qid, prefix, index), stop_token_ids=self.stop_ids))
         completions = self.engine.generate(prompts, params)
         self.samples += len(completions)
         by_query: dict[str, list[int]] = {}
@@ -639,8 +634,9 @@ def pts(config: PTSConfig, model: Any = None, tokenizer: Any = None, oracle: Ora
     """Search every query (resuming a killed run); returns the summary (also out_dir/summary.json)."""
     from tqdm.auto import tqdm
 
-    from phiforge.checkpoint import load_pretrained, write_json
-    from phiforge.data.packing import atomic_write_bytes
+    from phiforge.atomic import atomic_write_bytes
+    from phiforge.checkpoint import write_json
+    from phiforge.load import load_pretrained
 
     config.validate()
     oracle = oracle or load_oracle(config.data.oracle)
@@ -683,7 +679,7 @@ def pts(config: PTSConfig, model: Any = None, tokenizer: Any = None, oracle: Ora
                "estimates": len(est.cache), "samples": est.samples, "seconds": seconds,
                "estimates_per_s": len(est.cache) / seconds if seconds else 0.0,
                "prefill_tokens": engine.prefill_tokens, "reused_prefix_tokens": engine.reused_tokens,
-               "pairs_file": str(out / "pairs.jsonl"), "config": dataclasses.asdict(config)}
+               "pairs_file": str(out / "pairs.jsonl"), "config": config_dict(config)}
     write_json(out / "summary.json", summary)
     return summary
 

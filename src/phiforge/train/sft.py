@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from phiforge.errors import DataError, PhiforgeError
 from phiforge.train import checkpointing as ckpt
 from phiforge.train.config import TrainConfig, TrainConfigError
 from phiforge.train.distributed import DistEnv, all_reduce_sum, init_distributed, shutdown, unwrap
@@ -44,7 +45,7 @@ from phiforge.train.pretrain import Pretrainer, next_token_loss
 IGNORE = -100  # target id that the cross-entropy skips
 
 
-class RecordError(ValueError):
+class RecordError(DataError):
     """One bad training record; the message names it."""
 
 
@@ -114,7 +115,8 @@ def prepare_init(config: Any, env: DistEnv) -> None:
     ref = config.model.init_from
     if not ref or Path(ref).is_dir():
         return
-    from phiforge.checkpoint import load_pretrained, save_hf_folder
+    from phiforge.checkpoint import save_hf_folder
+    from phiforge.load import load_pretrained
     from phiforge.train.distributed import barrier
 
     folder = Path(config.run.out_dir) / "init-model"
@@ -522,7 +524,7 @@ def run_cli(stage: str, config_cls: type, entry: Any, argv: list[str] | None, do
         return 0 if args else 2
     try:
         summary = entry(config_cls.from_toml(args[0], args[1:]))
-    except ValueError as err:  # config, data and checkpoint errors name the key, file or record
+    except PhiforgeError as err:  # config, data and checkpoint errors name the key, file or record
         print(f"phiforge {stage}: error: {err}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

@@ -10,13 +10,15 @@ import urllib.request
 
 import phiforge
 from phiforge.data.synth.loadgen import Faults, LoadGenerator, content_key
-from phiforge.data.synth.teachers import OpenAITeacher, Request, Sampling
+from phiforge.data.synth.teachers import OpenAITeacher, Request
+from phiforge.sampling import TEACHER_SAMPLING
 
 
 def test_answers_have_the_requested_length_and_are_deterministic() -> None:
     with LoadGenerator() as server:
         teacher = OpenAITeacher(server.base_url, "m", timeout=5)
-        requests = [Request(f"prompt {i}", seed=i, sampling=Sampling(max_new_tokens=5 + i)) for i in range(6)]
+        requests = [Request(f"prompt {i}", seed=i, sampling=TEACHER_SAMPLING.replace(max_new_tokens=5 + i))
+                    for i in range(6)]
         first = teacher.generate(requests)
         again = OpenAITeacher(server.base_url, "m", api="chat").generate(requests)
         assert [r.text for r in first] == [r.text for r in again]
@@ -34,7 +36,8 @@ def test_injected_faults_at_their_rates_are_retried_by_the_client() -> None:
     with LoadGenerator(faults=faults) as server:
         teacher = OpenAITeacher(server.base_url, "m", timeout=0.75, backoff=0.001, backoff_max=0.01, max_retries=10,
                                 concurrency=32)
-        results = teacher.generate([Request(f"p{i}", seed=i, sampling=Sampling(max_new_tokens=8)) for i in range(n)])
+        eight = TEACHER_SAMPLING.replace(max_new_tokens=8)
+        results = teacher.generate([Request(f"p{i}", seed=i, sampling=eight) for i in range(n)])
         assert len(results) == n and all(r.completion_tokens == 8 for r in results)
         seen = server.outcomes
         # >= n: on a loaded machine an answer may come after the client's timeout, and is asked again
@@ -61,7 +64,8 @@ def test_cli_entry_announces_its_port() -> None:
         line = proc.stdout.readline()
         assert line.startswith("loadgen: listening on http://127.0.0.1:")
         url = line.split()[-1]
-        [result] = OpenAITeacher(url, "m").generate([Request("hi", seed=0, sampling=Sampling(max_new_tokens=50))])
+        [result] = OpenAITeacher(url, "m").generate(
+            [Request("hi", seed=0, sampling=TEACHER_SAMPLING.replace(max_new_tokens=50))])
         assert result.completion_tokens == 3 and result.finish_reason == "stop"
     finally:
         proc.kill()

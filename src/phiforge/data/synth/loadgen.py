@@ -29,6 +29,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from phiforge.errors import ConfigError, ExternalError
+
 FAULTS = ("429", "500", "timeout", "drop", "malformed")
 WORDS = ("energy light water cells numbers stories history friends code science learn explain example because "
          "first then finally remember simple careful idea plants motion force heat sound shapes maps rivers "
@@ -73,7 +75,7 @@ class Faults:
     def __post_init__(self) -> None:
         rates = self.rates()
         if any(not 0 <= r <= 1 for r in rates) or sum(rates) > 1:
-            raise ValueError(f"fault rates {rates} must each be in [0, 1] and sum to at most 1")
+            raise ConfigError(f"fault rates {rates} must each be in [0, 1] and sum to at most 1")
 
     def rates(self) -> list[float]:
         return [self.rate_429, self.rate_500, self.rate_timeout, self.rate_drop, self.rate_malformed]
@@ -135,7 +137,7 @@ class LoadGenerator:
         self._thread = threading.Thread(target=self.serve_forever, args=(False,), daemon=True)
         self._thread.start()
         if not self._ready.wait(30):
-            raise RuntimeError("loadgen: the server did not start")
+            raise ExternalError("loadgen: the server did not start")
         return self
 
     def stop(self) -> None:

@@ -25,13 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phiforge.data.packing import atomic_write_json
+from phiforge.atomic import atomic_write_json
+from phiforge.config_loader import build_config, config_dict, load_config
 from phiforge.data.synth import prompts as P
 from phiforge.data.synth import seeds as S
-from phiforge.data.synth.teachers import LocalTeacher, OpenAITeacher, RequestCache, Sampling, Teacher
+from phiforge.data.synth.teachers import LocalTeacher, OpenAITeacher, RequestCache, Teacher
 from phiforge.data.synth.techniques import Draft, StepContext, check_steps, run_document
 from phiforge.data.synth.writer import OutputError, ShardWriter, fold_stats
-from phiforge.train.config import build_config, read_toml
+from phiforge.errors import ConfigError
+from phiforge.sampling import TEACHER_KEYS, SamplingParams, sampling_section
 
 
 @dataclass
@@ -87,15 +89,6 @@ class TeacherSection:
 
 
 @dataclass
-class SamplingSection:
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 50
-    repetition_penalty: float = 1.0
-
-
-@dataclass
 class TechniquesSection:
     steps: list[str] = field(default_factory=lambda: ["generate"])
     rubric: str = P.RUBRIC
@@ -116,21 +109,21 @@ class SynthConfig:
     run: RunSection = field(default_factory=RunSection)
     seeds: SeedsSection = field(default_factory=SeedsSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
-    sampling: SamplingSection = field(default_factory=SamplingSection)
+    sampling: SamplingParams = sampling_section(TEACHER_KEYS, temperature=0.7, top_p=0.95, top_k=50)
     prompts: dict[str, str] = field(default_factory=dict)  # format -> template overriding the built-in
     techniques: TechniquesSection = field(default_factory=TechniquesSection)
     filter: FilterSection = field(default_factory=FilterSection)
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: list[str] | None = None) -> SynthConfig:
-        return build_config(cls, read_toml(path, ValueError), overrides)
+        return load_config(cls, path, overrides)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], overrides: list[str] | None = None) -> SynthConfig:
         return build_config(cls, raw, overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return config_dict(self)
 
     def validate(self) -> None:
         r, t = self.run, self.teacher
@@ -151,18 +144,17 @@ class SynthConfig:
                   (self.techniques.plurality_samples >= 2, "techniques.plurality_samples must be >= 2")]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message)
         for kind, known in (("audiences", S.AUDIENCES), ("formats", S.FORMATS), ("styles", S.STYLES),
                             ("rewrite_forms", dict.fromkeys(S.REWRITE_FORMS))):
             S.check_choices(kind, getattr(self.seeds, kind), known)
         for fmt, template in self.prompts.items():
             if fmt not in S.ALL_FORMATS:
-                raise ValueError(f"prompts.{fmt}: no such format; expected some of {list(S.ALL_FORMATS)}")
+                raise ConfigError(f"prompts.{fmt}: no such format; expected some of {list(S.ALL_FORMATS)}")
             if not isinstance(template, str):
-                raise ValueError(f"prompts.{fmt}: expected a template string, got {template!r}")
+                raise ConfigError(f"prompts.{fmt}: expected a template string, got {template!r}")
             P.check_template(f"prompts.{fmt}", template)
         check_steps(self.techniques.steps)
-        sampling_params(self.sampling)  # range checks
 
     def fingerprint(self) -> dict[str, Any]:
         """What fixes the documents of a run; resuming with any of it changed is refused."""
@@ -171,18 +163,6 @@ class SynthConfig:
                 "seeds": d["seeds"], "sampling": d["sampling"], "prompts": d["prompts"],
                 "techniques": d["techniques"], "filter": d["filter"],
                 "teacher": {k: d["teacher"][k] for k in ("kind", "model", "dtype", "chat", "api", "system")}}
-
-
-def sampling_params(s: SamplingSection) -> Sampling:
-    checks = [(s.max_new_tokens > 0, "sampling.max_new_tokens must be > 0"),
-              (s.temperature >= 0, "sampling.temperature must be >= 0"), (0 < s.top_p <= 1, "sampling.top_p "
-                                                                            "must be in (0, 1]"),
-              (s.top_k >= 0, "sampling.top_k must be >= 0"), (s.repetition_penalty > 0, "sampling."
-                                                                "repetition_penalty must be > 0")]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-    return Sampling(s.max_new_tokens, s.temperature, s.top_p, s.top_k, s.repetition_penalty)
 
 
 # ---- cleanup ---------------------------------------------------------------------------------------------
@@ -236,7 +216,7 @@ def attach_cache(teacher: Teacher, t: TeacherSection, default: Path) -> None:
 
 def document_id(config: SynthConfig, seed: S.Seed, prompt: str, teacher: dict[str, Any]) -> str:
     blob = json.dumps({"run_seed": config.run.seed, "seed": seed.metadata(), "prompt": prompt, "teacher": teacher,
-                       "sampling": dataclasses.asdict(config.sampling), "steps": config.techniques.steps},
+                       "sampling": config.sampling.pick(TEACHER_KEYS), "steps": config.techniques.steps},
                       sort_keys=True)
     return "syn-" + hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -310,9 +290,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     try:
         k, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise ValueError(f"--shard {text!r}: expected K/N, e.g. 0/4 for the first of 4 processes") from None
+        raise ConfigError(f"--shard {text!r}: expected K/N, e.g. 0/4 for the first of 4 processes") from None
     if not 0 <= k < n:
-        raise ValueError(f"--shard {text!r}: need 0 <= K < N")
+        raise ConfigError(f"--shard {text!r}: need 0 <= K < N")
     return k, n
 
 
@@ -329,7 +309,7 @@ def run_synth(config: SynthConfig, teacher: Teacher | None = None, shard: tuple[
     what is there); its stats. When every shard of the run is complete, ``stats.json`` folds them all."""
     out = Path(config.run.out_dir)
     planner = Planner(config)  # bad seeds fail before anything is loaded
-    sampling = sampling_params(config.sampling)
+    sampling = config.sampling
     check_resume(out, config, planner.plan())
     k, n = shard
     name = f"{k}-of-{n}"
@@ -452,7 +432,7 @@ def merge_stats(config: SynthConfig, total: int | None = None) -> dict[str, Any]
 
 def make_record(config: SynthConfig, d: Draft, text: str, status: str, teacher: dict[str, Any]) -> dict[str, Any]:
     metadata = {**d.seed.metadata(), "teacher": teacher, "prompt": d.prompt, "system": config.teacher.system,
-                "sampling": dataclasses.asdict(config.sampling), "steps": config.techniques.steps,
+                "sampling": config.sampling.pick(TEACHER_KEYS), "steps": config.techniques.steps,
                 "finish_reason": d.finish_reason,
                 "tokens": {"prompt": d.prompt_tokens, "completion": d.completion_tokens,
                            "all_calls": d.total_tokens, "calls": d.calls}}

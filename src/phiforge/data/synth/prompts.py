@@ -11,6 +11,7 @@ import string
 from typing import Any
 
 from phiforge.data.synth.seeds import ALL_FORMATS, AUDIENCES, STYLES, Seed
+from phiforge.errors import ConfigError
 
 FIELDS = {
     "topic": "the seed topic",
@@ -84,7 +85,7 @@ TOPICS = ("Write a numbered list of {n} topics from a textbook chapter on \"{sub
 RUBRIC = "factual accuracy, clear step-by-step reasoning, fit for the audience, no repetition"
 
 
-class PromptError(ValueError):
+class PromptError(ConfigError):
     """A template that cannot be rendered; the message names the template and the valid fields."""
 
 

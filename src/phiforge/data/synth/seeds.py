@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from phiforge.errors import DataError
+
 BUILTIN_TOPICS = Path(__file__).with_name("topics.txt")
 BUILTIN_SEEDS = Path(__file__).with_name("seed_data")  # "builtin:web.jsonl", "builtin:functions.py", "builtin:qa.jsonl"
 
@@ -65,7 +67,7 @@ STYLES = {
 }
 
 
-class SeedError(ValueError):
+class SeedError(DataError):
     """Unusable seed input; the message names the file and what was expected."""
 
 

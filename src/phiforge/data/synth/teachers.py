@@ -26,27 +26,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from phiforge.errors import ConfigError, ExternalError, PhiforgeError
+from phiforge.sampling import TEACHER_KEYS, SamplingParams
+
 OnDone = Callable[[int, "Result"], None]
 
 
-class TeacherError(RuntimeError):
+class TeacherError(ExternalError):
     """A teacher that cannot answer (after retries); the message names the endpoint and the last error."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 50  # 0 = off (and not sent to HTTP endpoints, for servers that reject it)
-    repetition_penalty: float = 1.0  # 1.0 = off (not sent to HTTP endpoints)
 
 
 @dataclass(frozen=True)
 class Request:
     prompt: str  # the user message (chat) or the raw prompt (completions)
     seed: int
-    sampling: Sampling
+    sampling: SamplingParams  # the TEACHER_KEYS of it are sent / honoured
     system: str = ""
 
 
@@ -114,7 +108,7 @@ class Teacher:
 
     def key(self, request: Request) -> str:
         blob = json.dumps({"teacher": self.identity(), "prompt": request.prompt, "seed": request.seed,
-                           "sampling": vars(request.sampling), "system": request.system}, sort_keys=True)
+                           "sampling": request.sampling.pick(TEACHER_KEYS), "system": request.system}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     @contextlib.asynccontextmanager
@@ -177,8 +171,8 @@ class LocalTeacher(Teacher):
     def __init__(self, model: Any = "smollm2-135m-instruct", tokenizer: Any = None, *, dtype: str = "bfloat16",
                  device: str = "", max_batch_size: int = 128, chat: bool = True, name: str = "") -> None:
         super().__init__()
-        from phiforge.checkpoint import load_pretrained
         from phiforge.generate import Engine
+        from phiforge.load import load_pretrained
 
         if isinstance(model, (str, Path)):
             name = name or str(model)
@@ -247,12 +241,9 @@ class LocalTeacher(Teacher):
                         future.set_exception(err)
 
     def _generate(self, requests: list[Request], on_done: OnDone) -> None:
-        from phiforge.generate import SamplingParams
         stops = tuple(self.tokenizer.stop_token_ids)
         prompts = [self.encode(r) for r in requests]
-        params = [SamplingParams(max_new_tokens=r.sampling.max_new_tokens, temperature=r.sampling.temperature,
-                                 top_k=r.sampling.top_k, top_p=r.sampling.top_p, seed=r.seed,
-                                 repetition_penalty=r.sampling.repetition_penalty, stop_token_ids=stops)
+        params = [SamplingParams(**r.sampling.pick(TEACHER_KEYS), seed=r.seed, stop_token_ids=stops)
                   for r in requests]
 
         def finished(i: int, completion: Any) -> None:
@@ -267,7 +258,7 @@ class LocalTeacher(Teacher):
 
 
 # ---- HTTP: any OpenAI-compatible endpoint ---------------------------------------------------------------
-class _RetryableError(Exception):
+class _RetryableError(PhiforgeError):
     def __init__(self, kind: str, message: str, wait: float = 0.0) -> None:
         super().__init__(message)
         self.kind, self.wait = kind, wait
@@ -281,7 +272,7 @@ class OpenAITeacher(Teacher):
                  api_key_env: str = "OPENAI_API_KEY", seed: int = 0) -> None:
         super().__init__()
         if api not in ("chat", "completions"):
-            raise ValueError(f"teacher.api = {api!r}; expected 'chat' or 'completions'")
+            raise ConfigError(f"teacher.api = {api!r}; expected 'chat' or 'completions'")
         self.base_url, self.model, self.api = base_url.rstrip("/"), model, api
         self.url = f"{self.base_url}/{'chat/completions' if api == 'chat' else 'completions'}"
         self.concurrency, self.timeout = concurrency, timeout

@@ -21,7 +21,9 @@ from typing import Any
 
 from phiforge.data.synth import prompts as P
 from phiforge.data.synth.seeds import Seed
-from phiforge.data.synth.teachers import Request, Result, Sampling, Teacher
+from phiforge.data.synth.teachers import Request, Result, Teacher
+from phiforge.errors import ConfigError
+from phiforge.sampling import SamplingParams
 
 GENERATORS = ("generate", "multi_agent")
 TRANSFORMS = ("self_revision", "instruction_reversal", "plurality")
@@ -46,7 +48,7 @@ class Draft:
 @dataclass
 class StepContext:
     teacher: Teacher
-    sampling: Sampling
+    sampling: SamplingParams
     run_seed: int
     system: str = ""
     rubric: str = P.RUBRIC
@@ -65,7 +67,7 @@ def request_seed(run_seed: int, index: int, *parts: Any) -> int:
     return int(hashlib.sha256(blob.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
-async def _ask(ctx: StepContext, d: Draft, prompt: str, step: str, sampling: Sampling | None = None,
+async def _ask(ctx: StepContext, d: Draft, prompt: str, step: str, sampling: SamplingParams | None = None,
                sample: int = 0) -> Result:
     """One teacher call for draft ``d``, counted on the draft; the answer comes back cleaned."""
     request = Request(prompt, request_seed(ctx.run_seed, d.index, step, sample), sampling or ctx.sampling,
@@ -205,10 +207,10 @@ def document_steps(seed: Seed, steps: list[str]) -> list[str]:
 
 def check_steps(steps: list[str]) -> None:
     if not steps or steps[0] not in GENERATORS:
-        raise ValueError(f"techniques.steps = {steps}: the first step must be one of {list(GENERATORS)}")
+        raise ConfigError(f"techniques.steps = {steps}: the first step must be one of {list(GENERATORS)}")
     for step in steps[1:]:
         if step not in TRANSFORMS:
-            raise ValueError(f"techniques.steps: unknown step {step!r} after the first; expected some of "
+            raise ConfigError(f"techniques.steps: unknown step {step!r} after the first; expected some of "
                              f"{list(TRANSFORMS)}")
 
 

@@ -17,7 +17,6 @@ coverage and a nearest-neighbour similarity histogram).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import re
 import time
@@ -29,21 +28,21 @@ from typing import Any
 
 import numpy as np
 
-from phiforge.data.packing import atomic_write_bytes, atomic_write_json
+from phiforge.atomic import atomic_write_bytes, atomic_write_json
+from phiforge.config_loader import build_config, config_dict, load_config
 from phiforge.data.synth import prompts as P
 from phiforge.data.synth import seeds as S
 from phiforge.data.synth.pipeline import (
-    SamplingSection,
     TeacherSection,
     attach_cache,
     check_resume,
-    sampling_params,
     teacher_from_section,
 )
 from phiforge.data.synth.teachers import Request, Result, Teacher
 from phiforge.data.synth.techniques import request_seed
 from phiforge.data.synth.writer import read_journal
-from phiforge.train.config import build_config, read_toml
+from phiforge.errors import ConfigError
+from phiforge.sampling import TEACHER_KEYS, SamplingParams, sampling_section
 
 
 @dataclass
@@ -81,31 +80,25 @@ class DedupSection:
 
 
 @dataclass
-class TopicsSamplingSection(SamplingSection):
-    max_new_tokens: int = 128
-    temperature: float = 0.8
-    repetition_penalty: float = 1.1
-
-
-@dataclass
 class TopicsConfig:
     run: TopicsRunSection = field(default_factory=TopicsRunSection)
     taxonomy: TaxonomySection = field(default_factory=TaxonomySection)
     grow: GrowSection = field(default_factory=GrowSection)
     dedup: DedupSection = field(default_factory=DedupSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
-    sampling: TopicsSamplingSection = field(default_factory=TopicsSamplingSection)
+    sampling: SamplingParams = sampling_section(TEACHER_KEYS, max_new_tokens=128, temperature=0.8, top_p=0.95, top_k=50,
+                                                repetition_penalty=1.1)
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: list[str] | None = None) -> TopicsConfig:
-        return build_config(cls, read_toml(path, ValueError), overrides)
+        return load_config(cls, path, overrides)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], overrides: list[str] | None = None) -> TopicsConfig:
         return build_config(cls, raw, overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return config_dict(self)
 
     def validate(self) -> None:
         g = self.grow
@@ -120,8 +113,7 @@ class TopicsConfig:
                                                              "'local' or 'openai'")]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
-        sampling_params(self.sampling)
+                raise ConfigError(message)
 
     def fingerprint(self) -> dict[str, Any]:
         """What fixes the topics; resuming with any of it changed is refused."""
@@ -319,7 +311,7 @@ class TopicsRun:
         self.config = config
         self.out = Path(config.run.out_dir)
         self.areas, self.seed_topics = seed_taxonomy(config)  # bad input fails before anything is loaded
-        self.sampling = sampling_params(config.sampling)
+        self.sampling = config.sampling
         self.teacher, self.own_teacher = teacher, teacher is None
         self.embed: Embedder | None = None
 

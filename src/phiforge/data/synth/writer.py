@@ -20,10 +20,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from phiforge.data.packing import atomic_write_bytes, atomic_write_json
+from phiforge.atomic import atomic_write, atomic_write_bytes, atomic_write_json
+from phiforge.errors import DataError
 
 
-class OutputError(ValueError):
+class OutputError(DataError):
     """An output folder that cannot be resumed; the message names the file."""
 
 
@@ -175,11 +176,7 @@ def _write_parquet(path: Path, records: list[dict[str, Any]]) -> None:
 
     table = pa.table({"id": [r["id"] for r in records], "text": [r["text"] for r in records],
                       "metadata": [json.dumps(r["metadata"], ensure_ascii=False) for r in records]})
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_journal(path: Path, remedy: str = "delete the file to redo its shard",

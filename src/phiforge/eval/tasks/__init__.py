@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from phiforge.errors import EvalError
 from phiforge.eval.tasks.base import Instance, Task
 from phiforge.eval.tasks.code import MBPP, HumanEval
 from phiforge.eval.tasks.commonsense import TASKS as COMMONSENSE
@@ -14,7 +15,7 @@ from phiforge.eval.tasks.perplexity import TextPerplexity
 from phiforge.eval.tasks.qa import SQuAD, TriviaQA
 
 
-class UnknownTaskError(ValueError):
+class UnknownTaskError(EvalError):
     pass
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from phiforge.errors import ConfigError
 from phiforge.eval.sandbox import Program, SandboxLimits, run_programs
 from phiforge.eval.tasks.base import Instance, Task
 from phiforge.eval.tasks.data import HubDataset, TaskDataError, find_file, read_records, require, split_patterns
@@ -40,7 +41,7 @@ class CodeTask(Task):
     def configure(self, samples: int = 1, temperature: float = 0.0, ks: tuple[int, ...] = (1,),
                   limits: SandboxLimits | None = None, workers: int = 2) -> CodeTask:
         if samples > 1 and temperature == 0.0:
-            raise ValueError(f"task {self.name}: {samples} samples per problem need a temperature > 0")
+            raise ConfigError(f"task {self.name}: {samples} samples per problem need a temperature > 0")
         self.samples, self.temperature, self.workers = samples, temperature, workers
         self.ks = tuple(k for k in ks if k <= samples) or (1,)
         self.limits = limits or SandboxLimits()

@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from phiforge.errors import EvalError
+
 BENCHMARKS_ENV = "PHIFORGE_BENCHMARKS"
 HUB_MIRROR_ENV = "PHIFORGE_HUB_MIRROR"
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
 
 
-class TaskDataError(ValueError):
+class TaskDataError(EvalError):
     """Missing or malformed benchmark data; the message names task, file and record."""
 
 
