@@ -58,7 +58,7 @@ def write_gguf(path: Path, arch: str, meta: dict[str, Any], tensors: dict[str, A
 
 def tiny_byte_vocab(size: int) -> dict[str, Any]:
     """A GPT-2-style byte-level vocabulary: 256 byte symbols, a few merges, control and padding tokens."""
-    alphabet = gguf_io._byte_alphabet()
+    alphabet = gguf_io.byte_alphabet()
     merged = ["Ġt", "he", "Ġthe", "in", "Ġa"]
     tokens = [alphabet[b] for b in range(256)] + merged + ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     types = [1] * (256 + len(merged)) + [3, 3, 3]

@@ -165,7 +165,7 @@ def llama_cpp(tool: str, *args: str) -> bytes:
 def piece_bytes(tok: Tokenizer, ids: list[int]) -> bytes:
     """What llama.cpp prints for ``ids`` (llama_token_to_piece, specials as text): a byte-level token's bytes, up to
     a NUL byte (llama-simple prints each piece with printf's %s)."""
-    inverse = {c: b for b, c in gguf_io._byte_alphabet().items()}
+    inverse = {c: b for b, c in gguf_io.byte_alphabet().items()}
     added = {i: t.content for i, t in tok.backend.get_added_tokens_decoder().items()}
     pieces = (added[i].encode() if i in added else bytes(inverse[c] for c in tok.id_to_token(i)) for i in ids)
     return b"".join(piece.split(b"\0")[0] for piece in pieces)

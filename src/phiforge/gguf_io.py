@@ -653,7 +653,7 @@ def _tokenizer(f: _GGUF) -> Tokenizer:
     kind = f.get("tokenizer.ggml.model")
     tokens: list[str] = f.get("tokenizer.ggml.tokens")
     if kind == "gpt2":
-        backend, vocab = _byte_level_backend(tokens, f.get("tokenizer.ggml.merges"), f.get("tokenizer.ggml.pre", None))
+        backend, vocab = byte_level_backend(tokens, f.get("tokenizer.ggml.merges"), f.get("tokenizer.ggml.pre", None))
     elif kind == "llama":
         backend, vocab = _sentencepiece_backend(f, tokens)
     else:
@@ -684,7 +684,7 @@ def _token_at(f: _GGUF, tokens: list[str], key: str) -> str | None:
     return tokens[index]
 
 
-def _byte_alphabet() -> dict[int, str]:
+def byte_alphabet() -> dict[int, str]:
     """GPT-2's byte -> printable character map: printable Latin-1 bytes stand for themselves, the rest
     are shifted past 255 in byte order."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -693,9 +693,9 @@ def _byte_alphabet() -> dict[int, str]:
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(shifted)}}
 
 
-def _byte_level_backend(tokens: list[str], merges: list[str], pre: str | None
-                        ) -> tuple[tokenizers.Tokenizer, dict[str, int]]:
-    alphabet = _byte_alphabet()
+def byte_level_backend(tokens: list[str], merges: list[str], pre: str | None
+                       ) -> tuple[tokenizers.Tokenizer, dict[str, int]]:
+    alphabet = byte_alphabet()
     chars = set(alphabet.values())
     # a token written with raw characters (e.g. real spaces) is re-spelled in the byte alphabet
     vocab = {t if set(t) <= chars else "".join(alphabet[b] for b in t.encode("utf-8")): i
@@ -755,7 +755,7 @@ def _add_marked_tokens(backend: tokenizers.Tokenizer, tokens: list[str], types: 
     and is skipped, as transformers does."""
     if not types:
         return
-    chars = set(_byte_alphabet().values()) if byte_level else None
+    chars = set(byte_alphabet().values()) if byte_level else None
     control = [AddedToken(t, normalized=False, special=True) for t, kind in zip(tokens, types, strict=True)
                if kind == _CONTROL and (chars is None or set(t) <= chars)]
     user = [AddedToken(t, normalized=False, special=False) for t, kind in zip(tokens, types, strict=True)

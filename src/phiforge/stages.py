@@ -361,24 +361,24 @@ def check_sft(section: dict[str, Any]) -> None:
     if not section["data"]:
         raise RecipeError("data: give the chat records to fine-tune on (a JSONL file of "
                           '{"messages": [...]} records, as `phiforge sft` reads)')
-    from phiforge.train.pts import ARITHMETIC, parse_arithmetic
-
-    if section["data"].startswith(ARITHMETIC):
-        parse_arithmetic(section["data"], "data")
-    elif not Path(section["data"]).is_file():
-        raise RecipeError(f"data = {section['data']!r}: no such file")
+    _check_data(section["data"])
     launch.check_launch(section)
     sft_config(section)  # unknown keys and bad values in the sft recipe or its overrides: now
 
 
-def check_pts(section: dict[str, Any]) -> None:
-    from phiforge.train.pts import ARITHMETIC, parse_arithmetic
+def _check_data(data: str) -> None:
+    """A data file that exists, or a generated ``arithmetic:N[:SEED]`` set."""
+    from phiforge.train.arithmetic import ARITHMETIC, parse_arithmetic
 
-    data = section["data"]
     if data.startswith(ARITHMETIC):
         parse_arithmetic(data, "data")
-    elif data and not Path(data).is_file():
+    elif not Path(data).is_file():
         raise RecipeError(f"data = {data!r}: no such file")
+
+
+def check_pts(section: dict[str, Any]) -> None:
+    if section["data"]:  # "" = questions from [synth.seeds] qa_seeds (checked across sections)
+        _check_data(section["data"])
     pts_config(section).validate()  # unknown keys and bad values in the pts recipe or its overrides: now
 
 

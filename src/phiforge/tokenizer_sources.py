@@ -117,7 +117,7 @@ def _bpe_parts(ranks: dict[bytes, int], token: bytes) -> list[bytes]:
 
 
 def build_phi4() -> Tokenizer:
-    from phiforge.gguf_io import _byte_alphabet, _byte_level_backend
+    from phiforge.gguf_io import byte_alphabet, byte_level_backend
     from phiforge.tiktoken_tokenizer import CL100K_SHA256, VOCAB_FILE, bundled_cl100k, read_tiktoken_file
 
     path = bundled_cl100k()
@@ -126,7 +126,7 @@ def build_phi4() -> Tokenizer:
     ranks = read_tiktoken_file(path, CL100K_SHA256)
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise TokenizerError(f"{path}: ranks are not 0..{len(ranks) - 1}")
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     spell = {raw: "".join(alphabet[b] for b in raw) for raw in ranks}
     ordered = sorted(ranks, key=ranks.__getitem__)
     merges = []
@@ -137,7 +137,7 @@ def build_phi4() -> Tokenizer:
                 raise TokenizerError(f"{path}: rank {ranks[raw]} is not a merge of two lower-ranked tokens")
             merges.append(f"{spell[parts[0]]} {spell[parts[1]]}")
     # llama.cpp's "llama-bpe" split is cl100k's regex, with whole-token matches first (ignore_merges), as tiktoken
-    backend, _ = _byte_level_backend([spell[raw] for raw in ordered], merges, "llama-bpe")
+    backend, _ = byte_level_backend([spell[raw] for raw in ordered], merges, "llama-bpe")
     backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in phi4_special_tokens()])
     return Tokenizer(backend, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|dummy_85|>",
                      chat_template=BUILTIN_TEMPLATES["phi-4"])

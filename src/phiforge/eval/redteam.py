@@ -123,7 +123,7 @@ class Judge:
 
     def teacher(self) -> Any:
         if self._teacher is None:
-            from phiforge.data.synth.pipeline import TeacherSection, teacher_from_section
+            from phiforge.data.synth.teachers import TeacherSection, teacher_from_section
 
             section = (TeacherSection(kind="openai", model=self.model, base_url=self.url, api_key_env=self.api_key_env)
                        if self.url else TeacherSection(model=self.model))

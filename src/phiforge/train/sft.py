@@ -211,7 +211,7 @@ def read_examples(path: str, tok: Any, seq_len: int, id_field: str,
                   skip_bad: bool) -> tuple[list[Example], list[dict[str, str]], int]:
     """Render every record of ``path``: (examples, skipped [{id, reason}], truncated count)."""
     from phiforge.eval.tasks.data import TaskDataError, read_records
-    from phiforge.train.pts import ARITHMETIC, arithmetic_chats
+    from phiforge.train.arithmetic import ARITHMETIC, arithmetic_chats
 
     file = Path(path)
     try:

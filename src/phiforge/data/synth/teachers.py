@@ -389,3 +389,43 @@ def _retry_after(value: str | None) -> float:
         return float(value) if value else 0.0
     except ValueError:
         return 0.0
+
+
+# ---- the [teacher] section (synth, topics and the red-team judge share it) ----
+@dataclass
+class TeacherSection:
+    kind: str = "local"  # local | openai
+    model: str = "smollm2-135m-instruct"  # local: a model phiforge loads; openai: the served model's name
+    dtype: str = "bfloat16"  # local
+    device: str = ""  # local; "" = cuda when available
+    max_batch_size: int = 128  # local: continuous-batching rows (bf16 GEMMs of 128 rows run ~2x faster per row than 32)
+    chat: bool = True  # local: use the chat template when the tokenizer has one
+    base_url: str = ""  # openai: e.g. http://127.0.0.1:8000/v1
+    api: str = "chat"  # openai: chat | completions
+    concurrency: int = 8
+    timeout: float = 60.0
+    max_retries: int = 6
+    backoff: float = 0.5  # first retry delay in seconds; doubles per attempt, with jitter
+    backoff_max: float = 30.0
+    api_key_env: str = "OPENAI_API_KEY"
+    cache: bool = True
+    cache_path: str = ""  # "" = <out_dir>/cache.sqlite
+    system: str = ""  # a system message for every request
+
+
+def teacher_from_section(t: TeacherSection, seed: int) -> Teacher:
+    """The teacher a ``[teacher]`` section describes (synth and topics share the section)."""
+    if t.kind == "local":
+        teacher: Teacher = LocalTeacher(t.model, dtype=t.dtype, device=t.device, max_batch_size=t.max_batch_size,
+                                        chat=t.chat)
+    else:
+        teacher = OpenAITeacher(t.base_url, t.model, api=t.api, concurrency=t.concurrency, timeout=t.timeout,
+                                max_retries=t.max_retries, backoff=t.backoff, backoff_max=t.backoff_max,
+                                api_key_env=t.api_key_env, seed=seed)
+    return teacher
+
+
+def attach_cache(teacher: Teacher, t: TeacherSection, default: Path) -> None:
+    """The section's request cache (``teacher.cache_path``, else ``default``), unless off or already set."""
+    if t.cache and teacher.cache is None:
+        teacher.cache = RequestCache(t.cache_path or default)

@@ -32,13 +32,8 @@ from phiforge.atomic import atomic_write_bytes, atomic_write_json
 from phiforge.config_loader import build_config, config_dict, load_config
 from phiforge.data.synth import prompts as P
 from phiforge.data.synth import seeds as S
-from phiforge.data.synth.pipeline import (
-    TeacherSection,
-    attach_cache,
-    check_resume,
-    teacher_from_section,
-)
-from phiforge.data.synth.teachers import Request, Result, Teacher
+from phiforge.data.synth.pipeline import check_resume
+from phiforge.data.synth.teachers import Request, Result, Teacher, TeacherSection, attach_cache, teacher_from_section
 from phiforge.data.synth.techniques import request_seed
 from phiforge.data.synth.writer import read_journal
 from phiforge.errors import ConfigError
