@@ -466,7 +466,7 @@ def test_pts_and_dpo_fingerprints_follow_their_sections_and_files(tmp_path: Path
     Runner(load_recipe(recipe, [*base, only_dpo, f"dpo.pairs={pairs}"]), progress=False)
     for override, message in ((f"pts.data={tmp_path / 'nope.jsonl'}", r"\[pts\] data = .*nope.jsonl': no such file"),
                               ("pts.data=arithmetic:x", r"\[pts\] .*arithmetic:N"),
-                              ('pts.overrides=["search.p_gap=2"]', r"\[pts\] search.p_gap"),
+                              ('pts.overrides=["search.p_gap=2"]', r"\[pts\] .*pts.toml: search.p_gap"),
                               ("pts.data=''", r"\[pts\] data: give the queries"),
                               (f"dpo.pairs={tmp_path / 'nope.jsonl'}", r"\[dpo\] pairs = .*no such file"),
                               ('dpo.overrides=["dpo.betaa=1"]', r"\[dpo\] .*dpo.betaa")):

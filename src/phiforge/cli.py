@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from phiforge.errors import FormatError, PhiforgeError
+from phiforge.errors import DataError, FormatError, PhiforgeError
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -119,9 +119,9 @@ def cmd_tokenizer_encode(args: argparse.Namespace) -> int:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"stdin:{number}: not JSON ({err.msg})") from None
+            raise DataError(f"stdin:{number}: not JSON ({err.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"stdin:{number}: expected an object with a string field 'text'")
+            raise DataError(f"stdin:{number}: expected an object with a string field 'text'")
         ids = tok.encode(record["text"], add_special_tokens=not args.no_special)
         print(json.dumps({"ids": ids}), flush=False)
     sys.stdout.flush()

@@ -98,7 +98,7 @@ def engine_paths(ref: str, dtype: str | None = None, quantize: int | None = None
     """fast_paths.paths of the model behind ``ref`` on the CPU, as an Engine would run it: a preset gets random
     weights (bf16 unless ``dtype``), a folder or GGUF its own; ``quantize`` (4 or 8) as ``--quantize`` does."""
     from phiforge import fast_paths
-    from phiforge.checkpoint import load_pretrained
+    from phiforge.load import load_pretrained
     from phiforge.quantize import quantize_model
 
     if ref in PRESETS:

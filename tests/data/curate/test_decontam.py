@@ -84,7 +84,7 @@ def test_missing_benchmark_file_is_a_clear_error(tmp_path) -> None:
     # "all" names the benchmarks without data and stops, unless told to skip them; then it says why
     shutil.copytree(SHARED / "benchmarks" / "piqa", tmp_path / "piqa")
     with pytest.raises(CurateError, match=r"benchmarks \[.*'gsm8k'.*\] could not be loaded.*skip_missing = true "
-                                          r"to index only \['humaneval', 'piqa'\]"):
+                                          r"to index only \['humaneval', 'piqa', 'redteam'\]"):
         load_benchmarks(DecontamConfig(benchmarks=["all"], data_dir=str(tmp_path)))
     items, skipped = load_benchmarks(DecontamConfig(benchmarks=["all"], data_dir=str(tmp_path), skip_missing=True))
     assert len(items["piqa"]) == 1838
