@@ -8,9 +8,9 @@ from collections.abc import Callable
 import torch
 import transformers
 
-from phiforge.checkpoint import hf_state_dict
-from phiforge.config import ModelConfig
-from phiforge.model import PhiForgeModel, build_model
+from phiforge.config.model import ModelConfig
+from phiforge.io.checkpoint import hf_state_dict
+from phiforge.model.transformer import PhiForgeModel, build_model
 
 
 def random_phiforge(config: ModelConfig, dtype: torch.dtype, seed: int = 0) -> PhiForgeModel:

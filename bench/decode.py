@@ -33,10 +33,10 @@ import torch
 from common import best_seconds, left_padded, limit, machine, random_phiforge, read_bandwidth, transformers_view
 
 from phiforge import kernels
-from phiforge.config import preset
-from phiforge.generate import Engine, SamplingParams
-from phiforge.load import load_pretrained
-from phiforge.quantize import quantize_model
+from phiforge.config.model import preset
+from phiforge.inference.engine import Engine, SamplingParams
+from phiforge.io.load import load_pretrained
+from phiforge.quant.quantize import quantize_model
 
 TEACHER = "smollm2-135m-instruct"
 
@@ -175,7 +175,7 @@ def part_synth(args: argparse.Namespace) -> dict:
 
 def _llama_gguf(args: argparse.Namespace, name: str, make_model) -> dict[str, Path]:  # noqa: ANN001
     """F16 (phiforge's export) and Q8_0 / Q4_0 (llama-quantize from it) of one model, cached in --gguf-dir."""
-    from phiforge import gguf_export
+    from phiforge.io import gguf_write
 
     folder = Path(args.gguf_dir).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
@@ -185,14 +185,14 @@ def _llama_gguf(args: argparse.Namespace, name: str, make_model) -> dict[str, Pa
         # llama.cpp refuses tokenizer.ggml.pre = "gpt2" (what the export writes for a byte-level BPE until issue
         # 21's fix): SmolLM2's pre-tokenizer is "smollm" there. Only the tokenizer metadata changes; llama-bench
         # times random tokens, so the weights and shapes are what matter.
-        original = getattr(gguf_export, "_byte_level_pre", None)
+        original = getattr(gguf_write, "_byte_level_pre", None)
         if original is not None:
-            gguf_export._byte_level_pre = lambda spec: "smollm" if original(spec) == "gpt2" else original(spec)
+            gguf_write._byte_level_pre = lambda spec: "smollm" if original(spec) == "gpt2" else original(spec)
         try:
-            gguf_export.export_gguf(model, tokenizer, files["f16"], quant="f16", name=name)
+            gguf_write.export_gguf(model, tokenizer, files["f16"], quant="f16", name=name)
         finally:
             if original is not None:
-                gguf_export._byte_level_pre = original
+                gguf_write._byte_level_pre = original
         model = None
     for q in ("q8_0", "q4_0"):
         if not files[q].exists():

@@ -45,7 +45,7 @@ def main() -> None:
 
     from phiforge.eval.scoring import LanguageModel
     from phiforge.eval.tasks.mmlu import SUBJECTS
-    from phiforge.gguf_io import load_gguf, resolve_model_alias
+    from phiforge.io.gguf_read import load_gguf, resolve_model_alias
 
     path = resolve_model_alias("smollm2-135m-instruct")
     model, tokenizer = load_gguf(path, dtype=dtype)

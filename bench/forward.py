@@ -14,8 +14,8 @@ import json
 import torch
 from common import best_seconds_interleaved, machine, random_phiforge, transformers_view
 
-from phiforge import fast_paths
-from phiforge.config import DTYPES, preset
+from phiforge.config.model import DTYPES, preset
+from phiforge.inference import fast_paths
 
 
 def bench_shape(name: str, tokens: int, dtype: torch.dtype, repeats: int) -> dict:

@@ -59,7 +59,7 @@ def worker(data: Path, out: Path, steps: int, layers: int) -> None:
     for _ in range(steps):
         loss, _ = trainer.train_step(trainer.mixture.next_batch(GLOBAL, env.rank, env.world_size))
         losses.append(all_reduce_sum(loss.detach().clone(), env).item() / env.world_size)
-    from phiforge.model import local_rows
+    from phiforge.model.transformer import local_rows
 
     params = sum(local_rows(p)[0].numel() for p in trainer.model.parameters())
     report = {"rank": env.rank, "world_size": env.world_size, "peak_rss_bytes": resource.getrusage(
@@ -105,7 +105,7 @@ def main() -> None:
         return worker(Path(args.worker[0]), Path(args.worker[1]), args.steps, args.layers)
 
     from phiforge.data.packing import write_token_folder
-    from phiforge.model import build_model
+    from phiforge.model.transformer import build_model
 
     sys.path.insert(0, str(HERE))
     from common import machine

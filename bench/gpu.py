@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, random_phiforge, transformers_view  # noqa: E402
 
-from phiforge.config import preset  # noqa: E402
+from phiforge.config.model import preset  # noqa: E402
 
 # dense bf16 FLOP/s without sparsity, from the vendors' datasheets (SXM parts)
 DATASHEET_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
@@ -64,7 +64,7 @@ def logits_check(device: torch.device, quick: bool) -> dict:
 
 def quant_check(device: torch.device, quick: bool) -> dict:
     """Quantized layers on ``device`` vs the dequantized float weights in plain Linear layers (bf16 both)."""
-    from phiforge.quantize import QuantizedLinear, quantize_model
+    from phiforge.quant.quantize import QuantizedLinear, quantize_model
 
     config = preset("tiny-phi3" if quick else "phi-3-mini-4k")
     config = config.replace(num_layers=min(config.num_layers, 4))
@@ -96,8 +96,8 @@ def train_check(device: torch.device, quick: bool) -> dict:
     """Tokens/s and MFU: phiforge eager, phiforge compiled, and a plain transformers loop."""
     from train import PlainLoop, phiforge_trainer, transformers_model
 
-    from phiforge.checkpoint import hf_state_dict
     from phiforge.data.packing import write_token_folder
+    from phiforge.io.checkpoint import hf_state_dict
     from phiforge.train.metrics import flops_per_token, measure_peak_flops
 
     if quick:
@@ -156,7 +156,7 @@ def decode_check(device: torch.device, quick: bool) -> dict:
     """Generated tokens/s of 16 greedy prompts: the Engine against transformers' generate, same weights."""
     from common import left_padded
 
-    from phiforge.generate import Engine, SamplingParams
+    from phiforge.inference.engine import Engine, SamplingParams
 
     config = preset("tiny-phi3" if quick else "phi-1.5")
     new = 16 if quick else 128

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from phiforge.eval.harness import EvalConfig, _plan, load_tasks
 from phiforge.eval.scoring import LanguageModel
-from phiforge.load import load_pretrained
+from phiforge.io.load import load_pretrained
 
 HERE = Path(__file__).resolve().parent
 

@@ -17,10 +17,10 @@ import time
 import torch
 from torch import nn
 
-from phiforge.config import preset
-from phiforge.generate import Engine, SamplingParams
-from phiforge.model import build_model
-from phiforge.quantize import QuantizedLinear, _replace, quantizable
+from phiforge.config.model import preset
+from phiforge.inference.engine import Engine, SamplingParams
+from phiforge.model.transformer import build_model
+from phiforge.quant.quantize import QuantizedLinear, _replace, quantizable
 
 
 def peak_rss_bytes() -> int:

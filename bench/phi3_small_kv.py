@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from phiforge.config import preset
-from phiforge.model import build_model
+from phiforge.config.model import preset
+from phiforge.model.transformer import build_model
 
 
 def cache_bytes(name: str, capacities: list[int]) -> list[dict]:

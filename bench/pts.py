@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from common import machine, transformers_view
 
-from phiforge.generate import Engine, SamplingParams
-from phiforge.load import load_pretrained
+from phiforge.inference.engine import Engine, SamplingParams
+from phiforge.io.load import load_pretrained
 from phiforge.train.pts import PTS_SAMPLING, Estimator, PrefixCachingEngine, Query, SearchPart, gsm8k_oracle
 
 GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks" / "gsm8k" / "test.jsonl"

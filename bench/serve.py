@@ -24,9 +24,9 @@ import openai
 import torch
 from common import machine
 
-from phiforge.generate import Engine, SamplingParams
-from phiforge.load import load_pretrained
-from phiforge.serve import spawn_server
+from phiforge.inference.engine import Engine, SamplingParams
+from phiforge.io.load import load_pretrained
+from phiforge.serve.server import spawn_server
 
 TOPICS = ["rain", "bees", "volcanoes", "the moon", "bread", "rivers", "owls", "glass", "wind", "salt", "trees",
           "ice", "copper", "sleep", "music", "maps"]

@@ -26,9 +26,9 @@ from common import left_padded, machine, transformers_view
 from phiforge.data.synth import SynthConfig, run_synth
 from phiforge.data.synth.pipeline import Planner
 from phiforge.data.synth.teachers import LocalTeacher, Request
-from phiforge.generate import Engine, SamplingParams
-from phiforge.load import load_pretrained
-from phiforge.sampling import TEACHER_SAMPLING
+from phiforge.inference.engine import Engine, SamplingParams
+from phiforge.inference.sampling import TEACHER_SAMPLING
+from phiforge.io.load import load_pretrained
 
 TEACHER = "smollm2-135m-instruct"
 SAMPLING = {"temperature": 0.7, "top_k": 50, "top_p": 0.95}

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from phiforge.checkpoint import hf_state_dict
-from phiforge.config import ModelConfig, preset
+from phiforge.config.model import ModelConfig, preset
 from phiforge.data.packing import write_token_folder
+from phiforge.io.checkpoint import hf_state_dict
 from phiforge.train.config import TrainConfig
 from phiforge.train.distributed import init_distributed
 from phiforge.train.metrics import flops_per_token, measure_peak_flops

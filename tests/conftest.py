@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from phiforge.gguf_io import load_gguf, resolve_model_alias
+from phiforge.io.gguf_read import load_gguf, resolve_model_alias
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -22,9 +22,13 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYT
 
 # shared/ sits beside the checkout (locally and in CI): the benchmark files and research notes
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-# llama.cpp beside the checkout too: the sources vendored in the llama-cpp-python 0.3.36 sdist and a build of them
-# (README, "GGUF export"); $PHIFORGE_LLAMA_CPP_SRC / $PHIFORGE_LLAMA_CPP point elsewhere
-_CACHE = Path(__file__).resolve().parents[2] / "cache"
+# llama.cpp: the sources vendored in the llama-cpp-python 0.3.36 sdist and a build of them (`make llama-cpp`), in
+# $PHIFORGE_CACHE (default ~/.cache/phiforge) or beside the checkout; $PHIFORGE_LLAMA_CPP_SRC / $PHIFORGE_LLAMA_CPP
+# point elsewhere
+_CACHES = [Path(__file__).resolve().parents[2] / "cache",
+           Path(os.environ.get("PHIFORGE_CACHE", Path.home() / ".cache" / "phiforge"))]
+_CACHE = next((c for c in _CACHES if (c / "llama.cpp-build").is_dir() or (c / "llama_cpp_python-0.3.36").is_dir()),
+              _CACHES[-1])
 LLAMA_CPP_SRC = Path(os.environ.get("PHIFORGE_LLAMA_CPP_SRC",
                                     _CACHE / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"))
 LLAMA_CPP_BIN = Path(os.environ.get("PHIFORGE_LLAMA_CPP", _CACHE / "llama.cpp-build" / "bin"))

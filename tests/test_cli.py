@@ -11,14 +11,14 @@ import pytest
 import torch
 from conftest import randomize_
 
-from phiforge.chat import ChatSession, run_chat
-from phiforge.checkpoint import save_hf_folder
 from phiforge.cli import main
-from phiforge.config import preset
-from phiforge.generate import Engine, SamplingParams
-from phiforge.load import load_pretrained
-from phiforge.model import build_model
-from phiforge.tokenizer import train_bpe
+from phiforge.config.model import preset
+from phiforge.inference.chat import ChatSession, run_chat
+from phiforge.inference.engine import Engine, SamplingParams
+from phiforge.io.checkpoint import save_hf_folder
+from phiforge.io.load import load_pretrained
+from phiforge.model.transformer import build_model
+from phiforge.tokenizers.tokenizer import train_bpe
 
 CORPUS = [open(p, encoding="utf-8").read() for p in sorted(Path(__file__).parents[2].glob("shared/research/*.md"))]
 

@@ -3,9 +3,8 @@ module imports a `_private` name from another package.
 
 Every import that can run is an edge: top-level ones and those deferred into a function body (a deferred import
 hides a cycle, it does not remove it); those under `if TYPE_CHECKING:` are not (they never run). A package is a
-first-level folder of phiforge (`phiforge.data`, and after the package move `phiforge.io`, ...); a module at the
-root (`phiforge.cli`) is its own package. Written to hold both before and after `relayout.py` moves the flat
-modules into packages.
+first-level folder of phiforge (`phiforge.io`, `phiforge.data`, ...); a module at the root (`phiforge.cli`) is its
+own package. The last test keeps the root small: the architecture is the folder tree.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import phiforge
 SRC = Path(phiforge.__file__).resolve().parent
 
 # Edges (importer, imported) allowed to close a cycle until the branch that removes them is merged, each with the
-# branch; a fixed edge must leave this list (checked below). Empty: model.py <-> native_decode.py import each other
+# branch; a fixed edge must leave this list (checked below). Empty: the model <-> native_decode import each other
 # only under TYPE_CHECKING on one side, which never runs (issue18a moves the decode plan out of the model anyway).
 EXPECTED_UNTIL_MERGED: dict[tuple[str, str], str] = {}
 
@@ -155,6 +154,14 @@ def test_the_checker_itself() -> None:
     assert found == ["c", "e", "f", "h", "typing"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert package_of("phiforge.data.jsonl") == "phiforge.data" and package_of("phiforge.cli") == "phiforge.cli"
+
+
+def test_the_package_root_holds_only_the_entry_points() -> None:
+    """Everything else lives in a package named for its layer (README, "Architecture")."""
+    root = sorted(p.name for p in SRC.glob("*.py"))
+    assert root == ["__init__.py", "__main__.py", "cli.py", "errors.py", "info.py"], root
+    recipes = sorted(p.name for p in (SRC / "recipes").iterdir() if p.is_dir())
+    assert recipes == ["run", "studies", "train"] and not list((SRC / "recipes").glob("*.toml"))
 
 
 if __name__ == "__main__":  # `python tests/test_layout.py`: the graph's cycles and private imports as they are

@@ -16,7 +16,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from phiforge.info import describe, engine_paths, format_info, resolve_config
 
     if args.paths:
-        from phiforge.fast_paths import format_paths
+        from phiforge.inference.fast_paths import format_paths
 
         report = engine_paths(args.model, None if args.dtype == "auto" else args.dtype,
                               int(args.quantize[3:]) if args.quantize else None, args.group_size)
@@ -30,8 +30,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace):  # noqa: ANN202
     """Model and tokenizer from --model, optionally quantized on the fly with --quantize."""
-    from phiforge.load import load_pretrained
-    from phiforge.quantize import quantize_model
+    from phiforge.io.load import load_pretrained
+    from phiforge.quant.quantize import quantize_model
 
     dtype = None if args.dtype == "auto" else args.dtype
     model, tokenizer = load_pretrained(args.model, dtype=dtype, device=args.device,
@@ -44,18 +44,16 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
 
 
 def _sampling(args: argparse.Namespace, **extra):  # noqa: ANN202
-    from phiforge.sampling import SamplingParams
+    from phiforge.inference.sampling import sampling_from_args
 
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed, **extra)
+    return sampling_from_args(args, **extra)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
-    from phiforge.generate import Engine
-    from phiforge.prompts import format_prompt, stop_strings
+    from phiforge.inference.engine import Engine
+    from phiforge.inference.prompts import format_prompt, stop_strings
 
     model, tokenizer = _load(args)
     text = format_prompt(args.mode, args.prompt)
@@ -75,8 +73,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from phiforge.chat import ChatSession, run_chat
-    from phiforge.generate import Engine
+    from phiforge.inference.chat import ChatSession, run_chat
+    from phiforge.inference.engine import Engine
 
     model, tokenizer = _load(args)
     run_chat(ChatSession(Engine(model, tokenizer), _sampling(args), system=args.system))
@@ -84,8 +82,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from phiforge.load import default_device, load_pretrained
-    from phiforge.quantize import quantize_model, save_quantized
+    from phiforge.io.load import default_device, load_pretrained
+    from phiforge.quant.quantize import quantize_model, save_quantized
 
     # rounding to int8/int4 is elementwise: the same on any device, and a GPU does it faster
     model, tokenizer = load_pretrained(args.model, dtype=None if args.dtype == "auto" else args.dtype,
@@ -101,7 +99,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from phiforge.tokenizer import train_tokenizer
+    from phiforge.tokenizers.tokenizer import train_tokenizer
 
     stats = train_tokenizer(args.inputs, args.output, args.vocab_size, args.chat_format)
     print(json.dumps(stats, indent=2))
@@ -110,7 +108,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 def cmd_tokenizer_encode(args: argparse.Namespace) -> int:
     """JSONL {"text": ...} on stdin -> {"ids": [...]} per line on stdout."""
-    from phiforge.tokenizer_sources import load_tokenizer
+    from phiforge.tokenizers.sources import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
     for number, line in enumerate(sys.stdin, start=1):
@@ -152,7 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from phiforge.pipeline import Runner, load_recipe
+    from phiforge.run.pipeline import Runner, load_recipe
 
     plan = load_recipe(args.recipe, args.overrides)
     runner = Runner(plan, from_stage=args.from_stage, only=args.only, progress=not args.no_progress)
@@ -160,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(runner.dry_run(), indent=2))
         return 0
     runner.run()
-    from phiforge.report import run_summary
+    from phiforge.run.report import run_summary
 
     print("\n" + run_summary(plan.root))  # the stage timings and fingerprints are in RUN/run.json
     return 0
@@ -177,15 +175,15 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from phiforge.report import build_report
+    from phiforge.run.report import build_report
 
     print(build_report(args.run_dir, args.output))
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from phiforge.generate import Engine
-    from phiforge.serve import ServeConfig, serve_forever
+    from phiforge.inference.engine import Engine
+    from phiforge.serve.server import ServeConfig, serve_forever
 
     model, tokenizer = _load(args)
     config = ServeConfig(model_name=args.served_model_name or Path(args.model).name.removesuffix(".gguf"),
@@ -202,7 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from phiforge.gguf_export import export_gguf
+    from phiforge.io.gguf_write import export_gguf
 
     model, tokenizer = _load(args)
     print(json.dumps(export_gguf(model, tokenizer, args.output, quant=args.quant), indent=2))
@@ -280,7 +278,7 @@ def cmd_pts(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from phiforge.demo import run_demo
+    from phiforge.run.demo import run_demo
 
     return run_demo()
 
@@ -333,15 +331,11 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--group-size", type=int, default=32, help="int4 group size")
 
     def sampling_options(p: argparse.ArgumentParser, max_new: int) -> None:
-        p.add_argument("--max-new-tokens", type=int, default=max_new)
-        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-        p.add_argument("--top-k", type=int, default=0)
-        p.add_argument("--top-p", type=float, default=1.0)
-        p.add_argument("--min-p", type=float, default=0.0)
-        p.add_argument("--repetition-penalty", type=float, default=1.0)
-        p.add_argument("--seed", type=int, default=None)
+        from phiforge.inference.sampling import add_sampling_arguments
 
-    from phiforge.prompts import PROMPT_MODES
+        add_sampling_arguments(p, max_new_tokens=max_new)
+
+    from phiforge.inference.prompts import PROMPT_MODES
 
     p = add("generate", cmd_generate, "complete a prompt in one of the phi-1.5 usage modes, streaming tokens")
     model_options(p)

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from phiforge.config import PRESETS, ModelConfig
+from phiforge.config.model import PRESETS, ModelConfig
 from phiforge.errors import ConfigError
-from phiforge.model import build_model
+from phiforge.model.transformer import build_model
 
 GB = 1e9
 
@@ -23,7 +23,7 @@ def resolve_config(ref: str | Path) -> tuple[ModelConfig, str]:
     path = Path(text)
     if path.is_dir():
         return ModelConfig.from_file(path / "config.json"), f"folder {path}"
-    from phiforge.gguf_io import read_gguf_config, resolve_model_alias
+    from phiforge.io.gguf_read import read_gguf_config, resolve_model_alias
 
     gguf = path if text.endswith(".gguf") else resolve_model_alias(text)
     if gguf is None:
@@ -97,9 +97,9 @@ def engine_paths(ref: str, dtype: str | None = None, quantize: int | None = None
                  group_size: int = 32) -> dict[str, Any]:
     """fast_paths.paths of the model behind ``ref`` on the CPU, as an Engine would run it: a preset gets random
     weights (bf16 unless ``dtype``), a folder or GGUF its own; ``quantize`` (4 or 8) as ``--quantize`` does."""
-    from phiforge import fast_paths
-    from phiforge.load import load_pretrained
-    from phiforge.quantize import quantize_model
+    from phiforge.inference import fast_paths
+    from phiforge.io.load import load_pretrained
+    from phiforge.quant.quantize import quantize_model
 
     if ref in PRESETS:
         model = build_model(PRESETS[ref].replace(), dtype=getattr(torch, dtype or "bfloat16"))

@@ -16,7 +16,7 @@ from phiforge.data.packing import (
     shard_name,
     tokenize_corpus,
 )
-from phiforge.tokenizer import Tokenizer, train_bpe
+from phiforge.tokenizers.tokenizer import Tokenizer, train_bpe
 
 GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "benchmarks" / "gsm8k" / "train.jsonl"
 

@@ -15,7 +15,7 @@ from tiny_model import save_tiny_llama
 
 from phiforge.cli import main
 from phiforge.eval.tasks import TaskDataError, get_task
-from phiforge.pipeline import RecipeError, Runner, load_recipe
+from phiforge.run.pipeline import RecipeError, Runner, load_recipe
 
 pq = pytest.importorskip("pyarrow.parquet")
 pa = pytest.importorskip("pyarrow")

@@ -26,7 +26,7 @@ from tiny_model import save_tiny_llama
 
 from phiforge.eval.harness import EvalConfig, _plan, evaluate, load_tasks
 from phiforge.eval.scoring import LanguageModel
-from phiforge.load import load_pretrained
+from phiforge.io.load import load_pretrained
 
 TOL = 1e-4
 MMLU_SUBJECTS = ("abstract_algebra", "anatomy", "high_school_biology", "moral_scenarios", "world_religions")

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from phiforge.gguf_io import read_gguf_tokenizer
+from phiforge.io.gguf_read import read_gguf_tokenizer
 
 
 def save_tiny_llama(folder: Path, teacher_gguf: Path) -> Path:

@@ -12,10 +12,10 @@ import json
 import random
 from pathlib import Path
 
-from phiforge.checkpoint import save_hf_folder
-from phiforge.config import preset
-from phiforge.model import build_model
-from phiforge.tokenizer import PHI3_CHAT_TOKENS, PHI4_CHAT_TOKENS, Tokenizer, train_bpe
+from phiforge.config.model import preset
+from phiforge.io.checkpoint import save_hf_folder
+from phiforge.model.transformer import build_model
+from phiforge.tokenizers.tokenizer import PHI3_CHAT_TOKENS, PHI4_CHAT_TOKENS, Tokenizer, train_bpe
 
 GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "benchmarks" / "gsm8k"
 OBJECTS = ["car", "house", "ball", "hat", "door", "kite", "boat", "cup", "lamp", "chair", "bike", "shoe"]

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from phiforge.checkpoint import load_hf_folder
-from phiforge.config import preset
-from phiforge.model import build_model, local_rows
+from phiforge.config.model import preset
+from phiforge.io.checkpoint import load_hf_folder
+from phiforge.model.transformer import build_model, local_rows
 from phiforge.train import TrainConfig
 from phiforge.train.distributed import ShardPlan, init_distributed, materialise, shard_model, unwrap
 from phiforge.train.pretrain import Pretrainer

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import phiforge
 from phiforge.data.packing import TokenizeConfig, tokenize_corpus
-from phiforge.tokenizer import train_bpe
+from phiforge.tokenizers.tokenizer import train_bpe
 
 GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "benchmarks" / "gsm8k"
 VOCAB = 1024

@@ -141,9 +141,9 @@ def test_fsdp_meta_init_sharded_load_mixed_precision_and_one_sync_per_step(corpu
     logits; gradients are reduced once per optimizer step however many micro-batches (FSDP reduce-scatters
     counted by wrapping dist.reduce_scatter_single, DDP bucket all-reduces by a comm hook); bf16 FSDP
     gathers bf16 params, reduces in fp32 and keeps fp32 master weights and moments."""
-    from phiforge.checkpoint import save_hf_folder
-    from phiforge.config import preset
-    from phiforge.model import build_model
+    from phiforge.config.model import preset
+    from phiforge.io.checkpoint import save_hf_folder
+    from phiforge.model.transformer import build_model
 
     hf = tmp_path / "hf"
     save_hf_folder(build_model(preset("tiny-phi").replace(vocab_size=1024), seed=3), hf)

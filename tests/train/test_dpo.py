@@ -22,9 +22,9 @@ from chat_data import (
     write_jsonl,
 )
 
-from phiforge.config import preset
-from phiforge.load import load_pretrained
-from phiforge.model import build_model
+from phiforge.config.model import preset
+from phiforge.io.load import load_pretrained
+from phiforge.model.transformer import build_model
 from phiforge.train.config import TrainConfigError
 from phiforge.train.dpo import DPOConfig, Pair, completion_batch, dpo, dpo_loss, read_pairs, sequence_logps
 from phiforge.train.pts import PTSConfig, pts
@@ -95,7 +95,7 @@ def test_loss_and_gradients_equal_a_hand_computation() -> None:
 
 # ---- data ------------------------------------------------------------------------------------------------------
 def test_pair_formats_and_bad_pairs(tok, tmp_path: Path) -> None:
-    from phiforge.chat_templates import BUILTIN_TEMPLATES
+    from phiforge.tokenizers.chat_templates import BUILTIN_TEMPLATES
     from phiforge.train.dpo import DPODataSection
 
     tok.chat_template = BUILTIN_TEMPLATES["phi-3"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phiforge.config import preset
-from phiforge.model import build_model
+from phiforge.config.model import preset
+from phiforge.model.transformer import build_model
 from phiforge.train import losses
 from phiforge.train.distributed import compile_blocks, sigmoid_gelu_tanh
 from phiforge.train.losses import chunked_cross_entropy

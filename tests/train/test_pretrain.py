@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from phiforge.data.mixture import MixtureError
 from phiforge.data.packing import write_token_folder
-from phiforge.model import build_model
+from phiforge.model.transformer import build_model
 from phiforge.train import TrainConfig, TrainConfigError, extend_context, train
 from phiforge.train.checkpointing import TrainCheckpointError, list_checkpoints
 from phiforge.train.config import ScheduleSection, recipe_names
@@ -83,7 +83,7 @@ def test_export_loads_in_transformers_with_same_logits(real_run: dict, corpus: C
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     ckpt = Path(real_run["checkpoint"])
     state = json.loads((ckpt / "state.json").read_text())
-    from phiforge.config import ModelConfig
+    from phiforge.config.model import ModelConfig
 
     ours = build_model(ModelConfig(**state["model_config"]))
     ours.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
@@ -225,7 +225,7 @@ def test_activation_checkpointing_gives_the_same_losses(corpus: Corpus, tmp_path
 
 
 def test_weight_decay_exclusions_cover_norms_biases_and_embeddings() -> None:
-    from phiforge.config import preset
+    from phiforge.config.model import preset
     from phiforge.train.config import OptimSection
 
     model = build_model(preset("tiny-phi"))

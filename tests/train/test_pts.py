@@ -11,9 +11,9 @@ import torch
 from chat_data import chat_tokenizer, write_jsonl
 from scipy.stats import binomtest
 
-from phiforge.config import preset
-from phiforge.generate import Engine, SamplingParams
-from phiforge.model import build_model
+from phiforge.config.model import preset
+from phiforge.inference.engine import Engine, SamplingParams
+from phiforge.model.transformer import build_model
 from phiforge.train.config import TrainConfigError
 from phiforge.train.pts import (
     Estimator,

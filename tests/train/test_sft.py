@@ -12,10 +12,10 @@ import transformers
 from chat_data import chat_tokenizer, colour_records, gsm8k_rows, tiny_model_folder, write_jsonl
 from gsm8k_corpus import PYTHON, subprocess_env
 
-from phiforge.chat_templates import BUILTIN_TEMPLATES
-from phiforge.checkpoint import load_hf_folder
-from phiforge.config import preset
-from phiforge.model import build_model
+from phiforge.config.model import preset
+from phiforge.io.checkpoint import load_hf_folder
+from phiforge.model.transformer import build_model
+from phiforge.tokenizers.chat_templates import BUILTIN_TEMPLATES
 from phiforge.train.config import TrainConfigError
 from phiforge.train.sft import (
     Example,

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phiforge.atomic import atomic_open
 from phiforge.errors import ConfigError, DataError
+from phiforge.io.atomic import atomic_open
 
 DOCUMENT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 

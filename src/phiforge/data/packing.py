@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from phiforge.atomic import atomic_open, atomic_write_bytes, atomic_write_json
 from phiforge.errors import DataError
+from phiforge.io.atomic import atomic_open, atomic_write_bytes, atomic_write_json
 
 FORMAT = "phiforge-tokens-v1"
 INDEX_NAME = "index.json"
@@ -197,7 +197,7 @@ _WORKER: dict[str, Any] = {}  # per-process tokenizer, settings and progress sin
 
 
 def _init_worker(settings: PackSettings, progress: Any) -> None:
-    from phiforge.tokenizer import Tokenizer
+    from phiforge.tokenizers.tokenizer import Tokenizer
 
     _WORKER.update(tokenizer=Tokenizer.from_folder(settings.tokenizer), settings=settings, progress=progress)
 
@@ -287,7 +287,7 @@ def tokenize_corpus(config: TokenizeConfig) -> dict[str, Any]:
 
     Returns the totals, the shards, and the bad records (count, and examples with file and line).
     """
-    from phiforge.tokenizer import Tokenizer
+    from phiforge.tokenizers.tokenizer import Tokenizer
 
     started = time.perf_counter()
     files = find_inputs(config.inputs)
@@ -398,7 +398,7 @@ def tokenize_stream(documents: Iterator[tuple[int, str]], outputs: list[str | Pa
     memory does not grow with the corpus. Returns each folder's summary."""
     from tqdm.auto import tqdm
 
-    from phiforge.tokenizer import Tokenizer
+    from phiforge.tokenizers.tokenizer import Tokenizer
 
     tok = Tokenizer.from_folder(str(tokenizer))
     if tok.eos_token_id is None:

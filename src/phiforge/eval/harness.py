@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phiforge.atomic import atomic_open
 from phiforge.errors import ConfigError, FormatError
 from phiforge.eval.published import PUBLISHED, published_score
+from phiforge.io.atomic import atomic_open
 
 DEFAULT_PUBLISHED = ("phi-1.5", "phi-2")
 
@@ -80,7 +80,7 @@ def load_tasks(config: EvalConfig) -> list[Any]:
 
 
 def load_model(config: EvalConfig) -> tuple[Any, Any]:
-    from phiforge.load import load_pretrained
+    from phiforge.io.load import load_pretrained
 
     model, tokenizer = load_pretrained(config.model, dtype=config.dtype, device=config.device)
     if tokenizer is None:

@@ -33,7 +33,7 @@ class PhiForgeLM(TemplateLM):
         super().__init__()
         import torch
 
-        from phiforge.load import load_pretrained
+        from phiforge.io.load import load_pretrained
 
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
             device = None  # lm-eval's command line defaults to cuda; use what this machine has

@@ -32,7 +32,7 @@ from typing import Any
 from phiforge.errors import EvalError
 from phiforge.eval.tasks.base import Instance, Task
 from phiforge.eval.tasks.data import TaskDataError, find_file, read_records, require
-from phiforge.prompts import format_prompt, stop_strings
+from phiforge.inference.prompts import format_prompt, stop_strings
 
 DATA = Path(__file__).parent / "redteam_data"
 HAND_GRADES = DATA / "hand_grades.jsonl"
@@ -141,7 +141,7 @@ class Judge:
         repeat itself) with a reminder, up to ``retries`` times, then graded UNPARSEABLE.
         """
         from phiforge.data.synth.teachers import Request
-        from phiforge.sampling import SamplingParams
+        from phiforge.inference.sampling import SamplingParams
 
         rubric_text = rubric()
         prompts = [JUDGE_PROMPT.format(category=CATEGORIES[it["category"]], rubric=rubric_text,
@@ -368,7 +368,7 @@ def page_path(results_path: str | Path) -> Path:
 def regrade_page(section: dict[str, Any], path: str | Path) -> Path:
     """A self-contained HTML page: every completion with the judge's grade and radio buttons for a hand grade
     (set where the results already hold one); Export writes the hand grades as JSON for ``--apply-grades``."""
-    from phiforge.atomic import atomic_write_text
+    from phiforge.io.atomic import atomic_write_text
 
     counts, rows = section["counts"], []
     for i, r in enumerate(section["records"]):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from phiforge.errors import EvalError
-from phiforge.sampling import SamplingParams
+from phiforge.inference.sampling import SamplingParams
 
 Pair = tuple[list[int], list[int]]
 
@@ -376,8 +376,8 @@ class LanguageModel:
                  row_tokens: int = 128, gen_batch_size: int = 16, max_gen_toks: int = 256,
                  add_bos_token: bool | None = None, show_progress: bool = False) -> None:
         self.model = model.eval()
-        from phiforge import fast_paths
-        from phiforge.model import PhiForgeModel
+        from phiforge.inference import fast_paths
+        from phiforge.model.transformer import PhiForgeModel
 
         if isinstance(model, PhiForgeModel):
             fast_paths.install(model)  # bf16 scoring ~1.15x faster on the CPU (small models; bitwise F.linear)
@@ -475,7 +475,7 @@ class LanguageModel:
         return out
 
     def _generate(self, contexts: list[str], settings: SamplingParams, desc: str) -> list[str]:
-        from phiforge.generate import Engine
+        from phiforge.inference.engine import Engine
 
         eos = self.tokenizer.decode([self.eot_token_id])
         until = [*settings.stop_strings, *([eos] if eos not in settings.stop_strings else [])]

@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from phiforge.errors import ConfigError
 from phiforge.kernels import abi
 from phiforge.kernels.abi import Feat
 
-SOURCE = Path(__file__).with_name("native.c")
+SOURCE = Path(__file__).with_name("native.c")  # the unity build: it includes csrc/*, split by concern
 FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
          "-fno-signed-zeros", "-fassociative-math"]  # not -ffast-math: its crtfastmath would set FTZ process-wide
 # x86 feature levels, best last: (name, /proc/cpuinfo flags the CPU needs, compiler flags). A level's build runs
@@ -82,12 +83,19 @@ def _flags(level: str) -> list[str]:
     return [*FLAGS, *next(f for name, _, f in LEVELS if name == level), "-mtune=native"]
 
 
+def source_text() -> str:
+    """native.c with every part it includes, in include order (what the build key hashes and abi checks)."""
+    text = SOURCE.read_text()
+    parts = re.findall(r'^#include "(csrc/[\w.]+)"$', text, re.M)
+    return "\n".join([text, *((SOURCE.parent / part).read_text() for part in parts)])
+
+
 def _target(level: str, compiler: str) -> Path:
     """Where the level's build is cached: keyed by the source, compiler, flags and the CPU's model and flags
     (-mtune=native and the compiler's own view of the CPU differ between machines)."""
     model, cpu_flags = cpu()
     ident = " ".join([compiler, *_flags(level), sys.platform, model, *sorted(cpu_flags)])
-    key = hashlib.sha256(SOURCE.read_bytes() + ident.encode()).hexdigest()[:16]
+    key = hashlib.sha256((source_text() + ident).encode()).hexdigest()[:16]
     return _cache_dir() / f"phiforge-native-{level}-{key}.so"
 
 
@@ -120,7 +128,7 @@ def _open(level: str) -> ctypes.CDLL | None:
             path = _build(level)
             if path is not None:
                 lib = ctypes.CDLL(str(path))
-                abi.bind(lib, SOURCE.read_text())
+                abi.bind(lib, source_text())
         except (OSError, abi.AbiError) as error:  # an unwritable cache, a noexec mount: PyTorch's kernels instead
             warnings.warn(f"phiforge: native kernels ({level}) unavailable ({error})", stacklevel=3)
             lib = None
@@ -167,6 +175,13 @@ def use_level(name: str) -> Iterator[None]:
 
 def available() -> bool:
     return _load() is not None
+
+
+def onednn_bf16() -> bool:
+    """Whether oneDNN's bf16 linear (``mkldnn._linear_pointwise``) runs on this CPU: it needs AVX-512 BW/VL/DQ
+    or AVX-NE-CONVERT, and raises on an AVX2-only one (e.g. an EPYC of the Zen 3 generation)."""
+    flags = cpu()[1]
+    return {"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags
 
 
 def features() -> dict[str, bool]:
@@ -292,7 +307,7 @@ def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 
 def decode_step(model: object, layers: object, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first_row: int,
                 lo: torch.Tensor, hi: torch.Tensor) -> None:
-    """Run pf_decode_step in place on hidden states x [B, hidden] (phiforge.native_decode builds the structs)."""
+    """Run pf_decode_step in place on hidden states x [B, hidden] (inference.native_decode builds the structs)."""
     cos, sin = cos.contiguous(), sin.contiguous()
     lo64, hi64 = lo.to(torch.int64).contiguous(), hi.to(torch.int64).contiguous()
     _load().pf_decode_step(model, layers, _ptr(x), x.shape[0], _ptr(cos), _ptr(sin), ctypes.c_int64(first_row),

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phiforge.checkpoint import write_json
-from phiforge.config_loader import apply_override, read_recipe
+from phiforge.config.loader import apply_override, read_recipe
 from phiforge.errors import RecipeError
-from phiforge.pipeline import Plan, Runner, load_recipe
+from phiforge.io.checkpoint import write_json
+from phiforge.run.pipeline import Plan, Runner, load_recipe
 from phiforge.study.probes import digest
 
 STUDIES_DIR = Path(__file__).parents[1] / "recipes" / "studies"

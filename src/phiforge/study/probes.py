@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from phiforge.checkpoint import write_json
 from phiforge.errors import EvalError
+from phiforge.io.checkpoint import write_json
 
 if TYPE_CHECKING:
     from phiforge.study import StudyRunner
@@ -68,8 +68,9 @@ def _task_items(results: dict[str, Any], task: str) -> tuple[str, list[float]]:
 
 def probe_arm(runner: StudyRunner, arm: str, seed: int) -> dict[str, Any]:
     from phiforge.eval.harness import EvalConfig, evaluate
-    from phiforge.load import default_device, load_pretrained
-    from phiforge.stages import DEFAULT_SAMPLE_PROMPTS, token_array, usage_mode_samples
+    from phiforge.io.load import default_device, load_pretrained
+    from phiforge.run.sections import DEFAULT_SAMPLE_PROMPTS
+    from phiforge.run.stages import token_array, usage_mode_samples
 
     probes, folder = runner.study.probes, runner.arm_folder(arm, seed)
     model_folder = folder / "pretrain" / "final"

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from phiforge.report import STYLE, figure, png, read_json, read_jsonl, table
+from phiforge.run.report import STYLE, figure, png, read_json, read_jsonl, table
 from phiforge.study.bootstrap import paired_bootstrap
 from phiforge.study.probes import NEUTRAL
 
@@ -170,7 +170,7 @@ def _published() -> str:
 
 
 def build_study_report(root: Path, results: dict[str, Any]) -> Path:
-    from phiforge.atomic import atomic_write_text
+    from phiforge.io.atomic import atomic_write_text
 
     arms = list(results["arms"])
     budget = results["token_budget"]

@@ -42,10 +42,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from phiforge.checkpoint import save_hf_folder, write_json
-from phiforge.config import ModelConfig
+from phiforge.config.model import ModelConfig
 from phiforge.errors import TrainError
-from phiforge.model import PhiForgeModel, build_model
+from phiforge.io.checkpoint import save_hf_folder, write_json
+from phiforge.model.transformer import PhiForgeModel, build_model
 from phiforge.train.distributed import DistEnv, barrier, is_sharded, unwrap
 
 CHECKPOINTS = "checkpoints"
@@ -365,8 +365,8 @@ def load_weights(path: str | Path, model: nn.Module) -> None:
 
 
 def _stream_weights(file: Path, model: PhiForgeModel) -> None:
-    from phiforge.checkpoint import read_safetensors_header, read_tensor
-    from phiforge.model import local_rows
+    from phiforge.io.checkpoint import read_safetensors_header, read_tensor
+    from phiforge.model.transformer import local_rows
 
     if not file.is_file():
         raise TrainCheckpointError(f"{file}: missing from the checkpoint")
@@ -407,7 +407,7 @@ def export_hf(model: nn.Module, env: DistEnv, folder: str | Path, *, tokenizer: 
         shutil.rmtree(tmp, ignore_errors=True)
         save_hf_folder(plain, tmp, dtype=dtype or None)
         if tokenizer:
-            from phiforge.tokenizer import Tokenizer
+            from phiforge.tokenizers.tokenizer import Tokenizer
 
             Tokenizer.from_folder(tokenizer).save(tmp)
         _replace_dir(tmp, folder)

@@ -1,5 +1,5 @@
 """TrainConfig: one dataclass per TOML section, loaded from a recipe plus ``section.key=value`` overrides by the
-one config loader (``phiforge.config_loader``: every key and type checked, unknown keys listed with the file)."""
+one config loader (``phiforge.config.loader``: every key and type checked, unknown keys listed with the file)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phiforge.config import ModelConfig
-from phiforge.config_loader import build_config, load_config
+from phiforge.config.loader import build_config, load_config
+from phiforge.config.model import ModelConfig
 from phiforge.data.mixture import SourceConfig
 from phiforge.errors import ConfigError
 from phiforge.train.distributed import DTYPES, ShardPlan
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes" / "train"
 
 
 class TrainConfigError(ConfigError):
@@ -25,7 +25,7 @@ class TrainConfigError(ConfigError):
 class ModelSection:
     CONFIG_EXTRA = ("overrides", ModelConfig)  # model.<ModelConfig field> = value lands in overrides
 
-    preset: str = ""  # a name from phiforge.config.PRESETS (ignored when init_from is set)
+    preset: str = ""  # a name from phiforge.config.model.PRESETS (ignored when init_from is set)
     init_from: str = ""  # weights only: a training checkpoint folder or a Hugging Face model folder
     vocab_from_tokenizer: bool = True  # size vocab and bos/eos to data.tokenizer (new models only)
     pad_vocab_multiple: int = 64  # round that vocab up, for matmul-friendly shapes
@@ -136,7 +136,7 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-        """A TOML file, or the name of a built-in recipe (phiforge/recipes/NAME.toml), plus overrides."""
+        """A TOML file, or the name of a built-in recipe (phiforge/recipes/train/NAME.toml), plus overrides."""
         return load_config(cls, path, overrides, recipes=RECIPES_DIR, error=TrainConfigError)
 
     @classmethod

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from phiforge.errors import ConfigError
-from phiforge.model import PhiForgeModel
+from phiforge.model.transformer import PhiForgeModel
 
 
 @dataclass(frozen=True)

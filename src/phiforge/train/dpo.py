@@ -295,13 +295,13 @@ class DPOTrainer(PostTrainer):
         if self.config.dpo.ref_model and is_sharded(self.model):  # sharded like the policy, then dropped
             model = self.new_model(self.config.dpo.ref_model, trainable=False)
         elif self.config.dpo.ref_model:
-            from phiforge.load import load_pretrained
+            from phiforge.io.load import load_pretrained
 
             model = load_pretrained(self.config.dpo.ref_model, dtype=torch.float32, device=self.env.device,
                                     with_tokenizer=False)[0]
         logps = self._score(model, pairs, desc=f"reference log-probs ({name})")
         if self.env.is_main:
-            from phiforge.checkpoint import write_json
+            from phiforge.io.checkpoint import write_json
 
             self.out_dir.mkdir(parents=True, exist_ok=True)
             write_json(file, {"key": key, "logps": logps.tolist()})

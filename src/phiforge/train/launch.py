@@ -15,57 +15,69 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import phiforge
 from phiforge.errors import TrainError
 
-# section keys that say how a training stage runs, not what it computes (not part of its fingerprint:
-# the data order and the sharded checkpoints do not depend on the number of processes)
-LAUNCH_KEYS = {"nproc_per_node": 1, "nnodes": 1, "rdzv_endpoint": "", "rdzv_id": "phiforge", "max_restarts": 0}
+
+@dataclass
+class Launch:
+    """How a training stage runs, not what it computes: the keys every training section of a run recipe has.
+    Not part of a stage's fingerprint (the data order and the sharded checkpoints do not depend on them)."""
+
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    rdzv_endpoint: str = ""  # HOST:PORT of the head node when nnodes > 1
+    rdzv_id: str = "phiforge"
+    max_restarts: int = 0
+
+
+LAUNCH_KEYS = tuple(f.name for f in fields(Launch))
 
 
 class LaunchError(TrainError):
     """A training stage's torchrun that is misconfigured or failed; names the key or the exit status."""
 
 
-def check_launch(section: dict[str, Any]) -> None:
-    n, nodes, endpoint = section["nproc_per_node"], section["nnodes"], section["rdzv_endpoint"]
-    if not (isinstance(n, int) and n >= 1):
+def check_launch(section: Launch) -> None:
+    n, nodes, endpoint = section.nproc_per_node, section.nnodes, section.rdzv_endpoint
+    if n < 1:
         raise LaunchError(f"nproc_per_node = {n!r}: processes per node, an integer >= 1")
-    if not (isinstance(nodes, int) and nodes >= 1):
+    if nodes < 1:
         raise LaunchError(f"nnodes = {nodes!r}: an integer >= 1")
     if nodes > 1 and not endpoint:
         raise LaunchError(f"nnodes = {nodes}: give rdzv_endpoint = \"HOST:PORT\" (the head node), and run the "
                           "same command on every node")
 
 
-def distributed(section: dict[str, Any]) -> bool:
-    return section["nproc_per_node"] > 1 or section["nnodes"] > 1
+def distributed(section: Launch) -> bool:
+    return section.nproc_per_node > 1 or section.nnodes > 1
 
 
-def torchrun_command(module: str, recipe: str, overrides: list[str], section: dict[str, Any]) -> list[str]:
+def torchrun_command(module: str, recipe: str, overrides: list[str], section: Launch) -> list[str]:
     """The torchrun command line for ``python -m MODULE RECIPE OVERRIDES...`` as the section asks."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(section["nproc_per_node"])]
-    if section["nnodes"] > 1:
-        cmd += ["--nnodes", str(section["nnodes"]), "--rdzv_backend", "c10d",
-                "--rdzv_endpoint", section["rdzv_endpoint"], "--rdzv_id", section["rdzv_id"]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(section.nproc_per_node)]
+    if section.nnodes > 1:
+        cmd += ["--nnodes", str(section.nnodes), "--rdzv_backend", "c10d",
+                "--rdzv_endpoint", section.rdzv_endpoint, "--rdzv_id", section.rdzv_id]
     else:
         cmd += ["--standalone"]
-    if section["max_restarts"]:
-        cmd += ["--max_restarts", str(section["max_restarts"])]
+    if section.max_restarts:
+        cmd += ["--max_restarts", str(section.max_restarts)]
     return [*cmd, "-m", module, recipe, *overrides]
 
 
-def run_torchrun(module: str, recipe: str, overrides: list[str], section: dict[str, Any], out_dir: Path,
+def run_torchrun(module: str, recipe: str, overrides: list[str], section: Launch, out_dir: Path,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the trainer under torchrun, its stdout lines passed to ``log`` (stderr, with the progress bars,
     goes straight through); the summary rank 0 wrote to ``out_dir``/summary.json."""
     cmd = torchrun_command(module, recipe, overrides, section)
     src = str(Path(phiforge.__file__).resolve().parents[1])  # the children import this very phiforge
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
-    log(f"   torchrun: {section['nnodes']} node(s) x {section['nproc_per_node']} process(es): -m {module} {recipe}")
+    log(f"   torchrun: {section.nnodes} node(s) x {section.nproc_per_node} process(es): -m {module} {recipe}")
     summary = out_dir / "summary.json"
     summary.unlink(missing_ok=True)  # a stale one from an earlier finished run must not pass for this one
     with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, bufsize=1) as child:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from phiforge.config import ModelConfig
+from phiforge.config.model import ModelConfig
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -80,7 +80,7 @@ class MetricsLogger:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        from phiforge.atomic import atomic_write_bytes
+        from phiforge.io.atomic import atomic_write_bytes
 
         atomic_write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
 

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phiforge.config import ModelConfig, preset
+from phiforge.config.model import ModelConfig, preset
 from phiforge.data.mixture import build_mixture, build_validation, describe_sources
 from phiforge.errors import ConfigError, PhiforgeError
-from phiforge.model import build_model
+from phiforge.model.transformer import build_model
 from phiforge.train import checkpointing as ckpt
 from phiforge.train.config import OptimSection, TrainConfig, TrainConfigError
 from phiforge.train.distributed import (
@@ -96,7 +96,7 @@ def resolve_model_config(config: TrainConfig) -> ModelConfig:
     else:
         changes: dict[str, Any] = {}
         if m.vocab_from_tokenizer and config.data.tokenizer:
-            from phiforge.tokenizer import Tokenizer
+            from phiforge.tokenizers.tokenizer import Tokenizer
 
             tok = Tokenizer.from_folder(config.data.tokenizer)
             vocab = max(tok.vocab_size, len(tok))
@@ -250,7 +250,7 @@ class Pretrainer:
         if (path / ckpt.STATE).is_file():
             ckpt.load_weights(path, model)
         else:
-            from phiforge.checkpoint import fill_from_hf_folder
+            from phiforge.io.checkpoint import fill_from_hf_folder
 
             fill_from_hf_folder(model, path)
         self._say(f"initialised weights from {path}")
@@ -375,7 +375,7 @@ class Pretrainer:
             self.logger.close()
 
     def _write_run_info(self) -> None:
-        from phiforge.checkpoint import write_json
+        from phiforge.io.checkpoint import write_json
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.out_dir / "run.json", {
@@ -467,7 +467,7 @@ class Pretrainer:
             "strategy": cfg.distributed.strategy if self.env.distributed else "single",
             "checkpoint": str(self.last_checkpoint), "export": str(export) if export else None}
         if self.env.is_main:
-            from phiforge.checkpoint import write_json
+            from phiforge.io.checkpoint import write_json
 
             write_json(self.out_dir / "summary.json", summary)
         return summary

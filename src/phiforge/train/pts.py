@@ -37,11 +37,11 @@ from typing import Any
 
 import torch
 
-from phiforge.config_loader import config_dict, load_config
+from phiforge.config.loader import config_dict, load_config
 from phiforge.eval.scoring import common_prefix
-from phiforge.generate import Engine
-from phiforge.model import KVCache
-from phiforge.sampling import SamplingParams, sampling_section
+from phiforge.inference.engine import Engine
+from phiforge.inference.sampling import SamplingParams, sampling_section
+from phiforge.model.transformer import KVCache
 from phiforge.train.arithmetic import ARITHMETIC, arithmetic_questions, parse_arithmetic
 from phiforge.train.config import RECIPES_DIR, TrainConfigError
 
@@ -590,9 +590,9 @@ def pts(config: PTSConfig, model: Any = None, tokenizer: Any = None, oracle: Ora
     """Search every query (resuming a killed run); returns the summary (also out_dir/summary.json)."""
     from tqdm.auto import tqdm
 
-    from phiforge.atomic import atomic_write_bytes
-    from phiforge.checkpoint import write_json
-    from phiforge.load import load_pretrained
+    from phiforge.io.atomic import atomic_write_bytes
+    from phiforge.io.checkpoint import write_json
+    from phiforge.io.load import load_pretrained
 
     config.validate()
     oracle = oracle or load_oracle(config.data.oracle)

@@ -92,8 +92,8 @@ def validate_lora(config: Any) -> None:
 # ---- tokenizer and starting weights -------------------------------------------------------------------
 def load_tokenizer(data: Any, init_from: str) -> Any:
     """data.tokenizer, else the tokenizer beside model.init_from; data.chat_template replaces its template."""
-    from phiforge.chat_templates import BUILTIN_TEMPLATES
-    from phiforge.tokenizer import Tokenizer
+    from phiforge.tokenizers.chat_templates import BUILTIN_TEMPLATES
+    from phiforge.tokenizers.tokenizer import Tokenizer
 
     folder = data.tokenizer or init_from
     if not folder or not (Path(folder) / "tokenizer.json").is_file():
@@ -115,8 +115,8 @@ def prepare_init(config: Any, env: DistEnv) -> None:
     ref = config.model.init_from
     if not ref or Path(ref).is_dir():
         return
-    from phiforge.checkpoint import save_hf_folder
-    from phiforge.load import load_pretrained
+    from phiforge.io.checkpoint import save_hf_folder
+    from phiforge.io.load import load_pretrained
     from phiforge.train.distributed import barrier
 
     folder = Path(config.run.out_dir) / "init-model"
@@ -443,7 +443,7 @@ class PostTrainer(Pretrainer):
         summary = super()._finish(start, tokens, train_time)
         summary["skipped_records"] = self.skipped
         if self.env.is_main:
-            from phiforge.checkpoint import write_json
+            from phiforge.io.checkpoint import write_json
 
             write_json(self.out_dir / "summary.json", summary)
         return summary

@@ -11,7 +11,7 @@ import urllib.request
 import phiforge
 from phiforge.data.synth.loadgen import Faults, LoadGenerator, content_key
 from phiforge.data.synth.teachers import OpenAITeacher, Request
-from phiforge.sampling import TEACHER_SAMPLING
+from phiforge.inference.sampling import TEACHER_SAMPLING
 
 
 def test_answers_have_the_requested_length_and_are_deterministic() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from test_loadgen import source_env
+from test_synth_pipeline import finished_documents
 
 from phiforge.cli import main
 from phiforge.data.synth import SynthConfig
@@ -34,12 +35,6 @@ min_words = 20
 """
 
 
-def finished_in(out: Path, shards: range) -> int:
-    """Records on disk (journaled or in complete shards) of the given output shards."""
-    files = [folder / f"shard-{s:05d}.jsonl" for s in shards for folder in (out / "journal", out, out / "rejected")]
-    return sum(f.read_bytes().count(b"\n") for f in files if f.exists())
-
-
 @pytest.mark.parametrize("n", [pytest.param(10_000, marks=pytest.mark.slow), 800])
 def test_kill9_of_one_shard_process_then_a_rerun_gives_every_planned_id_once(tmp_path: Path, n: int) -> None:
     out = tmp_path / "out"
@@ -52,13 +47,13 @@ def test_kill9_of_one_shard_process_then_a_rerun_gives_every_planned_id_once(tmp
         config = SynthConfig.from_toml(config_file, [f"run.out_dir={out}"])
         first = shard_range(config, (0, 2))
         deadline = time.monotonic() + 600
-        while finished_in(out, first) < n // 8:
+        while finished_documents(out, first) < n // 8:
             assert procs[0].poll() is None, procs[0].stderr.read().decode()
             assert time.monotonic() < deadline
             time.sleep(0.05)
         procs[0].send_signal(signal.SIGKILL)
         procs[0].wait()
-        killed_at = finished_in(out, first)
+        killed_at = finished_documents(out, first)
         assert n // 8 <= killed_at < n // 2  # really mid-run
         assert procs[1].wait(600) == 0, procs[1].stderr.read().decode()
         assert not json.loads((out / "stats" / "process-1-of-2.json").read_text()).get("complete")

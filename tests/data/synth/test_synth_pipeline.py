@@ -52,12 +52,12 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path: Path)
                *http_overrides(srv.base_url, killed, n, "teacher.concurrency=2")[1:], f"run.out_dir={killed}"]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and _finished(killed) < 20:
+        while time.monotonic() < deadline and finished_documents(killed) < 20:
             assert proc.poll() is None, proc.stderr.read().decode()
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert 20 <= _finished(killed) < n  # really mid-run
+        assert 20 <= finished_documents(killed) < n  # really mid-run
         done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=300)
         assert done.returncode == 0, done.stderr
     resumed, expected = read_records(killed), read_records(tmp_path / "reference")
@@ -66,12 +66,15 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path: Path)
     assert '"resumed_from": ' in done.stdout and '"resumed_from": 0' not in done.stdout
 
 
-def _finished(out: Path) -> int:
-    """Distinct documents on disk: while a shard is sealed its records sit in both the shard and the journal."""
+def finished_documents(out: Path, shards: range | None = None) -> int:
+    """Distinct documents on disk (journaled, in sealed shards, rejected), of every output shard or of ``shards``:
+    while a shard is sealed its records sit in both the shard and its journal, so lines would count them twice."""
+    names = ["shard-*.jsonl"] if shards is None else [f"shard-{s:05d}.jsonl" for s in shards]
     ids = set()
-    for pattern in ("journal/*.jsonl", "shard-*.jsonl", "rejected/shard-*.jsonl"):
-        for file in out.glob(pattern):
-            ids.update(_ids(file.read_text(encoding="utf-8")))
+    for folder in (out / "journal", out, out / "rejected"):
+        for name in names:
+            for file in folder.glob(name):
+                ids.update(_ids(file.read_text(encoding="utf-8")))
     return len(ids)
 
 

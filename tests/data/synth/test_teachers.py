@@ -14,8 +14,8 @@ from openai_server import FaultyOpenAIServer, default_answer, http_config
 from phiforge.data.synth import run_synth
 from phiforge.data.synth.teachers import OpenAITeacher, Request, TeacherError
 from phiforge.data.synth.writer import read_records
-from phiforge.generate import SamplingParams
-from phiforge.sampling import TEACHER_SAMPLING
+from phiforge.inference.engine import SamplingParams
+from phiforge.inference.sampling import TEACHER_SAMPLING
 
 
 def test_faults_are_retried_and_every_document_is_produced_once(tmp_path: Path) -> None:
@@ -152,7 +152,7 @@ def test_client_errors_are_not_retried(tmp_path: Path) -> None:
 
 # ---- the local engine's batched sampler ----------------------------------------------------------------------
 def test_batched_draw_matches_the_filtered_distribution() -> None:
-    from phiforge.generate import draw
+    from phiforge.inference.engine import draw
 
     logits = torch.log(torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04]))
     cases = {SamplingParams(temperature=1.0, top_k=3): [0.5, 0.3125, 0.1875, 0, 0, 0],
@@ -167,7 +167,7 @@ def test_batched_draw_matches_the_filtered_distribution() -> None:
 
 
 def test_batched_draw_depends_only_on_the_rows_own_generator() -> None:
-    from phiforge.generate import draw
+    from phiforge.inference.engine import draw
 
     torch.manual_seed(0)
     logits = torch.randn(5, 1000)

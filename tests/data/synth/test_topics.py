@@ -18,7 +18,7 @@ from phiforge.data.synth import run_synth
 from phiforge.data.synth.seeds import load_topics
 from phiforge.data.synth.topics import TopicsConfig, normalize, parse_list, run_topics
 from phiforge.data.synth.writer import read_records
-from phiforge.report import build_report
+from phiforge.run.report import build_report
 
 POOL = [t.name for t in load_topics()]  # 300 distinct real topics to hand out
 TAXONOMY = """# a seed taxonomy: areas, subjects, topics

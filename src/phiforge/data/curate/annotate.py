@@ -17,9 +17,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from phiforge.atomic import atomic_write_json
 from phiforge.data.jsonl import iter_jsonl, write_jsonl
 from phiforge.errors import ConfigError
+from phiforge.io.atomic import atomic_write_json
 
 PROMPT_VERSION = "edu-additive-v1"
 RUBRIC = """Below is an extract from a web page. Judge how useful it would be for teaching, from primary school \
@@ -72,7 +72,7 @@ class AnnotateConfig:
 
 class Annotator:
     def __init__(self, model: Any, tokenizer: Any, config: AnnotateConfig | None = None) -> None:
-        from phiforge.generate import Engine  # torch: imported only when labelling
+        from phiforge.inference.engine import Engine  # torch: imported only when labelling
 
         self.model, self.tokenizer = model, tokenizer
         self.config = config or AnnotateConfig()
@@ -84,7 +84,7 @@ class Annotator:
 
     @classmethod
     def from_config(cls, config: AnnotateConfig) -> Annotator:
-        from phiforge.load import load_pretrained
+        from phiforge.io.load import load_pretrained
 
         model, tokenizer = load_pretrained(config.teacher)
         if tokenizer is None:
@@ -100,7 +100,7 @@ class Annotator:
 
     def annotate(self, texts: list[str]) -> list[dict[str, Any]]:
         """One label record per text: score, how it was read, the teacher's answer and provenance."""
-        from phiforge.sampling import SamplingParams
+        from phiforge.inference.sampling import SamplingParams
 
         prompts = [self.prompt_ids(t) for t in texts]
         params = SamplingParams(max_new_tokens=self.config.max_new_tokens, temperature=0.0,

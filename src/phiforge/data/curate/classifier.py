@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from phiforge.atomic import atomic_write
-from phiforge.checkpoint import write_json
 from phiforge.errors import ConfigError, DataError, FormatError
+from phiforge.io.atomic import atomic_write
+from phiforge.io.checkpoint import write_json
 
 MINILM = "all-minilm-l6-v2"
 
@@ -67,7 +67,7 @@ class HiddenStateEmbedder:
     """Mean of a phiforge model's final hidden states (right padding is harmless under causal attention)."""
 
     def __init__(self, ref: str, max_tokens: int = 256) -> None:
-        from phiforge.load import load_pretrained
+        from phiforge.io.load import load_pretrained
 
         self.name = ref
         self.model, self.tokenizer = load_pretrained(ref)

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from phiforge.atomic import atomic_write_bytes
 from phiforge.data.curate.dedup import ngram_hashes, word_hashes
 from phiforge.data.curate.executor import CurateError
+from phiforge.io.atomic import atomic_write_bytes
 
 SKIP_TASKS = {"perplexity"}  # a text corpus, not benchmark items
 WORD = re.compile(r"[^\W_]+")

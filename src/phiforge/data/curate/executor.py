@@ -19,9 +19,9 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from phiforge.atomic import atomic_write_json
 from phiforge.data.jsonl import Line, iter_lines, text_error, write_jsonl
 from phiforge.errors import DataError
+from phiforge.io.atomic import atomic_write_json
 
 
 class CurateError(DataError):

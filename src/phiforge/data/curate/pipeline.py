@@ -22,8 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from phiforge.atomic import atomic_write, atomic_write_bytes, atomic_write_json
-from phiforge.config_loader import build_config, load_config
+from phiforge.config.loader import build_config, load_config
 from phiforge.data.curate import decontam, dedup, heuristics
 from phiforge.data.curate.annotate import AnnotateConfig
 from phiforge.data.curate.executor import (
@@ -38,6 +37,7 @@ from phiforge.data.curate.executor import (
     run_stage,
 )
 from phiforge.data.jsonl import DOCUMENT_SUFFIXES, Line, iter_lines, write_jsonl
+from phiforge.io.atomic import atomic_write, atomic_write_bytes, atomic_write_json
 
 
 @dataclass

@@ -25,15 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phiforge.atomic import atomic_write_json
-from phiforge.config_loader import build_config, config_dict, load_config
+from phiforge.config.loader import build_config, config_dict, load_config
 from phiforge.data.synth import prompts as P
 from phiforge.data.synth import seeds as S
 from phiforge.data.synth.teachers import Teacher, TeacherSection, attach_cache, teacher_from_section
 from phiforge.data.synth.techniques import Draft, StepContext, check_steps, run_document
 from phiforge.data.synth.writer import OutputError, ShardWriter, fold_stats
 from phiforge.errors import ConfigError
-from phiforge.sampling import TEACHER_KEYS, SamplingParams, sampling_section
+from phiforge.inference.sampling import TEACHER_KEYS, SamplingParams, sampling_section
+from phiforge.io.atomic import atomic_write_json
 
 
 @dataclass

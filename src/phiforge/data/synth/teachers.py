@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from phiforge.errors import ConfigError, ExternalError, PhiforgeError
-from phiforge.sampling import TEACHER_KEYS, SamplingParams
+from phiforge.inference.sampling import TEACHER_KEYS, SamplingParams
 
 OnDone = Callable[[int, "Result"], None]
 
@@ -171,8 +171,8 @@ class LocalTeacher(Teacher):
     def __init__(self, model: Any = "smollm2-135m-instruct", tokenizer: Any = None, *, dtype: str = "bfloat16",
                  device: str = "", max_batch_size: int = 128, chat: bool = True, name: str = "") -> None:
         super().__init__()
-        from phiforge.generate import Engine
-        from phiforge.load import load_pretrained
+        from phiforge.inference.engine import Engine
+        from phiforge.io.load import load_pretrained
 
         if isinstance(model, (str, Path)):
             name = name or str(model)

@@ -23,7 +23,7 @@ from phiforge.data.synth import prompts as P
 from phiforge.data.synth.seeds import Seed
 from phiforge.data.synth.teachers import Request, Result, Teacher
 from phiforge.errors import ConfigError
-from phiforge.sampling import SamplingParams
+from phiforge.inference.sampling import SamplingParams
 
 GENERATORS = ("generate", "multi_agent")
 TRANSFORMS = ("self_revision", "instruction_reversal", "plurality")

@@ -28,8 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from phiforge.atomic import atomic_write_bytes, atomic_write_json
-from phiforge.config_loader import build_config, config_dict, load_config
+from phiforge.config.loader import build_config, config_dict, load_config
 from phiforge.data.synth import prompts as P
 from phiforge.data.synth import seeds as S
 from phiforge.data.synth.pipeline import check_resume
@@ -37,7 +36,8 @@ from phiforge.data.synth.teachers import Request, Result, Teacher, TeacherSectio
 from phiforge.data.synth.techniques import request_seed
 from phiforge.data.synth.writer import read_journal
 from phiforge.errors import ConfigError
-from phiforge.sampling import TEACHER_KEYS, SamplingParams, sampling_section
+from phiforge.inference.sampling import TEACHER_KEYS, SamplingParams, sampling_section
+from phiforge.io.atomic import atomic_write_bytes, atomic_write_json
 
 
 @dataclass

@@ -20,8 +20,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from phiforge.atomic import atomic_write, atomic_write_bytes, atomic_write_json
 from phiforge.errors import DataError
+from phiforge.io.atomic import atomic_write, atomic_write_bytes, atomic_write_json
 
 
 class OutputError(DataError):

@@ -1,0 +1,1 @@
+"""Configuration: the model config and presets, the one TOML + overrides loader, published RoPE factors."""

@@ -1,0 +1,1 @@
+"""Weights in and out: safetensors/HF folders, GGUF read and write, one public load, atomic writes."""

@@ -1,0 +1,149 @@
+/* ---- int8 rows ------------------------------------------------------------------------------------ */
+static float dot_int8(const int8_t *w, const float *x, int K) {
+  int k = 0;
+  float acc = 0.f;
+#ifdef PF_AVX512
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (; k + 64 <= K; k += 64) {
+    _mm_prefetch((const char *)(w + k + PF_AHEAD), _MM_HINT_T0);
+    a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k)))),
+                         _mm512_loadu_ps(x + k), a0);
+    a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k + 16)))),
+                         _mm512_loadu_ps(x + k + 16), a1);
+    a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k + 32)))),
+                         _mm512_loadu_ps(x + k + 32), a2);
+    a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k + 48)))),
+                         _mm512_loadu_ps(x + k + 48), a3);
+  }
+  acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#endif
+  for (; k < K; k++) acc += (float)w[k] * x[k];
+  return acc;
+}
+
+/* where row r of a quad prefetches, d bytes ahead: past its end, the same row of the next quad (the quad is four
+   streams; a flat d ahead would land in a row this quad is reading anyway) */
+#define PF_WRAP(wr, k, d, K) ((k) + (d) < (K) ? (wr) + (d) : (wr) + 3 * (K) + (d))
+
+#ifdef PF_AVX512
+/* four rows at once (as dot4_bf16): four streams in flight, each x vector loaded once for all four */
+static void dot4_int8(const int8_t *w, size_t K, const float *x, float *out) {
+  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  /* each row 4 KB ahead, in the next quad once past its end: the quad 16 KB ahead (best of 8/16/32 KB here) */
+  const size_t d = PF_AHEAD / 2;
+  for (size_t k = 0; k < K; k += 32) {
+    __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+    for (int r = 0; r < 4; r++) {
+      const int8_t *wr = w + r * K + k;
+      if ((k & 63) == 0) _mm_prefetch((const char *)PF_WRAP(wr, k, d, K), _MM_HINT_T0);
+      a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)wr))), x0, a[r]);
+      a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wr + 16)))),
+                             x1, a[r]);
+    }
+  }
+  for (int r = 0; r < 4; r++) out[r] = _mm512_reduce_add_ps(a[r]);
+}
+#endif
+
+#if defined(PF_AVX512) && defined(__AVX512VNNI__)
+/* VNNI: x quantized to int8 per block of 64 (symmetric, scale max|x| / 127, as llama.cpp's Q8 activations), then
+   one vpdpbusd per 64 weight bytes, where the fp32 path needs 12 conversions and FMAs. vpdpbusd multiplies
+   unsigned by signed bytes, so the weight goes in as w ^ 0x80 = w + 128 and 128 * sum(xq * scale), the same
+   for every row, is taken off at the end. */
+#define PF_QBLOCK 64
+typedef struct {
+  int8_t *q;
+  float *scale, *offset; /* per block; per row of x: 128 * sum over blocks of scale * sum(q) */
+} QuantX;
+
+static void quantize_x(const float *x, int M, int K, QuantX *s) {
+  int blocks = K / PF_QBLOCK;
+  s->q = aligned_alloc(64, (size_t)M * K);
+  s->scale = malloc((size_t)M * blocks * 4);
+  s->offset = malloc((size_t)M * 4);
+  for (int m = 0; m < M; m++) {
+    double off = 0.;
+    for (int b = 0; b < blocks; b++) {
+      const float *xb = x + (size_t)m * K + (size_t)b * PF_QBLOCK;
+      __m512 mx = _mm512_setzero_ps();
+      for (int i = 0; i < PF_QBLOCK; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xb + i)));
+      float amax = _mm512_reduce_max_ps(mx), scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      int8_t *qb = s->q + (size_t)m * K + (size_t)b * PF_QBLOCK;
+      int32_t total = 0;
+      for (int i = 0; i < PF_QBLOCK; i += 16) {
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), _mm512_set1_ps(inv))); /* nearest even */
+        total += _mm512_reduce_add_epi32(v);
+        _mm_storeu_si128((__m128i *)(qb + i), _mm512_cvtsepi32_epi8(v));
+      }
+      s->scale[(size_t)m * blocks + b] = scale;
+      off += 128. * scale * total;
+    }
+    s->offset[m] = (float)off;
+  }
+}
+
+static void free_quant(QuantX *s) { free(s->q); free(s->scale); free(s->offset); }
+
+#ifndef PF_INT8_AHEAD
+#define PF_INT8_AHEAD 2048 /* best of 0.5-8 KB on Zen 5, 2 threads (1-2 KB tie) */
+#endif
+static void dot4_int8_vnni(const int8_t *w, size_t K, const int8_t *xq, const float *xs, float *out) {
+  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  const size_t d = PF_INT8_AHEAD;
+  for (size_t k = 0; k < K; k += PF_QBLOCK) {
+    __m512i xv = _mm512_load_si512(xq + k);
+    __m512 s = _mm512_set1_ps(xs[k / PF_QBLOCK]);
+    for (int r = 0; r < 4; r++) {
+      const int8_t *wr = w + r * K + k;
+      _mm_prefetch((const char *)PF_WRAP(wr, k, d, K), _MM_HINT_T0);
+      __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(_mm512_loadu_si512(wr), flip), xv);
+      a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, a[r]);
+    }
+  }
+  for (int r = 0; r < 4; r++) out[r] = _mm512_reduce_add_ps(a[r]);
+}
+#endif
+
+void pf_int8_gemv(const int8_t *w, const uint16_t *scale, const void *x_act, const void *bias, void *y, int act_bf16,
+                  int M, int N, int K, int threads) {
+  float *x = load_acts(x_act, act_bf16, (size_t)M * K);
+  int quads = 0;
+#if defined(PF_AVX512) && defined(__AVX512VNNI__)
+  if (K % PF_QBLOCK == 0) {
+    QuantX q;
+    quantize_x(x, M, K, &q);
+    quads = N / 4;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk_of(quads, threads))
+    for (int r = 0; r < quads; r++)
+      for (int m = 0; m < M; m++) {
+        float d[4];
+        dot4_int8_vnni(w + (size_t)4 * r * K, K, q.q + (size_t)m * K, q.scale + (size_t)m * (K / PF_QBLOCK), d);
+        for (int i = 0; i < 4; i++)
+          store_act(y, act_bf16, (size_t)m * N + 4 * r + i, bf16_to_f32(scale[4 * r + i]) * (d[i] - q.offset[m]), bias,
+                    4 * r + i);
+      }
+    free_quant(&q);
+  }
+#endif
+#ifdef PF_AVX512
+  if (K % 32 == 0 && quads == 0) {
+    quads = N / 4;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk_of(quads, threads))
+    for (int r = 0; r < quads; r++)
+      for (int m = 0; m < M; m++) {
+        float d[4];
+        dot4_int8(w + (size_t)4 * r * K, K, x + (size_t)m * K, d);
+        for (int i = 0; i < 4; i++)
+          store_act(y, act_bf16, (size_t)m * N + 4 * r + i, bf16_to_f32(scale[4 * r + i]) * d[i], bias, 4 * r + i);
+      }
+  }
+#endif
+#pragma omp parallel for num_threads(threads) schedule(static) if (N - 4 * quads > 64)
+  for (int n = 4 * quads; n < N; n++) {
+    const int8_t *row = w + (size_t)n * K;
+    float s = bf16_to_f32(scale[n]);
+    for (int m = 0; m < M; m++) store_act(y, act_bf16, (size_t)m * N + n, s * dot_int8(row, x + (size_t)m * K, K), bias, n);
+  }
+  free(x);
+}

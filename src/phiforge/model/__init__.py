@@ -1,0 +1,1 @@
+"""The transformer for every Phi family member, plain PyTorch, switched by ModelConfig."""

@@ -1,0 +1,1 @@
+"""Weight-only int8/int4 quantization and its checkpoints."""

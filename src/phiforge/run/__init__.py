@@ -1,0 +1,1 @@
+"""`phiforge run`: the stage graph, the stages, the HTML report and the demo."""

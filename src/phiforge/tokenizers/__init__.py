@@ -1,0 +1,1 @@
+"""Tokenizers: byte-level BPE and SentencePiece through `tokenizers`, cl100k, chat templates, sources."""
