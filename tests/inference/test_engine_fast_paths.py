@@ -124,7 +124,7 @@ def test_paths_report_what_runs() -> None:
     assert any(r["module"] == "blocks.0-1.attn.qkv" for r in fast_paths.grouped(report))  # layers folded
     quantize_model(model, 4, group_size=16)
     q = fast_paths.paths(model)
-    assert _routes(q, "blocks.0.mlp.fc")["one_row"] == "native int4 GEMV"
+    assert _routes(q, "blocks.0.mlp.fc")["one_row"] == "native int4 GEMV (plain)"  # group 16: no vector path
     sparse = build_model(preset("tiny-phi3small")).eval()  # block-sparse layers: no whole step, SDPA there
     fast_paths.install(sparse)
     report = fast_paths.paths(sparse)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from phiforge import kernels
+from phiforge.kernels.abi import Kind
 from phiforge.quant.quantize import quantize_int4, quantize_int8, unpack_nibbles
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: native kernels not built")
@@ -24,14 +25,18 @@ def level(request: pytest.FixtureRequest) -> str:
         yield request.param
 
 
-def _vnni_int8_reference(x: torch.Tensor, stored: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The VNNI path's arithmetic: x quantized per block of 64 (scale max|x| / 127, round half to even)."""
-    blocks = x.float().view(x.shape[0], -1, 64)
+def _q8(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x as the q8 paths see it: quantized per block (scale max|x| / 127, round half to even), dequantized."""
+    blocks = x.float().view(x.shape[0], -1, block)
     amax = blocks.abs().amax(-1, keepdim=True)
     inv = torch.full_like(amax, 127.0) / amax  # a true division (127.0 / amax is 127 * (1 / amax) in torch)
     q = torch.round(blocks * torch.where(amax > 0, inv, 0.0))
-    xq = (q * (amax / 127.0)).view(x.shape).double()
-    return (xq @ stored["qweight"].double().T) * stored["scales"].double()
+    return (q * (amax / 127.0)).view(x.shape)
+
+
+def _q8_int8_reference(x: torch.Tensor, stored: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The VNNI and AVX2 int8 paths' arithmetic: x quantized per block of 64, the products exact."""
+    return (_q8(x, 64).double() @ stored["qweight"].double().T) * stored["scales"].double()
 
 
 def _int4_reference(stored: dict[str, torch.Tensor], group: int) -> torch.Tensor:
@@ -49,13 +54,16 @@ def test_int8_gemv_and_dequant(k: int, rows: int, level: str) -> None:
     w = stored["qweight"].float() * stored["scales"].float()[:, None]
     x, bias = torch.randn(rows, k), torch.randn(96)
     got = kernels.int8_gemv(x, stored["qweight"], stored["scales"])
-    if kernels.features()["avx512_vnni"] and k % 64 == 0:  # int8 activations: the same math in float64
-        torch.testing.assert_close(got.double(), _vnni_int8_reference(x, stored), atol=1e-4, rtol=1e-5)
+    path = kernels.gemv_path(Kind.INT8, k)
+    assert path in ({"q8_vnni", "q8_avx2"} if k % 64 == 0 and level in ("avx2", "avx512_vnni", "avx512_bf16", "amx")
+                    else {"avx512", "plain"})
+    if path.startswith("q8"):  # int8 activations: the same math in float64
+        torch.testing.assert_close(got.double(), _q8_int8_reference(x, stored), atol=1e-4, rtol=1e-5)
         # and within the activations' rounding of the exact product: half a step of each block's scale
         step = x.abs().view(rows, -1, 64).amax(-1) / 127 / 2
         bound = (step.repeat_interleave(64, -1) @ w.abs().T) * 1.01 + 1e-4
         assert ((got - x @ w.T).abs() <= bound).all()
-        want = _vnni_int8_reference(x.bfloat16(), stored).float()
+        want = _q8_int8_reference(x.bfloat16(), stored).float()
     else:
         torch.testing.assert_close(got, x @ w.T, atol=1e-3, rtol=1e-5)
         want = x.bfloat16().float() @ w.T
@@ -81,7 +89,13 @@ def test_int4_gemv_and_dequant(group: int, rows: int, level: str) -> None:
     stored = quantize_int4(torch.randn(80, 1024), group)
     w = _int4_reference(stored, group)
     x = torch.randn(rows, 1024)
-    want = x.bfloat16().float() @ w.T  # x rounded to bf16 first, as aten's int4 kernels do
+    path = kernels.gemv_path(Kind.INT4, 1024, group)
+    assert path == {"avx2": "q8_avx2", "avx512_bf16": "bf16_dot" if group == 32 else "plain",
+                    "amx": "bf16_dot" if group == 32 else "plain"}.get(level, "plain")
+    if path == "q8_avx2":  # x quantized per block of 32 (as llama.cpp's Q8 activations), the products exact
+        want = (_q8(x, 32).double() @ w.double().T).float()
+    else:
+        want = x.bfloat16().float() @ w.T  # x rounded to bf16 first, as aten's int4 kernels do
     got = kernels.int4_gemv(x, stored["qweight"], stored["scales"], stored["zeros"], group)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-5)
     bias = torch.randn(80)

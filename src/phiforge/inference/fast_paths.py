@@ -28,6 +28,7 @@ from torch import nn
 from phiforge import kernels
 from phiforge.inference import native_decode
 from phiforge.kernels import GEMM_MAX_ROWS, NATIVE_GEMV_ROWS
+from phiforge.kernels.abi import Kind
 from phiforge.model.transformer import Attention, CacheView, KVCache, PhiForgeModel, RMSNorm
 from phiforge.quant.quantize import QuantizedLinear
 
@@ -184,15 +185,18 @@ COLUMNS = ("one_row", "batch", "prefill")  # a single-stream decode step, a deco
 
 def _linear_paths(m: nn.Module, dtype: torch.dtype) -> dict[str, str]:
     if isinstance(m, QuantizedLinear):
-        name = {"native": f"native int{m.bits} GEMV", "int8pack": "aten int8pack_mm", "int4pack": "aten int4pack_mm",
-                "dequant": "dequantized F.linear"}[m.kernel]
+        kind = Kind.INT8 if m.bits == 8 else Kind.INT4
+        arithmetic = kernels.gemv_path(kind, m.in_features, m.group_size) if m.kernel == "native" else ""
+        name = {"native": f"native int{m.bits} GEMV ({arithmetic})", "int8pack": "aten int8pack_mm",
+                "int4pack": "aten int4pack_mm", "dequant": "dequantized F.linear"}[m.kernel]
         more = "dequantize + F.linear" if m.kernel == "native" else name
         return {"one_row": name, "batch": f"{name} (<= {NATIVE_GEMV_ROWS} rows), else {more}"
                 if m.kernel == "native" else name, "prefill": more}
     plain = {c: "F.linear" for c in COLUMNS}
     if not isinstance(m, PackedLinear) or dtype != torch.bfloat16 or m.weight.dtype != torch.bfloat16:
         return plain
-    one = f"native GEMV ({kernels.level()})" if kernels.available() else "torch.mv"
+    one = (f"native GEMV ({kernels.level()}, {kernels.gemv_path(Kind.BF16, m.in_features)})" if kernels.available()
+           else "torch.mv")
     if not m.fresh():
         return {**plain, "one_row": one}
     gemm = (f"native GEMM ({kernels.gemm_path(m.out_features, m.in_features)})" if m.gemm_packed is not None

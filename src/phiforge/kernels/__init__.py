@@ -324,6 +324,12 @@ def gemm_available() -> bool:
     return available() and bool(Feat(_load().pf_features()) & (Feat.AVX512_BF16 | Feat.AMX))
 
 
+def gemv_path(kind: abi.Kind, k: int, group_size: int = 0) -> str:
+    """Which arithmetic the active build's GEMV takes for a weight of this kind with k columns (int4: and this
+    group size): "plain", "avx512", "bf16_dot", "q8_vnni" or "q8_avx2" (the q8 ones quantize x per block)."""
+    return abi.Gemv(_load().pf_gemv_path(int(kind), k, group_size)).name.lower()
+
+
 def gemm_path(n: int, k: int) -> str:
     """Which GEMM bf16_gemm takes for an [n, k] weight: "amx", "avx512_bf16" or "plain"."""
     return abi.Gemm(_load().pf_bf16_gemm_path(n, k)).name.lower()

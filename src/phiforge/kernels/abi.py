@@ -62,7 +62,17 @@ class Gemm(enum.IntEnum):
     AMX = 2
 
 
-ENUMS = {"KIND": Kind, "ACT": Act, "FEAT": Feat, "READ": Read, "GEMM": Gemm}
+class Gemv(enum.IntEnum):
+    """pf_gemv_path(): which arithmetic a GEMV takes for a weight kind and shape."""
+
+    PLAIN = 0  # fp32 products in plain C (int4: x rounded to bf16)
+    AVX512 = 1  # fp32 products, AVX-512
+    BF16_DOT = 2  # vdpbf16ps on bf16 x (AVX512-BF16)
+    Q8_VNNI = 3  # x quantized to int8 per block of 64, vpdpbusd
+    Q8_AVX2 = 4  # x quantized to int8 per block (int8 weights: 64, int4: 32), vpmaddubsw
+
+
+ENUMS = {"KIND": Kind, "ACT": Act, "FEAT": Feat, "READ": Read, "GEMM": Gemm, "GEMV": Gemv}
 
 
 class Linear(ctypes.Structure):
@@ -103,6 +113,7 @@ SIGNATURES: dict[str, tuple[object, list]] = {  # name: (restype, argtypes), eve
     "pf_bf16_pack": (None, [_P, _P, _I, _I, _I]),
     "pf_bf16_gemm": (None, _GEMV),
     "pf_bf16_gemm_path": (_I, [_I, _I]),
+    "pf_gemv_path": (_I, [_I, _I, _I]),
     "pf_read_bandwidth": (ctypes.c_double, [ctypes.c_size_t, _I, _I, _I, _I]),
 }
 

@@ -27,6 +27,7 @@
 #include "csrc/int8.c"
 #include "csrc/bf16.c"
 #include "csrc/int4.c"
+#include "csrc/gemv_path.c"
 #include "csrc/attention.c"
 #include "csrc/rmsnorm.c"
 #include "csrc/fp32.c"

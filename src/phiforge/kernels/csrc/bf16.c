@@ -67,7 +67,7 @@ void pf_bf16_gemv(const uint16_t *w, const void *x_act, const void *bias, void *
   for (size_t i = 0; i < (size_t)M * K; i++) x16[i] = f32_to_bf16(x[i]);
   int quads = 0;
 #ifdef PF_AVX512
-  if (K % 32 == 0) quads = N / 4;
+  if (pf_gemv_path(PF_KIND_BF16, K, 0) != PF_GEMV_PLAIN) quads = N / 4;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, chunk_of(quads, threads))
   for (int r = 0; r < quads; r++)
     for (int m = 0; m < M; m++) {

@@ -25,6 +25,16 @@ enum { PF_ACT_GELU_TANH = 0, PF_ACT_SILU = 1, PF_ACT_GELU_ERF = 2 };
 enum { PF_FEAT_AVX512 = 1, PF_FEAT_AVX512_BF16 = 2, PF_FEAT_AVX512_VNNI = 4, PF_FEAT_AMX = 8, PF_FEAT_AVX2 = 16 };
 enum { PF_READ_PLAIN = 0, PF_READ_PREFETCH = 1, PF_READ_STREAM = 2, PF_READ_METHODS = 3 };
 enum { PF_GEMM_PLAIN = 0, PF_GEMM_AVX512_BF16 = 1, PF_GEMM_AMX = 2 }; /* pf_bf16_gemm_path */
+/* pf_gemv_path: fp32 products in plain C or AVX-512 (x as it is, or rounded to bf16 for int4), the dot-product
+   instructions on bf16 (AVX512-BF16), or x quantized to int8 per block (VNNI; AVX2's vpmaddubsw) */
+enum { PF_GEMV_PLAIN = 0, PF_GEMV_AVX512 = 1, PF_GEMV_BF16_DOT = 2, PF_GEMV_Q8_VNNI = 3, PF_GEMV_Q8_AVX2 = 4 };
+#if defined(__AVX2__) && !defined(PF_AVX512)
+#define PF_AVX2_ONLY 1 /* the AVX2 level: 256-bit integer paths where AVX-512 builds have their own */
+#ifndef PF_AVX2_AHEAD
+#define PF_AVX2_AHEAD 1024 /* bytes ahead of the int4 row being read */
+#endif
+#endif
+int pf_gemv_path(int kind, int K, int G); /* csrc/gemv_path.c */
 
 static inline float bf16_to_f32(uint16_t v) {
   union { uint32_t u; float f; } c;
@@ -57,6 +67,14 @@ static inline int chunk_of(int quads, int threads) {
   int c = quads / (8 * (threads > 0 ? threads : 1));
   return c > 0 ? c : 1;
 }
+
+#ifdef __AVX2__
+static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
 
 int pf_features(void) { /* the vector paths this build has (PF_FEAT_*) */
   int f = 0;

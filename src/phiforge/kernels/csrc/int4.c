@@ -1,18 +1,52 @@
 /* ---- int4 groups ---------------------------------------------------------------------------------- */
-/* x split once per call: even and odd elements (bf16 for the dot-product instructions, fp32 for the plain
-   path) and the sum of each group of the bf16-rounded x, which carries the zero points. */
+/* x split once per call into even and odd elements, as the path wants them: bf16 for the dot-product
+   instructions, fp32 for the plain path, int8 per block of 32 for AVX2 (as llama.cpp's Q8 activations for its Q4
+   weights: AVX2 has no bf16 dot product, and fp32 costs a conversion and an FMA per code); and the sum of each
+   group of x as those products see it (bf16-rounded, or dequantized), which carries the zero points. */
+#define PF_INT4_QBLOCK 32
 typedef struct {
   uint16_t *even16, *odd16;
   float *even32, *odd32, *group_sum;
+  int8_t *even8, *odd8;
+  float *scale8; /* per block of 32 */
 } SplitX;
 
-static void split_x(const float *x, int M, int K, int G, SplitX *s) {
+static void split_q8(const float *x, int M, int K, int G, SplitX *s) {
+  int blocks = K / PF_INT4_QBLOCK, groups = K / G;
+  s->even8 = malloc((size_t)M * K / 2);
+  s->odd8 = malloc((size_t)M * K / 2);
+  s->scale8 = malloc((size_t)M * blocks * 4);
+  for (int m = 0; m < M; m++)
+    for (int b = 0; b < blocks; b++) {
+      const float *xb = x + (size_t)m * K + (size_t)b * PF_INT4_QBLOCK;
+      float amax = 0.f;
+      for (int i = 0; i < PF_INT4_QBLOCK; i++) amax = fmaxf(amax, fabsf(xb[i]));
+      float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      size_t half = (size_t)m * (K / 2) + (size_t)b * (PF_INT4_QBLOCK / 2);
+      int32_t total = 0;
+      for (int i = 0; i < PF_INT4_QBLOCK; i++) { /* lrintf: the current rounding mode, nearest even */
+        long v = lrintf(xb[i] * inv);
+        v = v > 127 ? 127 : v < -127 ? -127 : v;
+        (i & 1 ? s->odd8 : s->even8)[half + i / 2] = (int8_t)v;
+        total += (int32_t)v;
+      }
+      s->scale8[(size_t)m * blocks + b] = scale;
+      s->group_sum[(size_t)m * groups + (size_t)b * PF_INT4_QBLOCK / G] += scale * (float)total;
+    }
+}
+
+static void split_x(const float *x, int M, int K, int G, int path, SplitX *s) {
   size_t half = (size_t)M * (K / 2), groups = (size_t)M * (K / G);
+  memset(s, 0, sizeof *s);
+  s->group_sum = calloc(groups, 4);
+  if (path == PF_GEMV_Q8_AVX2) {
+    split_q8(x, M, K, G, s);
+    return;
+  }
   s->even16 = malloc(half * 2);
   s->odd16 = malloc(half * 2);
   s->even32 = malloc(half * 4);
   s->odd32 = malloc(half * 4);
-  s->group_sum = malloc(groups * 4);
   for (size_t i = 0; i < half; i++) {
     s->even16[i] = f32_to_bf16(x[2 * i]);
     s->odd16[i] = f32_to_bf16(x[2 * i + 1]);
@@ -28,6 +62,7 @@ static void split_x(const float *x, int M, int K, int G, SplitX *s) {
 
 static void free_split(SplitX *s) {
   free(s->even16); free(s->odd16); free(s->even32); free(s->odd32); free(s->group_sum);
+  free(s->even8); free(s->odd8); free(s->scale8);
 }
 
 /* sum over groups of z*gx - 8*s*gx: the zero points' and the code offset's share of the dot product */
@@ -97,6 +132,48 @@ static float row_int4_g32(const uint8_t *row, const uint16_t *sc, const uint16_t
 }
 #endif
 
+#ifdef PF_AVX2_ONLY
+/* one 32-byte step: 64 codes (two blocks of x) times their int8 x, summed per 4 bytes: lanes 0-3 block b, 4-7 b+1 */
+static inline __m256 step_int4_q8(const uint8_t *codes_at, const int8_t *e, const int8_t *o) {
+  const __m256i nibble = _mm256_set1_epi8(0x0f);
+  __m256i codes = _mm256_loadu_si256((const __m256i *)codes_at);
+  __m256i lo = _mm256_and_si256(codes, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), nibble);
+  __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)e)),
+                               _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)o)));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+
+/* one row, each block's sums scaled by its group's scale times the block's x scale. G a power of two >= 32,
+   K % 64 == 0. G = 32: eight blocks' scales become one vector and each step's pair is one permute. */
+static float row_int4_q8(const uint8_t *row, const uint16_t *sc, const int8_t *e, const int8_t *o, const float *xs,
+                         int K, int G) {
+  const int shift = __builtin_ctz(G / PF_INT4_QBLOCK); /* block -> group */
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+  int j = 0, b = 0;
+  if (shift == 0)
+    for (; j + 128 <= K / 2; j += 128, b += 8) {
+      _mm_prefetch((const char *)(row + j + PF_AVX2_AHEAD), _MM_HINT_T0);
+      _mm_prefetch((const char *)(row + j + PF_AVX2_AHEAD + 64), _MM_HINT_T0);
+      __m256 scales = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(
+                                        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(sc + b))), 16)),
+                                    _mm256_loadu_ps(xs + b));
+      for (int c = 0; c < 4; c++) {
+        __m256i pair = _mm256_setr_epi32(2 * c, 2 * c, 2 * c, 2 * c, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1);
+        __m256 d = step_int4_q8(row + j + 32 * c, e + j + 32 * c, o + j + 32 * c);
+        if (c & 1) acc1 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(scales, pair), d, acc1);
+        else acc0 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(scales, pair), d, acc0);
+      }
+    }
+  for (; j < K / 2; j += 32, b += 2) {
+    _mm_prefetch((const char *)(row + j + PF_AVX2_AHEAD), _MM_HINT_T0);
+    __m256 s = _mm256_setr_m128(_mm_set1_ps(bf16_to_f32(sc[b >> shift]) * xs[b]),
+                                _mm_set1_ps(bf16_to_f32(sc[(b + 1) >> shift]) * xs[b + 1]));
+    acc0 = _mm256_fmadd_ps(s, step_int4_q8(row + j, e + j, o + j), acc0);
+  }
+  return hsum8(_mm256_add_ps(acc0, acc1));
+}
+#endif
+
 /* the plain path, any G: codes times fp32 x, scaled per group (code_offset 8) */
 static float row_int4_plain(const uint8_t *row, const uint16_t *sc, const float *e, const float *o, int K, int G) {
   float acc = 0.f;
@@ -112,15 +189,12 @@ static float row_int4_plain(const uint8_t *row, const uint16_t *sc, const float 
 
 void pf_int4_gemv(const uint8_t *w, const uint16_t *scale, const uint16_t *zero, const void *x_act, const void *bias,
                   void *y, int act_bf16, int M, int N, int K, int G, int threads) {
+  int groups = K / G, path = pf_gemv_path(PF_KIND_INT4, K, G);
   SplitX s;
   float *x = load_acts(x_act, act_bf16, (size_t)M * K);
-  split_x(x, M, K, G, &s);
+  split_x(x, M, K, G, path, &s);
   free(x);
-  int groups = K / G, fast = 0;
-#ifdef __AVX512BF16__
-  fast = G == 32 && K % 64 == 0;
-#endif
-  float offset = fast ? 136.f : 8.f;
+  float offset = path == PF_GEMV_BF16_DOT ? 136.f : 8.f;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, chunk_of(N, threads))
   for (int n = 0; n < N; n++) {
     const uint8_t *row = w + (size_t)n * (K / 2);
@@ -129,7 +203,12 @@ void pf_int4_gemv(const uint8_t *w, const uint16_t *scale, const uint16_t *zero,
       size_t xo = (size_t)m * (K / 2);
       float d;
 #ifdef __AVX512BF16__
-      if (fast) d = row_int4_g32(row, sc, s.even16 + xo, s.odd16 + xo, K);
+      if (path == PF_GEMV_BF16_DOT) d = row_int4_g32(row, sc, s.even16 + xo, s.odd16 + xo, K);
+      else
+#endif
+#ifdef PF_AVX2_ONLY
+      if (path == PF_GEMV_Q8_AVX2)
+        d = row_int4_q8(row, sc, s.even8 + xo, s.odd8 + xo, s.scale8 + (size_t)m * (K / PF_INT4_QBLOCK), K, G);
       else
 #endif
         d = row_int4_plain(row, sc, s.even32 + xo, s.odd32 + xo, K, G);

@@ -46,11 +46,23 @@ static void dot4_int8(const int8_t *w, size_t K, const float *x, float *out) {
 #endif
 
 #if defined(PF_AVX512) && defined(__AVX512VNNI__)
-/* VNNI: x quantized to int8 per block of 64 (symmetric, scale max|x| / 127, as llama.cpp's Q8 activations), then
-   one vpdpbusd per 64 weight bytes, where the fp32 path needs 12 conversions and FMAs. vpdpbusd multiplies
-   unsigned by signed bytes, so the weight goes in as w ^ 0x80 = w + 128 and 128 * sum(xq * scale), the same
-   for every row, is taken off at the end. */
+#define PF_INT8_VNNI 1
+#define PF_INT8_Q8 PF_GEMV_Q8_VNNI
+#elif defined(PF_AVX2_ONLY)
+#define PF_INT8_AVX2 1
+#define PF_INT8_Q8 PF_GEMV_Q8_AVX2
+#endif
+#ifdef PF_INT8_Q8
+/* Integer products: x quantized to int8 per block of 64 (symmetric, scale max|x| / 127, round half to even, as
+   llama.cpp's Q8 activations), where the fp32 path needs a conversion and an FMA per weight.
+   VNNI: one vpdpbusd per 64 weight bytes. It multiplies unsigned by signed bytes, so the weight goes in as
+   w ^ 0x80 = w + 128 and 128 * sum(xq * scale), the same for every row (QuantX.offset), is taken off at the end.
+   AVX2: vpmaddubsw on |w| and xq with w's sign (|w| <= 128 and |xq| <= 127, so a pair's sum fits in int16),
+   then vpmaddwd to int32; no offset. */
 #define PF_QBLOCK 64
+#ifndef PF_INT8_AHEAD
+#define PF_INT8_AHEAD 2048 /* best of 0.5-8 KB on Zen 5, 2 threads (1-2 KB tie) */
+#endif
 typedef struct {
   int8_t *q;
   float *scale, *offset; /* per block; per row of x: 128 * sum over blocks of scale * sum(q) */
@@ -58,22 +70,23 @@ typedef struct {
 
 static void quantize_x(const float *x, int M, int K, QuantX *s) {
   int blocks = K / PF_QBLOCK;
-  s->q = aligned_alloc(64, (size_t)M * K);
+  s->q = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
   s->scale = malloc((size_t)M * blocks * 4);
   s->offset = malloc((size_t)M * 4);
   for (int m = 0; m < M; m++) {
     double off = 0.;
     for (int b = 0; b < blocks; b++) {
       const float *xb = x + (size_t)m * K + (size_t)b * PF_QBLOCK;
-      __m512 mx = _mm512_setzero_ps();
-      for (int i = 0; i < PF_QBLOCK; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xb + i)));
-      float amax = _mm512_reduce_max_ps(mx), scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      float amax = 0.f;
+      for (int i = 0; i < PF_QBLOCK; i++) amax = fmaxf(amax, fabsf(xb[i]));
+      float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
       int8_t *qb = s->q + (size_t)m * K + (size_t)b * PF_QBLOCK;
       int32_t total = 0;
-      for (int i = 0; i < PF_QBLOCK; i += 16) {
-        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), _mm512_set1_ps(inv))); /* nearest even */
-        total += _mm512_reduce_add_epi32(v);
-        _mm_storeu_si128((__m128i *)(qb + i), _mm512_cvtsepi32_epi8(v));
+      for (int i = 0; i < PF_QBLOCK; i++) { /* lrintf: the current rounding mode, nearest even */
+        long v = lrintf(xb[i] * inv);
+        v = v > 127 ? 127 : v < -127 ? -127 : v;
+        qb[i] = (int8_t)v;
+        total += (int32_t)v;
       }
       s->scale[(size_t)m * blocks + b] = scale;
       off += 128. * scale * total;
@@ -83,11 +96,10 @@ static void quantize_x(const float *x, int M, int K, QuantX *s) {
 }
 
 static void free_quant(QuantX *s) { free(s->q); free(s->scale); free(s->offset); }
-
-#ifndef PF_INT8_AHEAD
-#define PF_INT8_AHEAD 2048 /* best of 0.5-8 KB on Zen 5, 2 threads (1-2 KB tie) */
 #endif
-static void dot4_int8_vnni(const int8_t *w, size_t K, const int8_t *xq, const float *xs, float *out) {
+
+#ifdef PF_INT8_VNNI
+static void dot4_int8_q8(const int8_t *w, size_t K, const int8_t *xq, const float *xs, float *out) {
   __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   const __m512i flip = _mm512_set1_epi8((char)0x80);
   const size_t d = PF_INT8_AHEAD;
@@ -103,14 +115,41 @@ static void dot4_int8_vnni(const int8_t *w, size_t K, const int8_t *xq, const fl
   }
   for (int r = 0; r < 4; r++) out[r] = _mm512_reduce_add_ps(a[r]);
 }
+#define PF_INT8_OFFSET(q, m) ((q).offset[m])
+#endif
+
+#ifdef PF_INT8_AVX2
+static inline __m256i dot32_int8(const int8_t *w, __m256i xq) { /* 8 int32 lanes, each the dot of 4 bytes */
+  __m256i wv = _mm256_loadu_si256((const __m256i *)w);
+  __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xq, wv));
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+static void dot4_int8_q8(const int8_t *w, size_t K, const int8_t *xq, const float *xs, float *out) {
+  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  const size_t d = PF_INT8_AHEAD;
+  for (size_t k = 0; k < K; k += PF_QBLOCK) {
+    __m256i x0 = _mm256_load_si256((const __m256i *)(xq + k)), x1 = _mm256_load_si256((const __m256i *)(xq + k + 32));
+    __m256 s = _mm256_set1_ps(xs[k / PF_QBLOCK]);
+    for (int r = 0; r < 4; r++) {
+      const int8_t *wr = w + r * K + k;
+      _mm_prefetch((const char *)PF_WRAP(wr, k, d, K), _MM_HINT_T0);
+      __m256i p = _mm256_add_epi32(dot32_int8(wr, x0), dot32_int8(wr + 32, x1));
+      a[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, a[r]);
+    }
+  }
+  for (int r = 0; r < 4; r++) out[r] = hsum8(a[r]);
+}
+#define PF_INT8_OFFSET(q, m) 0.f
 #endif
 
 void pf_int8_gemv(const int8_t *w, const uint16_t *scale, const void *x_act, const void *bias, void *y, int act_bf16,
                   int M, int N, int K, int threads) {
   float *x = load_acts(x_act, act_bf16, (size_t)M * K);
-  int quads = 0;
-#if defined(PF_AVX512) && defined(__AVX512VNNI__)
-  if (K % PF_QBLOCK == 0) {
+  int quads = 0, path = pf_gemv_path(PF_KIND_INT8, K, 0);
+  (void)path;
+#ifdef PF_INT8_Q8
+  if (path == PF_INT8_Q8) {
     QuantX q;
     quantize_x(x, M, K, &q);
     quads = N / 4;
@@ -118,16 +157,16 @@ void pf_int8_gemv(const int8_t *w, const uint16_t *scale, const void *x_act, con
     for (int r = 0; r < quads; r++)
       for (int m = 0; m < M; m++) {
         float d[4];
-        dot4_int8_vnni(w + (size_t)4 * r * K, K, q.q + (size_t)m * K, q.scale + (size_t)m * (K / PF_QBLOCK), d);
+        dot4_int8_q8(w + (size_t)4 * r * K, K, q.q + (size_t)m * K, q.scale + (size_t)m * (K / PF_QBLOCK), d);
         for (int i = 0; i < 4; i++)
-          store_act(y, act_bf16, (size_t)m * N + 4 * r + i, bf16_to_f32(scale[4 * r + i]) * (d[i] - q.offset[m]), bias,
-                    4 * r + i);
+          store_act(y, act_bf16, (size_t)m * N + 4 * r + i,
+                    bf16_to_f32(scale[4 * r + i]) * (d[i] - PF_INT8_OFFSET(q, m)), bias, 4 * r + i);
       }
     free_quant(&q);
   }
 #endif
 #ifdef PF_AVX512
-  if (K % 32 == 0 && quads == 0) {
+  if (path == PF_GEMV_AVX512) {
     quads = N / 4;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, chunk_of(quads, threads))
     for (int r = 0; r < quads; r++)
