@@ -93,15 +93,25 @@ def part_single(args: argparse.Namespace, bandwidth: float) -> dict:
         engine = Engine(model, max_batch_size=1)
         rates[label] = (decode_rate(engine, prompt, args.new_tokens), bytes_per_token(model))
         engine = model = None
-    # the limit: the probe, or what the best engine moved if that was more (so no fraction exceeds 1)
-    top = limit(bandwidth, [rate * size for rate, size in rates.values()])
-    out["limit_GBps"] = round(top / 1e9, 2)
-    out["limit_from"] = "probe" if top == bandwidth else "best observed (above the probe)"
     for label, (rate, size) in rates.items():
-        out[label] = {"tokens_per_s": round(rate, 2), "limit_tokens_per_s": round(top / size, 2),
-                      "fraction_of_limit": round(rate * size / top, 3), "bytes_per_token": size,
-                      "GBps": round(rate * size / 1e9, 2)}
+        out[label] = {"tokens_per_s": round(rate, 2), "bytes_per_token": size, "GBps": round(rate * size / 1e9, 2)}
+    set_limit(out, bandwidth, [rate * size for rate, size in rates.values()], "phiforge (above the probe)")
     return out
+
+
+def set_limit(single: dict, probe: float, observed_bytes_per_s: list[float], source: str) -> None:
+    """The limit the fractions are taken of: the probe, or what an engine moved if that was more (so no fraction
+    exceeds 1); called again once llama.cpp has run, with the bytes its F16 decode moved."""
+    top = limit(probe, observed_bytes_per_s)
+    if top > probe:
+        single["limit_from"] = source
+    elif "limit_from" not in single:
+        single["limit_from"] = "probe"
+    single["limit_GBps"] = round(top / 1e9, 2)
+    for label in ("bf16", "int8", "int4"):
+        row = single[label]
+        row["limit_tokens_per_s"] = round(top / row["bytes_per_token"], 2)
+        row["fraction_of_limit"] = round(row["tokens_per_s"] * row["bytes_per_token"] / top, 3)
 
 
 def teacher_prompts(tokenizer, n: int) -> list[list[int]]:  # noqa: ANN001
@@ -295,6 +305,10 @@ def main() -> None:
         print(json.dumps({"llama_cpp": result["llama_cpp"]}), flush=True)
         if "skipped" not in result["llama_cpp"]:
             result["vs_llama_cpp"] = versus_llama_cpp(result)
+            single = result.get("single")
+            if single and "f16_tokens_per_s" in result["llama_cpp"]:  # F16 reads the bf16 model's bytes
+                f16 = result["llama_cpp"]["f16_tokens_per_s"] * single["bf16"]["bytes_per_token"]
+                set_limit(single, single["limit_GBps"] * 1e9, [f16], "llama.cpp F16 (above the probe)")
     else:
         result["llama_cpp"] = {"skipped": "no --llama-cpp BUILD_DIR"}
     print(json.dumps(result, indent=2))
