@@ -62,6 +62,23 @@ static inline void store_act(void *y, int act_bf16, size_t i, float v, const voi
   else ((float *)y)[i] = v;
 }
 
+/* one block of x to int8 for the q8 GEMV paths: symmetric, scale max|x| / 127, lrintf (the current rounding mode:
+   nearest even); returns the scale and sets *total to the sum of the codes */
+static inline float q8_block(const float *xb, int n, int8_t *q, int32_t *total) {
+  float amax = 0.f;
+  for (int i = 0; i < n; i++) amax = fmaxf(amax, fabsf(xb[i]));
+  float inv = amax > 0.f ? 127.f / amax : 0.f;
+  int32_t t = 0;
+  for (int i = 0; i < n; i++) {
+    long v = lrintf(xb[i] * inv);
+    v = v > 127 ? 127 : v < -127 ? -127 : v;
+    q[i] = (int8_t)v;
+    t += (int32_t)v;
+  }
+  *total = t;
+  return amax / 127.f;
+}
+
 /* rows handed out in chunks of this many quads: ~8 chunks per thread, so a preempted thread's share moves */
 static inline int chunk_of(int quads, int threads) {
   int c = quads / (8 * (threads > 0 ? threads : 1));

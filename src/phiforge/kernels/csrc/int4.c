@@ -18,18 +18,11 @@ static void split_q8(const float *x, int M, int K, int G, SplitX *s) {
   s->scale8 = malloc((size_t)M * blocks * 4);
   for (int m = 0; m < M; m++)
     for (int b = 0; b < blocks; b++) {
-      const float *xb = x + (size_t)m * K + (size_t)b * PF_INT4_QBLOCK;
-      float amax = 0.f;
-      for (int i = 0; i < PF_INT4_QBLOCK; i++) amax = fmaxf(amax, fabsf(xb[i]));
-      float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      int8_t q[PF_INT4_QBLOCK];
+      int32_t total;
+      float scale = q8_block(x + (size_t)m * K + (size_t)b * PF_INT4_QBLOCK, PF_INT4_QBLOCK, q, &total);
       size_t half = (size_t)m * (K / 2) + (size_t)b * (PF_INT4_QBLOCK / 2);
-      int32_t total = 0;
-      for (int i = 0; i < PF_INT4_QBLOCK; i++) { /* lrintf: the current rounding mode, nearest even */
-        long v = lrintf(xb[i] * inv);
-        v = v > 127 ? 127 : v < -127 ? -127 : v;
-        (i & 1 ? s->odd8 : s->even8)[half + i / 2] = (int8_t)v;
-        total += (int32_t)v;
-      }
+      for (int i = 0; i < PF_INT4_QBLOCK / 2; i++) s->even8[half + i] = q[2 * i], s->odd8[half + i] = q[2 * i + 1];
       s->scale8[(size_t)m * blocks + b] = scale;
       s->group_sum[(size_t)m * groups + (size_t)b * PF_INT4_QBLOCK / G] += scale * (float)total;
     }

@@ -76,18 +76,9 @@ static void quantize_x(const float *x, int M, int K, QuantX *s) {
   for (int m = 0; m < M; m++) {
     double off = 0.;
     for (int b = 0; b < blocks; b++) {
-      const float *xb = x + (size_t)m * K + (size_t)b * PF_QBLOCK;
-      float amax = 0.f;
-      for (int i = 0; i < PF_QBLOCK; i++) amax = fmaxf(amax, fabsf(xb[i]));
-      float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      int8_t *qb = s->q + (size_t)m * K + (size_t)b * PF_QBLOCK;
-      int32_t total = 0;
-      for (int i = 0; i < PF_QBLOCK; i++) { /* lrintf: the current rounding mode, nearest even */
-        long v = lrintf(xb[i] * inv);
-        v = v > 127 ? 127 : v < -127 ? -127 : v;
-        qb[i] = (int8_t)v;
-        total += (int32_t)v;
-      }
+      int32_t total;
+      float scale = q8_block(x + (size_t)m * K + (size_t)b * PF_QBLOCK, PF_QBLOCK,
+                             s->q + (size_t)m * K + (size_t)b * PF_QBLOCK, &total);
       s->scale[(size_t)m * blocks + b] = scale;
       off += 128. * scale * total;
     }
