@@ -81,9 +81,10 @@ def part_single(args: argparse.Namespace, bandwidth: float) -> dict:
            "transformers_bf16_tokens_per_s": round(hf_decode_rate(reference, prompt, args.new_tokens), 2)}
     ids = torch.tensor([list(range(1000, 1128))])
     with torch.inference_mode():
-        out["prefill_128_phiforge_tokens_per_s"] = round(128 / best_seconds(lambda: model(ids, last_only=True)), 1)
         out["prefill_128_transformers_tokens_per_s"] = round(
             128 / best_seconds(lambda: reference(ids, logits_to_keep=1).logits), 1)
+        Engine(model, max_batch_size=1)  # installs the engine's fast paths on the model: its prefill route
+        out["prefill_128_phiforge_tokens_per_s"] = round(128 / best_seconds(lambda: model(ids, last_only=True)), 1)
     reference = None  # free it before quantizing
     rates = {}
     for label, bits in (("bf16", None), ("int8", 8), ("int4", 4)):

@@ -73,13 +73,23 @@ def test_int8_gemv_and_dequant(k: int, rows: int, level: str) -> None:
     assert torch.equal(kernels.int8_dequant(stored["qweight"], stored["scales"]), w.bfloat16())
 
 
-@pytest.mark.parametrize("k", [2048, 200])
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("k", [2048, 528, 200])  # 528: AVX2 takes k in 16s (a 16-wide last pass); 200: none
+@pytest.mark.parametrize("rows", [1, 3, 37])  # 37 at k 2048: two passes of x over the weight, a 1-row tile at the end
 def test_bf16_gemv(k: int, rows: int, level: str) -> None:
     torch.manual_seed(3)
+    # 98 outputs: the last tile has 2 weight rows, whether tiles take 3 (several rows of x) or 8 (one)
     w, x, bias = torch.randn(98, k).bfloat16(), torch.randn(rows, k).bfloat16(), torch.randn(98).bfloat16()
-    want = (x.float() @ w.float().T + bias.float()).bfloat16()
-    torch.testing.assert_close(kernels.bf16_gemv(x, w, bias), want)
+    path = kernels.gemv_path(Kind.BF16, k)
+    vector = {"avx2": "avx2", "avx512_bf16": "bf16_dot", "amx": "bf16_dot"}.get(level, "avx512")
+    assert path == (vector if k % (16 if level == "avx2" else 32) == 0 and level != "generic" else "plain")
+    assert kernels.bf16_rows_tiled(k) == (path == "avx2")
+    exact = x.double() @ w.double().T + bias.double()
+    got = kernels.bf16_gemv(x, w, bias)
+    # fp32 sums in another order than torch's, then one rounding to bf16: within a bf16 step of the exact value
+    assert ((got.double() - exact).abs() <= exact.abs() / 128 + 1e-3).all()
+    if path != "bf16_dot":  # fp32 activations as they are (bf16_dot rounds them): the sum before any rounding
+        torch.testing.assert_close(kernels.bf16_gemv(x.float(), w).double(), exact - bias.double(), atol=1e-3,
+                                   rtol=1e-5)
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])  # 32 takes the AVX512-BF16 path where the CPU has it

@@ -6,7 +6,8 @@ FSDP2's fully_shard does and as quantize_model swaps whole modules. Parameters, 
 untouched, so an installed model still saves and exports as before; ``remove`` restores the plain classes.
 
   PackedLinear     one row: the native GEMV (torch.mv where nothing is built); after pack(): oneDNN's pre-blocked
-                   copy, and for 2-32 rows on AMX / AVX512-BF16 the native GEMM over its own copy
+                   copy, and for 2-32 rows on AMX / AVX512-BF16 the native GEMM over its own copy; on AVX2 only,
+                   any number of rows in the native GEMV's register tiles
   NativeRMSNorm    bf16 rows in one native call instead of eight ops
   NativeAttention  one query per row over a dense cache: RoPE, cache store and attention in one native call
   FastModel        one new token per row: every layer in one native call (native_decode's plan)
@@ -50,7 +51,9 @@ class PackedLinear(nn.Linear):
       which re-blocks the weight on every call (bitwise the same result);
     - 2 to 32 rows (a decode batch) on a CPU with AMX or AVX512-BF16, after ``pack()``: the native GEMM (AMX
       tiles, else vdpbf16ps register tiles) over a copy laid out as it streams it, ~1.3x faster than oneDNN's
-      when the weights come from DRAM (AMX, measured; fp32 sums in another order: not bitwise F.linear's).
+      when the weights come from DRAM (AMX, measured; fp32 sums in another order: not bitwise F.linear's);
+    - several rows on an AVX2-only CPU (no oneDNN bf16 there, and PyTorch's bf16 GEMM is slow): the native GEMV's
+      register tiles over the plain weight, no copy (fp32 sums in another order).
     Packing costs copies of the weight, so the Engine packs only models that are small for the machine.
     """
 
@@ -70,6 +73,8 @@ class PackedLinear(nn.Linear):
                     y = kernels.bf16_gemm(x, self.gemm_packed, self.out_features, self.bias)
                     return y.view(*x.shape[:-1], self.out_features)
                 return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            if kernels.bf16_rows_tiled(self.in_features):
+                return kernels.bf16_gemv(x, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
     def fresh(self) -> bool:
@@ -198,6 +203,9 @@ def _linear_paths(m: nn.Module, dtype: torch.dtype) -> dict[str, str]:
     one = (f"native GEMV ({kernels.level()}, {kernels.gemv_path(Kind.BF16, m.in_features)})" if kernels.available()
            else "torch.mv")
     if not m.fresh():
+        if kernels.bf16_rows_tiled(m.in_features):
+            tiles = f"native GEMM ({kernels.level()} tiles)"
+            return {"one_row": one, "batch": tiles, "prefill": tiles}
         return {**plain, "one_row": one}
     gemm = (f"native GEMM ({kernels.gemm_path(m.out_features, m.in_features)})" if m.gemm_packed is not None
             else "oneDNN packed")

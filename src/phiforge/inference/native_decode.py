@@ -92,8 +92,10 @@ class DecodePlan:
             packed = getattr(m, "gemm_packed", None)
             if packed is not None and m.packed_version == m.weight._version:  # batches on the native GEMM
                 packed = self._ptr(packed, torch.int16)
-            else:  # fp32, or a bf16 weight without its packed copy: the GEMV, fast for one row only
-                self.max_rows, packed = 1, None
+            else:  # fp32, or a bf16 weight without its packed copy: the GEMV, fast for one row only unless it tiles
+                packed = None
+                if not (self.dtype == torch.bfloat16 and kernels.bf16_rows_tiled(m.in_features)):
+                    self.max_rows = 1
             kind = Kind.BF16 if self.dtype == torch.bfloat16 else Kind.F32
             return Linear(kind, m.out_features, m.in_features, 0, self._ptr(m.weight, self.dtype), None, None, bias,
                           packed)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -328,6 +329,23 @@ def gemv_path(kind: abi.Kind, k: int, group_size: int = 0) -> str:
     """Which arithmetic the active build's GEMV takes for a weight of this kind with k columns (int4: and this
     group size): "plain", "avx512", "bf16_dot", "q8_vnni" or "q8_avx2" (the q8 ones quantize x per block)."""
     return abi.Gemv(_load().pf_gemv_path(int(kind), k, group_size)).name.lower()
+
+
+def bf16_rows_tiled(k: int) -> bool:
+    """Whether bf16_gemv takes several rows of x in register tiles and panels (the AVX2 level, k % 16 == 0: it then
+    beats PyTorch's bf16 GEMM, which has no fast path without AVX-512, from 2 rows to prefills; bench/gemm.py)."""
+    return available() and _rows_tiled(_active, k)
+
+
+def bf16_rows_fast() -> bool:
+    """Whether bf16 projections of many rows are fast on this CPU, as the engine runs them: oneDNN's bf16 linear
+    (AVX-512, AMX) or the native AVX2 tiles. Where neither is, PyTorch's bf16 matmul is slower than its fp32 one."""
+    return onednn_bf16() or bf16_rows_tiled(16)
+
+
+@functools.cache
+def _rows_tiled(level: str, k: int) -> bool:  # per level: tests switch levels with use_level
+    return gemv_path(abi.Kind.BF16, k) == abi.Gemv.AVX2.name.lower()
 
 
 def gemm_path(n: int, k: int) -> str:

@@ -70,6 +70,7 @@ class Gemv(enum.IntEnum):
     BF16_DOT = 2  # vdpbf16ps on bf16 x (AVX512-BF16)
     Q8_VNNI = 3  # x quantized to int8 per block of 64, vpdpbusd
     Q8_AVX2 = 4  # x quantized to int8 per block (int8 weights: 64, int4: 32), vpmaddubsw
+    AVX2 = 5  # fp32 products, AVX2 register tiles (bf16: rows of x against rows of w, any number of rows)
 
 
 ENUMS = {"KIND": Kind, "ACT": Act, "FEAT": Feat, "READ": Read, "GEMM": Gemm, "GEMV": Gemv}

@@ -140,6 +140,7 @@ void pf_decode_attention(const void *q, int64_t qb, int64_t qh, const void *kn, 
 #ifdef PF_AVX512
   vector = D % 16 == 0 && D / 16 <= PF_MAX_DV && G <= PF_MAX_G;
 #endif
+  (void)vector; /* read only by the AVX-512 path */
 #pragma omp parallel num_threads(threads)
   {
     int cap = 0;

@@ -26,8 +26,10 @@ enum { PF_FEAT_AVX512 = 1, PF_FEAT_AVX512_BF16 = 2, PF_FEAT_AVX512_VNNI = 4, PF_
 enum { PF_READ_PLAIN = 0, PF_READ_PREFETCH = 1, PF_READ_STREAM = 2, PF_READ_METHODS = 3 };
 enum { PF_GEMM_PLAIN = 0, PF_GEMM_AVX512_BF16 = 1, PF_GEMM_AMX = 2 }; /* pf_bf16_gemm_path */
 /* pf_gemv_path: fp32 products in plain C or AVX-512 (x as it is, or rounded to bf16 for int4), the dot-product
-   instructions on bf16 (AVX512-BF16), or x quantized to int8 per block (VNNI; AVX2's vpmaddubsw) */
-enum { PF_GEMV_PLAIN = 0, PF_GEMV_AVX512 = 1, PF_GEMV_BF16_DOT = 2, PF_GEMV_Q8_VNNI = 3, PF_GEMV_Q8_AVX2 = 4 };
+   instructions on bf16 (AVX512-BF16), x quantized to int8 per block (VNNI; AVX2's vpmaddubsw), or fp32 products in
+   AVX2 register tiles (bf16: rows of x against rows of w) */
+enum { PF_GEMV_PLAIN = 0, PF_GEMV_AVX512 = 1, PF_GEMV_BF16_DOT = 2, PF_GEMV_Q8_VNNI = 3, PF_GEMV_Q8_AVX2 = 4,
+       PF_GEMV_AVX2 = 5 };
 #if defined(__AVX2__) && !defined(PF_AVX512)
 #define PF_AVX2_ONLY 1 /* the AVX2 level: 256-bit integer paths where AVX-512 builds have their own */
 #ifndef PF_AVX2_AHEAD

@@ -27,6 +27,9 @@ int pf_gemv_path(int kind, int K, int G) {
 #ifdef PF_AVX512
     if (K % 32 == 0) return PF_GEMV_AVX512;
 #endif
+#ifdef PF_AVX2_ONLY
+    if (K % 16 == 0) return PF_GEMV_AVX2;
+#endif
     return PF_GEMV_PLAIN;
   default:
     (void)K;

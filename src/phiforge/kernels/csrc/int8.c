@@ -63,6 +63,9 @@ static void dot4_int8(const int8_t *w, size_t K, const float *x, float *out) {
 #ifndef PF_INT8_AHEAD
 #define PF_INT8_AHEAD 2048 /* best of 0.5-8 KB on Zen 5, 2 threads (1-2 KB tie) */
 #endif
+#ifndef PF_INT8_AVX2_AHEAD
+#define PF_INT8_AVX2_AHEAD 0 /* none: on the AVX2 EPYC the hardware prefetcher alone did best */
+#endif
 typedef struct {
   int8_t *q;
   float *scale, *offset; /* per block; per row of x: 128 * sum over blocks of scale * sum(q) */
@@ -90,7 +93,8 @@ static void free_quant(QuantX *s) { free(s->q); free(s->scale); free(s->offset);
 #endif
 
 #ifdef PF_INT8_VNNI
-static void dot4_int8_q8(const int8_t *w, size_t K, const int8_t *xq, const float *xs, float *out) {
+#define PF_INT8_ROWS 4 /* weight rows per call */
+static void dotn_int8_q8(const int8_t *w, size_t K, const int8_t *xq, const float *xs, float *out) {
   __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   const __m512i flip = _mm512_set1_epi8((char)0x80);
   const size_t d = PF_INT8_AHEAD;
@@ -116,20 +120,26 @@ static inline __m256i dot32_int8(const int8_t *w, __m256i xq) { /* 8 int32 lanes
   return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 
-static void dot4_int8_q8(const int8_t *w, size_t K, const int8_t *xq, const float *xs, float *out) {
-  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  const size_t d = PF_INT8_AHEAD;
+#ifndef PF_INT8_ROWS
+#define PF_INT8_ROWS 8 /* weight rows per call: eight streams keep more misses in flight than four (as bf16's) */
+#endif
+static void dotn_int8_q8(const int8_t *w, size_t K, const int8_t *xq, const float *xs, float *out) {
+  __m256 a[PF_INT8_ROWS];
+  for (int r = 0; r < PF_INT8_ROWS; r++) a[r] = _mm256_setzero_ps();
   for (size_t k = 0; k < K; k += PF_QBLOCK) {
     __m256i x0 = _mm256_load_si256((const __m256i *)(xq + k)), x1 = _mm256_load_si256((const __m256i *)(xq + k + 32));
     __m256 s = _mm256_set1_ps(xs[k / PF_QBLOCK]);
-    for (int r = 0; r < 4; r++) {
+#pragma GCC unroll 8
+    for (int r = 0; r < PF_INT8_ROWS; r++) {
       const int8_t *wr = w + r * K + k;
-      _mm_prefetch((const char *)PF_WRAP(wr, k, d, K), _MM_HINT_T0);
+#if PF_INT8_AVX2_AHEAD > 0
+      _mm_prefetch((const char *)PF_WRAP(wr, k, PF_INT8_AVX2_AHEAD, K), _MM_HINT_T0);
+#endif
       __m256i p = _mm256_add_epi32(dot32_int8(wr, x0), dot32_int8(wr + 32, x1));
       a[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, a[r]);
     }
   }
-  for (int r = 0; r < 4; r++) out[r] = hsum8(a[r]);
+  for (int r = 0; r < PF_INT8_ROWS; r++) out[r] = hsum8(a[r]);
 }
 #define PF_INT8_OFFSET(q, m) 0.f
 #endif
@@ -137,28 +147,30 @@ static void dot4_int8_q8(const int8_t *w, size_t K, const int8_t *xq, const floa
 void pf_int8_gemv(const int8_t *w, const uint16_t *scale, const void *x_act, const void *bias, void *y, int act_bf16,
                   int M, int N, int K, int threads) {
   float *x = load_acts(x_act, act_bf16, (size_t)M * K);
-  int quads = 0, path = pf_gemv_path(PF_KIND_INT8, K, 0);
+  int done = 0, path = pf_gemv_path(PF_KIND_INT8, K, 0); /* rows done by a vector path; the rest below */
   (void)path;
 #ifdef PF_INT8_Q8
   if (path == PF_INT8_Q8) {
     QuantX q;
     quantize_x(x, M, K, &q);
-    quads = N / 4;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk_of(quads, threads))
-    for (int r = 0; r < quads; r++)
+    const int R = PF_INT8_ROWS, tiles = N / R;
+    done = R * tiles;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk_of(tiles, threads))
+    for (int t = 0; t < tiles; t++)
       for (int m = 0; m < M; m++) {
-        float d[4];
-        dot4_int8_q8(w + (size_t)4 * r * K, K, q.q + (size_t)m * K, q.scale + (size_t)m * (K / PF_QBLOCK), d);
-        for (int i = 0; i < 4; i++)
-          store_act(y, act_bf16, (size_t)m * N + 4 * r + i,
-                    bf16_to_f32(scale[4 * r + i]) * (d[i] - PF_INT8_OFFSET(q, m)), bias, 4 * r + i);
+        float d[PF_INT8_ROWS];
+        dotn_int8_q8(w + (size_t)R * t * K, K, q.q + (size_t)m * K, q.scale + (size_t)m * (K / PF_QBLOCK), d);
+        for (int i = 0; i < R; i++)
+          store_act(y, act_bf16, (size_t)m * N + R * t + i,
+                    bf16_to_f32(scale[R * t + i]) * (d[i] - PF_INT8_OFFSET(q, m)), bias, R * t + i);
       }
     free_quant(&q);
   }
 #endif
 #ifdef PF_AVX512
   if (path == PF_GEMV_AVX512) {
-    quads = N / 4;
+    int quads = N / 4;
+    done = 4 * quads;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, chunk_of(quads, threads))
     for (int r = 0; r < quads; r++)
       for (int m = 0; m < M; m++) {
@@ -169,8 +181,8 @@ void pf_int8_gemv(const int8_t *w, const uint16_t *scale, const void *x_act, con
       }
   }
 #endif
-#pragma omp parallel for num_threads(threads) schedule(static) if (N - 4 * quads > 64)
-  for (int n = 4 * quads; n < N; n++) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (N - done > 64)
+  for (int n = done; n < N; n++) {
     const int8_t *row = w + (size_t)n * K;
     float s = bf16_to_f32(scale[n]);
     for (int m = 0; m < M; m++) store_act(y, act_bf16, (size_t)m * N + n, s * dot_int8(row, x + (size_t)m * K, K), bias, n);
