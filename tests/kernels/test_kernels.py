@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -266,3 +267,23 @@ def test_read_bandwidth_probe() -> None:
 
     rates = [kernels.read_bandwidth(64 << 20, method, huge, 1, repeats=2) for method in Read for huge in (0, 1)]
     assert all(rate > 1e8 for rate in rates)  # bytes/s: at least 0.1 GB/s from any memory
+
+
+def test_fma_peak_is_a_roof_the_gemm_stays_under(level: str) -> None:
+    peak = kernels.fma_peak(1)
+    if level == "generic":
+        assert peak == 0.0  # no vector FMA in that build: no roof claimed
+        return
+    assert peak > 1e9  # flop/s: one core's FMAs, at least 1 GFLOP/s on any x86 server
+    if kernels.bf16_rows_tiled(512):  # the AVX2 GEMM on one thread: some fraction of the roof, never above it
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            w, x = torch.randn(512, 512).bfloat16(), torch.randn(256, 512).bfloat16()
+            kernels.bf16_gemv(x, w)
+            start = time.perf_counter()
+            kernels.bf16_gemv(x, w)
+            rate = 2 * 256 * 512 * 512 / (time.perf_counter() - start)
+        finally:
+            torch.set_num_threads(threads)
+        assert 0 < rate <= peak * 1.05

@@ -196,6 +196,12 @@ def read_bandwidth(nbytes: int, method: abi.Read, huge: bool, threads: int, repe
     return _load().pf_read_bandwidth(nbytes, int(method), int(huge), threads, repeats)
 
 
+def fma_peak(threads: int) -> float:
+    """fp32 flop/s of independent FMAs at the active build's widest vectors over ``threads`` (pf_fma_peak; 0 where
+    the build has no vector FMA): the compute roof of the GEMM benchmarks."""
+    return _load().pf_fma_peak(threads)
+
+
 def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 

@@ -116,6 +116,7 @@ SIGNATURES: dict[str, tuple[object, list]] = {  # name: (restype, argtypes), eve
     "pf_bf16_gemm_path": (_I, [_I, _I]),
     "pf_gemv_path": (_I, [_I, _I, _I]),
     "pf_read_bandwidth": (ctypes.c_double, [ctypes.c_size_t, _I, _I, _I, _I]),
+    "pf_fma_peak": (ctypes.c_double, [_I]),
 }
 
 
