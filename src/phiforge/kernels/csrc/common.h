@@ -88,6 +88,10 @@ static inline int chunk_of(int quads, int threads) {
 }
 
 #ifdef __AVX2__
+static inline __m256 bf16x8(const uint16_t *p) { /* 8 bf16 to fp32: a widening and a shift */
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
 static inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -70,6 +70,11 @@ static float int4_offsets(const uint16_t *sc, const uint16_t *ze, const float *g
     cv = _mm512_fmadd_ps(_mm512_loadu_ps(gx + q), _mm512_fnmadd_ps(off, s, z), cv);
   }
   corr = _mm512_reduce_add_ps(cv);
+#elif defined(PF_AVX2_ONLY) /* per row a term per group: scalar, it cost about as much as the row's codes (g32) */
+  __m256 cv = _mm256_setzero_ps(), off = _mm256_set1_ps(code_offset);
+  for (; q + 8 <= groups; q += 8)
+    cv = _mm256_fmadd_ps(_mm256_loadu_ps(gx + q), _mm256_fnmadd_ps(off, bf16x8(sc + q), bf16x8(ze + q)), cv);
+  corr = hsum8(cv);
 #endif
   for (; q < groups; q++) corr += gx[q] * (bf16_to_f32(ze[q]) - code_offset * bf16_to_f32(sc[q]));
   return corr;
@@ -147,9 +152,7 @@ static float row_int4_q8(const uint8_t *row, const uint16_t *sc, const int8_t *e
     for (; j + 128 <= K / 2; j += 128, b += 8) {
       _mm_prefetch((const char *)(row + j + PF_AVX2_AHEAD), _MM_HINT_T0);
       _mm_prefetch((const char *)(row + j + PF_AVX2_AHEAD + 64), _MM_HINT_T0);
-      __m256 scales = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(
-                                        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(sc + b))), 16)),
-                                    _mm256_loadu_ps(xs + b));
+      __m256 scales = _mm256_mul_ps(bf16x8(sc + b), _mm256_loadu_ps(xs + b));
       for (int c = 0; c < 4; c++) {
         __m256i pair = _mm256_setr_epi32(2 * c, 2 * c, 2 * c, 2 * c, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1);
         __m256 d = step_int4_q8(row + j + 32 * c, e + j + 32 * c, o + j + 32 * c);
