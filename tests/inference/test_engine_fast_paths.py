@@ -151,3 +151,37 @@ def test_info_paths_cli_and_the_engine_debug_line(capsys, caplog) -> None:
         Engine(build_model(preset("tiny-phi3"), dtype=torch.bfloat16))
     assert any("engine paths: tiny-phi3" in r.getMessage() and "decode step" in r.getMessage()
                for r in caplog.records)
+
+
+def _vm_flags(address: int) -> set[str]:
+    """The VmFlags of the mapping that holds ``address`` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(part, 16) for part in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("VmFlags:"):
+            return set(line.split()[1:])
+    return set()
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="no /proc/self/smaps (not Linux)")
+def test_huge_page_weights_move_large_tensors_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(8, 8)).to(torch.bfloat16)
+    model.register_buffer("codes", torch.randint(-127, 127, (2048, 1024), dtype=torch.int8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    big, small = model[0].weight, model[1].weight
+    monkeypatch.setenv("PHIFORGE_HUGE_PAGES", "0")
+    assert fast_paths.huge_page_weights(model) == 0  # opted out: nothing moves
+    monkeypatch.delenv("PHIFORGE_HUGE_PAGES")
+    assert fast_paths.huge_page_weights(model) == 2 * 1024 * 1024 * 2  # the 2 MB weight and the 2 MB buffer
+    assert fast_paths.huge_page_weights(model) == 0  # idempotent
+    assert model[0].weight is big and model[1].weight is small  # the same Parameter objects
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    for t in (big, model.codes):
+        assert t.data_ptr() % fast_paths.HUGE_PAGE == 0 and "hg" in _vm_flags(t.data_ptr())  # MADV_HUGEPAGE
+    x = torch.randn(3, 1024, dtype=torch.bfloat16)
+    model[0](x).float().sum().backward()  # training still works on the moved weight, in place
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert big.grad is not None and not torch.equal(big, before["0.weight"])

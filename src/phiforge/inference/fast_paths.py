@@ -20,6 +20,8 @@ untouched, so an installed model still saves and exports as before; ``remove`` r
 from __future__ import annotations
 
 import logging
+import mmap
+import os
 from typing import Any
 
 import torch
@@ -35,6 +37,7 @@ from phiforge.quant.quantize import QuantizedLinear
 
 log = logging.getLogger("phiforge.inference.fast_paths")
 PACK_LIMIT_BYTES = 1 << 30  # models up to this many weight bytes get pre-blocked copies by default (pack)
+HUGE_PAGE = 2 << 20
 
 
 def _cpu_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -155,13 +158,53 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def _huge_page_copy(t: torch.Tensor) -> torch.Tensor:
+    """t's values in private anonymous memory advised for 2 MB pages, 2 MB aligned (the mapping lives as long as
+    the tensor: torch.frombuffer keeps it)."""
+    nbytes = t.numel() * t.element_size()
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(mmap.MADV_HUGEPAGE)
+    raw = torch.frombuffer(region, dtype=torch.uint8)
+    start = -raw.data_ptr() % HUGE_PAGE
+    out = raw[start : start + nbytes].view(t.dtype).view(t.shape)
+    out.copy_(t.detach())
+    out._pf_huge_pages = True
+    return out
+
+
+def huge_page_weights(model: nn.Module) -> int:
+    """Move a CPU model's large parameters and buffers into memory advised for transparent 2 MB pages, in place
+    (values, names and Parameter objects unchanged); the bytes moved. A decode step streams every weight, and
+    PyTorch's allocations get 4 KB pages where THP is in "madvise" mode (the default of many distributions): a
+    TLB miss every 4 KB. bf16 GEMV over phi-1.5 shapes on the AVX2 EPYC: 30.4 -> 33.0 GB/s. Off Linux, or with
+    PHIFORGE_HUGE_PAGES=0, nothing moves."""
+    if not hasattr(mmap, "MADV_HUGEPAGE") or os.environ.get("PHIFORGE_HUGE_PAGES", "1") == "0":
+        return 0
+    moved = 0
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is None or t.device.type != "cpu" or getattr(t, "_pf_huge_pages", False) \
+                        or t.numel() * t.element_size() < HUGE_PAGE or not t.is_contiguous():
+                    continue
+                copy = _huge_page_copy(t)
+                if isinstance(t, nn.Parameter):  # the same object (tied weights, optimizers) on the new memory
+                    t.data, t._pf_huge_pages = copy, True
+                else:
+                    table[name] = copy
+                moved += copy.numel() * copy.element_size()
+    return moved
+
+
 def install(model: PhiForgeModel, pack: bool | None = None) -> int:
     """Install the CPU fast paths on a model's modules (in place; idempotent); bytes of packed copies added.
+    Large weights move to memory advised for 2 MB pages first (huge_page_weights).
 
     ``pack=None`` packs bf16 weights only for a model of at most PACK_LIMIT_BYTES: the copies double or
     triple them. A model off the CPU is left as it is (every fast path is a CPU one)."""
     if model.embed.weight.device.type != "cpu":
         return 0
+    huge_page_weights(model)
     for module in model.modules():
         fast = SWAPS.get(type(module))
         if fast is not None:
