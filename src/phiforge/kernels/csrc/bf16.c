@@ -77,6 +77,7 @@ static void dot4_bf16(const uint16_t *w, size_t K, const float *x32, const uint1
 #ifndef PF_AVX2_ROW_NR
 #define PF_AVX2_ROW_NR 8 /* weight rows per tile for one row of x */
 #endif
+_Static_assert(PF_AVX2_MR <= 4 && PF_AVX2_NR <= 3 && PF_AVX2_ROW_NR <= 8, "tile_any has no case for these tiles");
 
 static void deal16(const float *x, float *out, size_t n) { /* per 16: x[0], x[2], .. x[14], x[1], .. x[15] */
   for (size_t b = 0; b < n; b += 16)
