@@ -21,7 +21,7 @@ from torch import nn
 
 from phiforge import kernels
 from phiforge.config.model import preset
-from phiforge.inference.fast_paths import PackedLinear
+from phiforge.inference.fast_paths import PackedLinear, linear_routes
 
 
 def block_projections() -> list[nn.Linear]:
@@ -35,12 +35,6 @@ def block_projections() -> list[nn.Linear]:
         m.__class__ = PackedLinear
         m.pack()
     return layers
-
-
-def route(m: PackedLinear) -> str:
-    if m.fresh():
-        return "native GEMM over its packed copy (<= 32 rows), else oneDNN packed"
-    return f"native GEMV register tiles ({kernels.level()})" if kernels.bf16_rows_tiled(m.in_features) else "F.linear"
 
 
 def time_rows(layers: list[nn.Linear], rows: int, repeats: int, peak: float) -> dict:
@@ -76,8 +70,8 @@ def main() -> None:
     peak = kernels.fma_peak(torch.get_num_threads()) if kernels.available() else 0.0
     results = [time_rows(layers, int(rows), args.repeats, peak) for rows in args.rows.split(",")]
     print(json.dumps({"benchmark": "bf16 GEMM (phi-1.5 block projections)", **machine(),
-                      "kernels": kernels.level(), "route": route(layers[0]), "fma_peak_GFLOPs": round(peak / 1e9, 1),
-                      "results": results}, indent=2))
+                      "kernels": kernels.level(), "route": linear_routes(layers[0], torch.bfloat16),
+                      "fma_peak_GFLOPs": round(peak / 1e9, 1), "results": results}, indent=2))
     top = max(results, key=lambda r: r["rows"])
     print(f"{top['rows']} rows: installed {top['installed_GFLOPs']} GFLOP/s, {top['vs_torch_bf16']}x torch bf16, "
           f"{top['vs_torch_fp32']}x torch fp32")

@@ -168,7 +168,6 @@ def _huge_page_copy(t: torch.Tensor) -> torch.Tensor:
     start = -raw.data_ptr() % HUGE_PAGE
     out = raw[start : start + nbytes].view(t.dtype).view(t.shape)
     out.copy_(t.detach())
-    out._pf_huge_pages = True
     return out
 
 
@@ -184,14 +183,16 @@ def huge_page_weights(model: nn.Module) -> int:
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for name, t in table.items():
-                if t is None or t.device.type != "cpu" or getattr(t, "_pf_huge_pages", False) \
+                # moved before: its memory is still the copy made then (a later .data = ... moves it again)
+                if t is None or t.device.type != "cpu" or getattr(t, "_pf_huge_pages", None) == t.data_ptr() \
                         or t.numel() * t.element_size() < HUGE_PAGE or not t.is_contiguous():
                     continue
                 copy = _huge_page_copy(t)
                 if isinstance(t, nn.Parameter):  # the same object (tied weights, optimizers) on the new memory
-                    t.data, t._pf_huge_pages = copy, True
+                    t.data = copy
                 else:
-                    table[name] = copy
+                    table[name] = t = copy
+                t._pf_huge_pages = t.data_ptr()
                 moved += copy.numel() * copy.element_size()
     return moved
 
@@ -231,7 +232,8 @@ def remove(model: nn.Module) -> None:
 COLUMNS = ("one_row", "batch", "prefill")  # a single-stream decode step, a decode batch (2-32 rows), a prompt
 
 
-def _linear_paths(m: nn.Module, dtype: torch.dtype) -> dict[str, str]:
+def linear_routes(m: nn.Module, dtype: torch.dtype) -> dict[str, str]:
+    """The route a linear layer's forward takes for one row, a decode batch and a prefill (COLUMNS)."""
     if isinstance(m, QuantizedLinear):
         kind = Kind.INT8 if m.bits == 8 else Kind.INT4
         arithmetic = kernels.gemv_path(kind, m.in_features, m.group_size) if m.kernel == "native" else ""
@@ -290,7 +292,7 @@ def paths(model: PhiForgeModel) -> dict[str, Any]:
     for name, m in model.named_modules():
         layer = int(name.split(".")[1]) if name.startswith("blocks.") else -1
         if isinstance(m, (nn.Linear, QuantizedLinear)):
-            kind, route = f"{type(m).__name__} {m.out_features}x{m.in_features}", _linear_paths(m, dtype)
+            kind, route = f"{type(m).__name__} {m.out_features}x{m.in_features}", linear_routes(m, dtype)
         elif isinstance(m, (RMSNorm, nn.LayerNorm)):
             kind, route = type(m).__name__, _norm_paths(m, dtype)
         elif isinstance(m, Attention):

@@ -79,9 +79,12 @@ static void dot4_bf16(const uint16_t *w, size_t K, const float *x32, const uint1
 #endif
 _Static_assert(PF_AVX2_MR <= 4 && PF_AVX2_NR <= 3 && PF_AVX2_ROW_NR <= 8, "tile_any has no case for these tiles");
 
-static void deal16(const float *x, float *out, size_t n) { /* per 16: x[0], x[2], .. x[14], x[1], .. x[15] */
-  for (size_t b = 0; b < n; b += 16)
-    for (int i = 0; i < 8; i++) { out[b + i] = x[b + 2 * i]; out[b + 8 + i] = x[b + 2 * i + 1]; }
+static void deal16(float *x, size_t n) { /* in place, per 16: x[0], x[2], .. x[14], x[1], .. x[15] */
+  for (size_t b = 0; b < n; b += 16) {
+    float t[16];
+    for (int i = 0; i < 8; i++) { t[i] = x[b + 2 * i]; t[8 + i] = x[b + 2 * i + 1]; }
+    memcpy(x + b, t, sizeof t);
+  }
 }
 
 /* out[i * on + j] = x_i . w_j over len k's (len % 16 == 0), x rows xs floats apart (dealt), w rows ws apart */
@@ -134,8 +137,6 @@ static void tile_any(const float *xm, size_t xs, const uint16_t *wn, size_t ws, 
 #define PF_AVX2_GEMM_MR 5 /* 5 x 16 fp32 accumulators in 10 registers, 2 weight vectors, a broadcast (6: spills) */
 #endif
 
-/* rows n0 .. n0+15 of w (zero past N), k's k0 .. k0+len, as a panel [len/2][16] of 32-bit words: each word the
-   pair (k, k+1) of one row, as it sits in the row, so packing moves words and converts nothing */
 static inline void transpose8_words(const uint32_t *const *rows, size_t q, uint32_t *out) { /* 8x8, out 16 apart */
   __m256i r[8], t[8];
   for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_si256((const __m256i *)(rows[i] + q));
@@ -155,6 +156,8 @@ static inline void transpose8_words(const uint32_t *const *rows, size_t q, uint3
   }
 }
 
+/* rows n0 .. n0+15 of w (zero past N), k's k0 .. k0+len, as a panel [len/2][16] of 32-bit words: each word the
+   pair (k, k+1) of one row, as it sits in the row, so packing moves words and converts nothing */
 static void pack_panel(const uint16_t *w, int N, size_t K, int n0, int k0, int len, uint32_t *panel) {
   if (n0 + 16 <= N) { /* a full panel: 8 x 8 transposes of words */
     const uint32_t *rows[16];
@@ -165,13 +168,13 @@ static void pack_panel(const uint16_t *w, int N, size_t K, int n0, int k0, int l
     }
     return;
   }
-  for (int j = 0; j < 16; j++) {
-    const uint32_t *row = (const uint32_t *)(w + (size_t)(n0 + j) * K + k0);
-    for (int q = 0; q < len / 2; q++) panel[(size_t)q * 16 + j] = n0 + j < N ? row[q] : 0u;
+  for (int j = 0; j < 16; j++) { /* the last panel: rows past N are zeros */
+    const uint32_t *row = n0 + j < N ? (const uint32_t *)(w + (size_t)(n0 + j) * K + k0) : NULL;
+    for (int q = 0; q < len / 2; q++) panel[(size_t)q * 16 + j] = row ? row[q] : 0u;
   }
 }
 
-/* c[i][16] = x_i . panel over len k's, for mr <= 6 rows of x (xs floats apart): outer products, each pair of
+/* c[i][16] = x_i . panel over len k's, for mr <= GEMM_MR rows of x (xs floats apart): outer products, each pair of
    weight words widened by a shift (even k) and a mask (odd k), each x broadcast */
 static inline __attribute__((always_inline)) void panel_avx2(const float *x, size_t xs, const uint32_t *panel,
                                                              int len, float *c_out, const int mr) {
@@ -205,8 +208,8 @@ static inline __attribute__((always_inline)) void panel_avx2(const float *x, siz
 #define PF_AVX2_PANEL(MR) case MR: panel_avx2(xm, K, panel, len, c, MR); break;
 
 /* y = x W^T over the plain [N, K] weight for several rows of x, blocked as GotoBLAS blocks a GEMM: each thread
-   takes blocks of NC weight rows; per KC k's it packs the block into panels of 16 rows, and every 6-row tile of
-   x meets them in turn, sums accumulating in fp32 scratch. The weight streams from DRAM once. */
+   takes blocks of NC weight rows; per KC k's it packs the block into panels of 16 rows, and every GEMM_MR-row tile
+   of x meets them in turn, sums accumulating in fp32 scratch. The weight streams from DRAM once. */
 static void bf16_gemm_avx2(const uint16_t *w, const float *x, const void *bias, void *y, int bf, int M, int N,
                            int K, int threads) {
   float *acc = malloc((size_t)M * N * 4);
@@ -257,14 +260,13 @@ static void bf16_gemm_avx2(const uint16_t *w, const float *x, const void *bias, 
 #endif
 /* y = x W^T over the plain [N, K] weight (K % 16 == 0): a few rows of x (decode steps, bound by reading the
    weight) in dot form, 3 weight rows per tile (8 for a single row of x); more rows as a blocked GEMM */
-static void bf16_rows_avx2(const uint16_t *w, const float *x_in, const void *bias, void *y, int bf, int M, int N,
-                           int K, int threads) {
+static void bf16_rows_avx2(const uint16_t *w, float *x, const void *bias, void *y, int bf, int M, int N, int K,
+                           int threads) { /* x: the caller's fp32 scratch, dealt here in place */
   if (M > PF_AVX2_DOT_ROWS) {
-    bf16_gemm_avx2(w, x_in, bias, y, bf, M, N, K, threads);
+    bf16_gemm_avx2(w, x, bias, y, bf, M, N, K, threads);
     return;
   }
-  float *x = malloc((size_t)M * K * 4);
-  deal16(x_in, x, (size_t)M * K);
+  deal16(x, (size_t)M * K);
   const int nr = M == 1 ? PF_AVX2_ROW_NR : PF_AVX2_NR, groups = (N + nr - 1) / nr;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, chunk_of(groups, threads))
   for (int g = 0; g < groups; g++) {
@@ -277,7 +279,6 @@ static void bf16_rows_avx2(const uint16_t *w, const float *x_in, const void *bia
         for (int j = 0; j < nn; j++) store_act(y, bf, (size_t)(m + i) * N + n0 + j, c[i * nn + j], bias, n0 + j);
     }
   }
-  free(x);
 }
 #endif
 
