@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from phiforge import kernels
+from phiforge.errors import ModelError
 from phiforge.kernels.abi import Kind
 from phiforge.quant.quantize import quantize_int4, quantize_int8, unpack_nibbles
 
@@ -51,10 +52,20 @@ def _int4_reference(stored: dict[str, torch.Tensor], group: int) -> torch.Tensor
 @pytest.mark.parametrize("rows", [1, 3])
 def test_int8_gemv_and_dequant(k: int, rows: int, level: str) -> None:
     torch.manual_seed(0)
-    stored = quantize_int8(torch.randn(96, k))
+    stored = quantize_int8(torch.randn(100, k))  # 100 rows: a partial tile of 4 after 12 whole ones
     w = stored["qweight"].float() * stored["scales"].float()[:, None]
-    x, bias = torch.randn(rows, k), torch.randn(96)
+    x, bias = torch.randn(rows, k), torch.randn(100)
     got = kernels.int8_gemv(x, stored["qweight"], stored["scales"])
+    tile = kernels.int8_tile(k)
+    assert tile == (8 if level == "avx2" and k % 64 == 0 else 0)
+    if tile:  # the tiled layout: other bytes in each row, the same products to the bit
+        tiled = kernels.int8_to_tiles(stored["qweight"], tile)
+        assert not torch.equal(tiled, stored["qweight"])
+        assert torch.equal(kernels.int8_from_tiles(tiled, tile), stored["qweight"])
+        assert torch.equal(kernels.int8_gemv(x, tiled, stored["scales"], tile=tile), got)
+        assert torch.equal(kernels.int8_dequant(tiled, stored["scales"], tile), w.bfloat16())
+    with pytest.raises(ModelError, match="tiles of 4 rows"):
+        kernels.int8_gemv(x, stored["qweight"], stored["scales"], tile=4)
     path = kernels.gemv_path(Kind.INT8, k)
     assert path in ({"q8_vnni", "q8_avx2"} if k % 64 == 0 and level in ("avx2", "avx512_vnni", "avx512_bf16", "amx")
                     else {"avx512", "plain"})
@@ -218,7 +229,7 @@ def test_abi_is_checked_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
 
     lib = kernels._load()
     assert sorted(lib.pf_abi().decode().split(";")) == sorted(abi.describe().split(";"))
-    assert "PfLinear:56,kind@0,n@4," in abi.describe()  # sizes and offsets are in the comparison
+    assert "PfLinear:64,kind@0,n@4," in abi.describe()  # sizes and offsets are in the comparison
     abi.bind(lib)  # every signature set, the description equal
     drifted = type("Linear", (ctypes.Structure,), {"_fields_": abi.Linear._fields_[:-1]})
     monkeypatch.setitem(abi.STRUCTS, "PfLinear", drifted)

@@ -14,7 +14,7 @@ from phiforge.io.checkpoint import CheckpointError
 from phiforge.io.load import load_model
 from phiforge.kernels import NATIVE_GEMV_ROWS
 from phiforge.model.transformer import build_model
-from phiforge.quant.quantize import QuantizedLinear, quantize_model, save_quantized
+from phiforge.quant.quantize import QuantizedLinear, quantize_int8, quantize_model, save_quantized
 
 NAMES = ["tiny-phi", "tiny-phi3", "tiny-llama", "tiny-phi4-mini"]
 
@@ -34,6 +34,10 @@ def test_kernel_matches_dequantized_weights(bits: int, native: bool, monkeypatch
     linear = torch.nn.Linear(256, 96, bias=True).to(torch.bfloat16)
     q = QuantizedLinear.from_linear(linear, bits, group_size=32)
     assert q.kernel == ("native" if native else f"int{bits}pack")
+    # int8 on the native kernel may hold its codes in row tiles; stored() gives the portable rows back
+    assert q.tile == (kernels.int8_tile(256) if native and bits == 8 else 0)
+    if bits == 8:
+        assert torch.equal(q.stored()["qweight"], quantize_int8(linear.weight.detach().float())["qweight"])
     for rows in (1, 5, NATIVE_GEMV_ROWS + 3):  # the GEMV, and the dequantize + GEMM path for larger batches
         x = torch.randn(rows, 256, dtype=torch.bfloat16)
         want = x.float() @ q.dequantized().T + linear.bias.float()

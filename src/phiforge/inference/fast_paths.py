@@ -237,6 +237,7 @@ def linear_routes(m: nn.Module, dtype: torch.dtype) -> dict[str, str]:
     if isinstance(m, QuantizedLinear):
         kind = Kind.INT8 if m.bits == 8 else Kind.INT4
         arithmetic = kernels.gemv_path(kind, m.in_features, m.group_size) if m.kernel == "native" else ""
+        arithmetic += f", tiles of {m.tile} rows" if m.tile else ""
         name = {"native": f"native int{m.bits} GEMV ({arithmetic})", "int8pack": "aten int8pack_mm",
                 "int4pack": "aten int4pack_mm", "dequant": "dequantized F.linear"}[m.kernel]
         more = "dequantize + F.linear" if m.kernel == "native" else name

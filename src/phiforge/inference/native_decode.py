@@ -86,8 +86,8 @@ class DecodePlan:
             self.max_rows = min(self.max_rows, kernels.NATIVE_GEMV_ROWS)
             codes = self._ptr(m._qweight, torch.int8 if m.bits == 8 else torch.uint8)
             zeros = self._ptr(m._zeros, torch.bfloat16) if m.bits == 4 else None
-            return Linear(Kind.INT8 if m.bits == 8 else Kind.INT4, m.out_features, m.in_features, m.group_size, codes,
-                           self._ptr(m._scales, torch.bfloat16), zeros, bias, None)
+            return Linear(Kind.INT8 if m.bits == 8 else Kind.INT4, m.out_features, m.in_features, m.group_size,
+                          m.tile, codes, self._ptr(m._scales, torch.bfloat16), zeros, bias, None)
         if isinstance(m, torch.nn.Linear):
             packed = getattr(m, "gemm_packed", None)
             if packed is not None and m.packed_version == m.weight._version:  # batches on the native GEMM
@@ -97,8 +97,8 @@ class DecodePlan:
                 if not (self.dtype == torch.bfloat16 and kernels.bf16_rows_tiled(m.in_features)):
                     self.max_rows = 1
             kind = Kind.BF16 if self.dtype == torch.bfloat16 else Kind.F32
-            return Linear(kind, m.out_features, m.in_features, 0, self._ptr(m.weight, self.dtype), None, None, bias,
-                          packed)
+            return Linear(kind, m.out_features, m.in_features, 0, 0, self._ptr(m.weight, self.dtype), None, None,
+                          bias, packed)
         raise UnsupportedError(f"no native path for {type(m).__name__}")
 
     def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first_row: int, lo: torch.Tensor,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from phiforge.errors import ConfigError
+from phiforge.errors import ConfigError, ModelError
 from phiforge.kernels import abi
 from phiforge.kernels.abi import Feat
 
@@ -239,15 +239,51 @@ def bf16_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
     return _call_gemv("pf_bf16_gemv", x, w.shape[0], bias, _ptr(_bits(w)), (w.shape[1],))
 
 
-def int8_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
-              ) -> torch.Tensor:
-    """x [M, K] @ (w [N, K] int8 * scales [N] bf16)^T (+ bias), in x's dtype."""
-    return _call_gemv("pf_int8_gemv", x, w.shape[0], bias, _ptr(w), _ptr(_bits(scales)), (w.shape[1],))
+def int8_tile(k: int) -> int:
+    """Rows per tile of the layout this level's int8 GEMV reads a weight of k columns in fastest (int8_to_tiles);
+    0: plain [N, K] rows."""
+    return _load().pf_int8_tile(k)
 
 
-def int8_dequant(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def int8_to_tiles(w: torch.Tensor, tile: int) -> torch.Tensor:
+    """w [N, K] int8 in the tiled layout (csrc/int8.c): rows in tiles of ``tile``, each tile's abi.Tile.BLOCK-byte
+    column blocks row-interleaved, the rows past the last whole tile as they were; the same shape and bytes."""
+    return _retile(w, tile, to_tiles=True)
+
+
+def int8_from_tiles(w: torch.Tensor, tile: int) -> torch.Tensor:
+    """The plain [N, K] rows of a weight int8_to_tiles laid out."""
+    return _retile(w, tile, to_tiles=False)
+
+
+def _retile(w: torch.Tensor, tile: int, to_tiles: bool) -> torch.Tensor:
+    n, k = w.shape
+    whole, block = n // tile * tile, int(abi.Tile.BLOCK)
+    if k % block:
+        raise ModelError(f"int8 tiles: {k} columns are not a multiple of {block}")
+    plain_shape, tiled_shape = (n // tile, tile, k // block, block), (n // tile, k // block, tile, block)
+    head = w[:whole].reshape(plain_shape if to_tiles else tiled_shape).transpose(1, 2)
+    return torch.cat([head.reshape(whole, k), w[whole:]])
+
+
+def _check_tile(w: torch.Tensor, tile: int) -> None:
+    if tile not in (0, int8_tile(w.shape[1])):
+        raise ModelError(f"an int8 weight in tiles of {tile} rows; this level's GEMV reads tiles of "
+                         f"{int8_tile(w.shape[1])} (0: plain rows)")
+
+
+def int8_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+              tile: int = 0) -> torch.Tensor:
+    """x [M, K] @ (w [N, K] int8 * scales [N] bf16)^T (+ bias), in x's dtype; w plain, or int8_to_tiles(w, tile)
+    with tile = int8_tile(K)."""
+    _check_tile(w, tile)
+    return _call_gemv("pf_int8_gemv", x, w.shape[0], bias, _ptr(w), _ptr(_bits(scales)), (w.shape[1], tile))
+
+
+def int8_dequant(w: torch.Tensor, scales: torch.Tensor, tile: int = 0) -> torch.Tensor:
+    """The bf16 weight [N, K] = w * scales, w in either layout (tile as int8_gemv's)."""
     out = torch.empty(w.shape, dtype=torch.bfloat16)
-    _load().pf_int8_dequant(_ptr(w), _ptr(_bits(scales)), _ptr(out), *w.shape, _threads())
+    _load().pf_int8_dequant(_ptr(w), _ptr(_bits(scales)), _ptr(out), *w.shape, tile, _threads())
     return out
 
 

@@ -73,11 +73,17 @@ class Gemv(enum.IntEnum):
     AVX2 = 5  # fp32 products, AVX2 register tiles (bf16: rows of x against rows of w, any number of rows)
 
 
-ENUMS = {"KIND": Kind, "ACT": Act, "FEAT": Feat, "READ": Read, "GEMM": Gemm, "GEMV": Gemv}
+class Tile(enum.IntEnum):
+    """The tiled int8 layout (pf_int8_tile): bytes of one row per column block."""
+
+    BLOCK = 64
+
+
+ENUMS = {"TILE": Tile, "KIND": Kind, "ACT": Act, "FEAT": Feat, "READ": Read, "GEMM": Gemm, "GEMV": Gemv}
 
 
 class Linear(ctypes.Structure):
-    _fields_ = [("kind", _I), ("n", _I), ("k", _I), ("group", _I), ("w", _P), ("scale", _P), ("zero", _P),
+    _fields_ = [("kind", _I), ("n", _I), ("k", _I), ("group", _I), ("tile", _I), ("w", _P), ("scale", _P), ("zero", _P),
                 ("bias", _P), ("packed", _P)]
 
 
@@ -103,9 +109,10 @@ SIGNATURES: dict[str, tuple[object, list]] = {  # name: (restype, argtypes), eve
     "pf_amx_available": (_I, []),
     "pf_bf16_gemv": (None, _GEMV),
     "pf_f32_gemv": (None, _GEMV),
-    "pf_int8_gemv": (None, [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I]),
+    "pf_int8_gemv": (None, [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I]),
+    "pf_int8_tile": (_I, [_I]),
     "pf_int4_gemv": (None, [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I]),
-    "pf_int8_dequant": (None, [_P, _P, _P, _I, _I, _I]),
+    "pf_int8_dequant": (None, [_P, _P, _P, _I, _I, _I, _I]),
     "pf_int4_dequant": (None, [_P, _P, _P, _P, _I, _I, _I, _I]),
     "pf_decode_attention": (None, _STRIDED * 3 + [_P, _P, _I, _P, _P, _P] + [_I] * 4 + [_I64] * 3
                             + [_F, _P, _P, _I, _I]),

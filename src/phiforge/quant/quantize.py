@@ -5,8 +5,9 @@
 Decode reads every weight once per token, so fewer bytes per weight is more tokens per second.
 On disk the packing is portable (int8 rows; two int4 codes per byte, low nibble first, plus scales
 and zeros). Kernels, fastest first:
-  CPU   phiforge.kernels (native GEMV on the portable layout itself; larger batches dequantize to bf16
-        and use the bf16 GEMM), else aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu
+  CPU   phiforge.kernels (native GEMV on the portable layout itself, or for int8 on AVX2 its rows regrouped
+        in tiles read as one stream; larger batches dequantize to bf16 and use the bf16 GEMM), else
+        aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu
   CUDA  aten._weight_int8pack_mm / _weight_int4pack_mm (tile layout made at load time)
 """
 
@@ -48,6 +49,7 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
         self.kernel = "unset"
+        self.tile = 0  # int8 on the native kernel: _qweight in kernels.int8_to_tiles' layout, tiles of this many rows
 
     # ---- building from float weights / from stored tensors -----------------------------------------------
     @classmethod
@@ -69,8 +71,11 @@ class QuantizedLinear(nn.Module):
         device = stored["qweight"].device
         for key, value in stored.items():  # scales and zeros in bf16, the dtype every kernel takes them in
             self.register_buffer(f"_{key}", value if key == "qweight" else value.to(torch.bfloat16), persistent=False)
-        if device.type == "cpu" and kernels.available():  # reads the portable layout as it is
+        if device.type == "cpu" and kernels.available():  # reads the portable layout (int8: or its row tiles)
             self.kernel = "native"
+            self.tile = kernels.int8_tile(self.in_features) if self.bits == 8 else 0
+            if self.tile:
+                self._qweight = kernels.int8_to_tiles(stored["qweight"], self.tile)
         elif self.bits == 8:
             self.register_buffer("w_int8", stored["qweight"], persistent=False)
             self.register_buffer("w_scales", stored["scales"].to(self.dtype), persistent=False)
@@ -104,7 +109,10 @@ class QuantizedLinear(nn.Module):
     def stored(self) -> dict[str, torch.Tensor]:
         if not self.stored_keys:
             raise ModelError("this layer kept only its kernel layout (loaded for inference); quantize again to save")
-        return {key: getattr(self, f"_{key}") for key in self.stored_keys}
+        stored = {key: getattr(self, f"_{key}") for key in self.stored_keys}
+        if self.tile:
+            stored["qweight"] = kernels.int8_from_tiles(stored["qweight"], self.tile)
+        return stored
 
     def dequantized(self) -> torch.Tensor:
         """The float weight [N, K] these codes stand for."""
@@ -125,10 +133,12 @@ class QuantizedLinear(nn.Module):
         q, scales = self._qweight, self._scales
         if x2d.shape[0] <= kernels.NATIVE_GEMV_ROWS:  # bias fused, output in x's dtype
             if self.bits == 8:
-                return kernels.int8_gemv(x2d, q, scales, self.bias)
+                return kernels.int8_gemv(x2d, q, scales, self.bias, self.tile)
             return kernels.int4_gemv(x2d, q, scales, self._zeros, self.group_size, self.bias)
-        w = kernels.int8_dequant(q, scales) if self.bits == 8 else kernels.int4_dequant(q, scales, self._zeros,
-                                                                                           self.group_size)
+        if self.bits == 8:
+            w = kernels.int8_dequant(q, scales, self.tile)
+        else:
+            w = kernels.int4_dequant(q, scales, self._zeros, self.group_size)
         bias = self.bias.to(torch.bfloat16) if self.bias is not None else None
         return F.linear(x2d.to(torch.bfloat16), w, bias).to(x2d.dtype)
 

@@ -8,6 +8,7 @@ const char *pf_abi(void) {
 #define PF_F(T, f) n += snprintf(buf + n, sizeof buf - n, ",%s@%zu", #f, offsetof(T, f))
 #define PF_E(e) n += snprintf(buf + n, sizeof buf - n, ";%s=%d", #e, (int)(e))
   PF_S(PfLinear); PF_F(PfLinear, kind); PF_F(PfLinear, n); PF_F(PfLinear, k); PF_F(PfLinear, group);
+  PF_F(PfLinear, tile);
   PF_F(PfLinear, w); PF_F(PfLinear, scale); PF_F(PfLinear, zero); PF_F(PfLinear, bias); PF_F(PfLinear, packed);
   PF_S(PfLayer); PF_F(PfLayer, norm1_w); PF_F(PfLayer, norm1_b); PF_F(PfLayer, norm2_w); PF_F(PfLayer, norm2_b);
   PF_F(PfLayer, qkv); PF_F(PfLayer, proj); PF_F(PfLayer, fc); PF_F(PfLayer, down); PF_F(PfLayer, k_cache);
@@ -20,6 +21,7 @@ const char *pf_abi(void) {
   PF_E(PF_ACT_GELU_TANH); PF_E(PF_ACT_SILU); PF_E(PF_ACT_GELU_ERF);
   PF_E(PF_FEAT_AVX512); PF_E(PF_FEAT_AVX512_BF16); PF_E(PF_FEAT_AVX512_VNNI); PF_E(PF_FEAT_AMX); PF_E(PF_FEAT_AVX2);
   PF_E(PF_READ_PLAIN); PF_E(PF_READ_PREFETCH); PF_E(PF_READ_STREAM);
+  PF_E(PF_TILE_BLOCK);
   PF_E(PF_GEMM_PLAIN); PF_E(PF_GEMM_AVX512_BF16); PF_E(PF_GEMM_AMX);
   PF_E(PF_GEMV_PLAIN); PF_E(PF_GEMV_AVX512); PF_E(PF_GEMV_BF16_DOT); PF_E(PF_GEMV_Q8_VNNI); PF_E(PF_GEMV_Q8_AVX2);
   PF_E(PF_GEMV_AVX2);

@@ -313,11 +313,3 @@ void pf_bf16_gemv(const uint16_t *w, const void *x_act, const void *bias, void *
   free(x);
   free(x16);
 }
-
-void pf_int8_dequant(const int8_t *w, const uint16_t *scale, uint16_t *out, int N, int K, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int n = 0; n < N; n++) {
-    float s = bf16_to_f32(scale[n]);
-    for (int k = 0; k < K; k++) out[(size_t)n * K + k] = f32_to_bf16((float)w[(size_t)n * K + k] * s);
-  }
-}

@@ -24,6 +24,7 @@ enum { PF_KIND_BF16 = 0, PF_KIND_F32 = 1, PF_KIND_INT8 = 2, PF_KIND_INT4 = 3 };
 enum { PF_ACT_GELU_TANH = 0, PF_ACT_SILU = 1, PF_ACT_GELU_ERF = 2 };
 enum { PF_FEAT_AVX512 = 1, PF_FEAT_AVX512_BF16 = 2, PF_FEAT_AVX512_VNNI = 4, PF_FEAT_AMX = 8, PF_FEAT_AVX2 = 16 };
 enum { PF_READ_PLAIN = 0, PF_READ_PREFETCH = 1, PF_READ_STREAM = 2, PF_READ_METHODS = 3 };
+enum { PF_TILE_BLOCK = 64 }; /* bytes of one row per column block of a tiled int8 weight (int8.c) */
 enum { PF_GEMM_PLAIN = 0, PF_GEMM_AVX512_BF16 = 1, PF_GEMM_AMX = 2 }; /* pf_bf16_gemm_path */
 /* pf_gemv_path: fp32 products in plain C or AVX-512 (x as it is, or rounded to bf16 for int4), the dot-product
    instructions on bf16 (AVX512-BF16), x quantized to int8 per block (VNNI; AVX2's vpmaddubsw), or fp32 products in

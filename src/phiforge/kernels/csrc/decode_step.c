@@ -7,6 +7,7 @@
 typedef struct {
   int kind; /* PF_KIND_* */
   int n, k, group;
+  int tile; /* int8: the weight's layout, pf_int8_tile(k) or 0 */
   const void *w;
   const uint16_t *scale, *zero;
   const void *bias;      /* activation dtype, or NULL */
@@ -44,7 +45,7 @@ static void linear(const PfLinear *l, const void *x, void *y, int rows, int bf, 
     else pf_bf16_gemv(l->w, x, l->bias, y, bf, rows, l->n, l->k, threads);
     break;
   case PF_KIND_F32: pf_f32_gemv(l->w, x, l->bias, y, bf, rows, l->n, l->k, threads); break;
-  case PF_KIND_INT8: pf_int8_gemv(l->w, l->scale, x, l->bias, y, bf, rows, l->n, l->k, threads); break;
+  case PF_KIND_INT8: pf_int8_gemv(l->w, l->scale, x, l->bias, y, bf, rows, l->n, l->k, l->tile, threads); break;
   default: pf_int4_gemv(l->w, l->scale, l->zero, x, l->bias, y, bf, rows, l->n, l->k, l->group, threads);
   }
 }

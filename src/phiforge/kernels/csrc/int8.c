@@ -92,11 +92,44 @@ static void quantize_x(const float *x, int M, int K, QuantX *s) {
 }
 
 static void free_quant(QuantX *s) { free(s->q); free(s->scale); free(s->offset); }
+
+/* one row on the blocks of x, in plain C: the rows past the last whole tile get the same int8 products */
+static float dot_int8_q8_row(const int8_t *w, int K, const int8_t *xq, const float *xs) {
+  float acc = 0.f;
+  for (int b = 0; b < K / PF_QBLOCK; b++) {
+    int32_t d = 0;
+    for (int i = b * PF_QBLOCK; i < (b + 1) * PF_QBLOCK; i++) d += (int32_t)w[i] * xq[i];
+    acc += (float)d * xs[b];
+  }
+  return acc;
+}
+_Static_assert(PF_QBLOCK == PF_TILE_BLOCK, "a tile's column block is one block of x");
 #endif
+
+/* The tiled int8 layout (pf_int8_tile): rows in tiles of R, each tile's PF_TILE_BLOCK-byte column blocks
+   row-interleaved (block b of rows 0..R-1, then block b + 1), so the R rows a GEMV reads together are one linear
+   stream instead of R streams K bytes apart; rows past the last whole tile stay where [N, K] has them. AVX2 EPYC,
+   2 threads, 512 MB of weight: 26 GB/s over 8 plain rows, 37 over tiles. PF_TILE_AT: byte offset of (row r, column
+   k) from the start of the tile holding row r (tiled) or from row 0 (plain). */
+#define PF_TILE_AT(r, k, K, R, tiled) \
+  ((tiled) ? ((size_t)(k) / PF_TILE_BLOCK) * (R) * PF_TILE_BLOCK + (size_t)(r) * PF_TILE_BLOCK + (k) % PF_TILE_BLOCK \
+           : (size_t)(r) * (K) + (k))
+static inline size_t int8_at(int n, int k, int N, int K, int tile) { /* (n, k)'s byte in a weight of that layout */
+  if (!tile || n >= N / tile * tile) return (size_t)n * K + k;
+  return (size_t)(n - n % tile) * K + PF_TILE_AT(n % tile, k, K, tile, 1);
+}
+
+void pf_int8_dequant(const int8_t *w, const uint16_t *scale, uint16_t *out, int N, int K, int tile, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int n = 0; n < N; n++) {
+    float s = bf16_to_f32(scale[n]);
+    for (int k = 0; k < K; k++) out[(size_t)n * K + k] = f32_to_bf16((float)w[int8_at(n, k, N, K, tile)] * s);
+  }
+}
 
 #ifdef PF_INT8_VNNI
 #define PF_INT8_ROWS 4 /* weight rows per call */
-static void dotn_int8_q8(const int8_t *w, size_t K, const int8_t *xq, const float *xs, float *out) {
+static void dotn_int8_q8(const int8_t *w, size_t K, int tiled, const int8_t *xq, const float *xs, float *out) {
   __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   const __m512i flip = _mm512_set1_epi8((char)0x80);
   const size_t d = PF_INT8_AHEAD;
@@ -104,8 +137,8 @@ static void dotn_int8_q8(const int8_t *w, size_t K, const int8_t *xq, const floa
     __m512i xv = _mm512_load_si512(xq + k);
     __m512 s = _mm512_set1_ps(xs[k / PF_QBLOCK]);
     for (int r = 0; r < 4; r++) {
-      const int8_t *wr = w + r * K + k;
-      _mm_prefetch((const char *)PF_WRAP(wr, k, d, K), _MM_HINT_T0);
+      const int8_t *wr = w + PF_TILE_AT(r, k, K, 4, tiled);
+      _mm_prefetch((const char *)(tiled ? wr + d : PF_WRAP(wr, k, d, K)), _MM_HINT_T0);
       __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(_mm512_loadu_si512(wr), flip), xv);
       a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, a[r]);
     }
@@ -125,7 +158,7 @@ static inline __m256i dot32_int8(const int8_t *w, __m256i xq) { /* 8 int32 lanes
 #ifndef PF_INT8_ROWS
 #define PF_INT8_ROWS 8 /* weight rows per call: eight streams keep more misses in flight than four (as bf16's) */
 #endif
-static void dotn_int8_q8(const int8_t *w, size_t K, const int8_t *xq, const float *xs, float *out) {
+static void dotn_int8_q8(const int8_t *w, size_t K, int tiled, const int8_t *xq, const float *xs, float *out) {
   __m256 a[PF_INT8_ROWS];
   for (int r = 0; r < PF_INT8_ROWS; r++) a[r] = _mm256_setzero_ps();
   for (size_t k = 0; k < K; k += PF_QBLOCK) {
@@ -133,10 +166,10 @@ static void dotn_int8_q8(const int8_t *w, size_t K, const int8_t *xq, const floa
     __m256 s = _mm256_set1_ps(xs[k / PF_QBLOCK]);
 #pragma GCC unroll 8
     for (int r = 0; r < PF_INT8_ROWS; r++) {
-      const int8_t *wr = w + r * K + k;
+      const int8_t *wr = w + PF_TILE_AT(r, k, K, PF_INT8_ROWS, tiled);
 #if PF_INT8_AVX2_AHEAD > 0
-      _mm_prefetch((const char *)PF_WRAP_ROWS(wr, k, PF_INT8_AVX2_AHEAD, K, PF_INT8_ROWS), _MM_HINT_T0);
-#endif
+      if (!tiled) _mm_prefetch((const char *)PF_WRAP_ROWS(wr, k, PF_INT8_AVX2_AHEAD, K, PF_INT8_ROWS), _MM_HINT_T0);
+#endif /* tiled: no software prefetch (the hardware follows the one stream; 2-16 KB ahead cost 1-4%) */
       __m256i p = _mm256_add_epi32(dot32_int8(wr, x0), dot32_int8(wr + 32, x1));
       a[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, a[r]);
     }
@@ -146,8 +179,17 @@ static void dotn_int8_q8(const int8_t *w, size_t K, const int8_t *xq, const floa
 #define PF_INT8_OFFSET(q, m) 0.f
 #endif
 
+int pf_int8_tile(int K) { /* rows per tile the int8 GEMV reads a weight of K columns in; 0: plain [N, K] */
+#ifdef PF_INT8_AVX2
+  if (pf_gemv_path(PF_KIND_INT8, K, 0) == PF_INT8_Q8) return PF_INT8_ROWS;
+#endif
+  (void)K;
+  return 0;
+}
+
+/* tile: the weight's layout, pf_int8_tile(K) or 0 (plain rows; the caller keeps to one of the two) */
 void pf_int8_gemv(const int8_t *w, const uint16_t *scale, const void *x_act, const void *bias, void *y, int act_bf16,
-                  int M, int N, int K, int threads) {
+                  int M, int N, int K, int tile, int threads) {
   float *x = load_acts(x_act, act_bf16, (size_t)M * K);
   int done = 0, path = pf_gemv_path(PF_KIND_INT8, K, 0); /* rows done by a vector path; the rest below */
   (void)path;
@@ -161,11 +203,16 @@ void pf_int8_gemv(const int8_t *w, const uint16_t *scale, const void *x_act, con
     for (int t = 0; t < tiles; t++)
       for (int m = 0; m < M; m++) {
         float d[PF_INT8_ROWS];
-        dotn_int8_q8(w + (size_t)R * t * K, K, q.q + (size_t)m * K, q.scale + (size_t)m * (K / PF_QBLOCK), d);
+        dotn_int8_q8(w + (size_t)R * t * K, K, tile != 0, q.q + (size_t)m * K, q.scale + (size_t)m * (K / PF_QBLOCK), d);
         for (int i = 0; i < R; i++)
           store_act(y, act_bf16, (size_t)m * N + R * t + i,
                     bf16_to_f32(scale[R * t + i]) * (d[i] - PF_INT8_OFFSET(q, m)), bias, R * t + i);
       }
+    for (; done < N; done++)
+      for (int m = 0; m < M; m++)
+        store_act(y, act_bf16, (size_t)m * N + done,
+                  bf16_to_f32(scale[done]) * dot_int8_q8_row(w + (size_t)done * K, K, q.q + (size_t)m * K,
+                                                             q.scale + (size_t)m * (K / PF_QBLOCK)), bias, done);
     free_quant(&q);
   }
 #endif
