@@ -89,6 +89,20 @@ def read_bandwidth(gigabytes: float = 0.5) -> dict[str, float]:
     return rates
 
 
+def adjacent_bandwidth(gigabytes: float = 1.0) -> float:
+    """One quick streaming read (the native probe's plain method on 2 MB pages, all threads; else a torch sum):
+    taken right before and after a measurement, it is that moment's limit on a machine whose neighbours move its
+    bandwidth by 2x within minutes."""
+    from phiforge import kernels
+    from phiforge.kernels.abi import Read
+
+    nbytes = int(gigabytes * 1e9)
+    if kernels.available():
+        return kernels.read_bandwidth(nbytes, Read.PLAIN, True, torch.get_num_threads(), repeats=2)
+    x = torch.ones(nbytes // 4)
+    return nbytes / best_seconds(x.sum, repeats=2)
+
+
 def limit(probe: float, observed_bytes_per_s: list[float]) -> float:
     """The bandwidth a fraction is taken of: the probe's, or what an engine moved if that was more."""
     return max([probe, *observed_bytes_per_s])

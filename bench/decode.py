@@ -5,7 +5,8 @@
 
 parts:
   single    phi-1.5-shaped random weights: single-stream decode in bf16, int8, int4, each beside the
-            limit (weight bytes read per token / measured bandwidth) and transformers generate (bf16);
+            limit (weight bytes read per token / measured bandwidth: the run's probe, and a quick read right
+            before and after that measurement, "adjacent") and transformers generate (bf16);
             and prefill of a 128-token prompt on the same model
   smollm    SmolLM2-135M (the embedded teacher): single stream, phiforge fp32/bf16/int8/int4 vs transformers fp32
   batched   SmolLM2-135M, 32 prompts x --batched-tokens new tokens, phiforge vs transformers generate with padding
@@ -30,7 +31,16 @@ import time
 from pathlib import Path
 
 import torch
-from common import best_seconds, left_padded, limit, machine, random_phiforge, read_bandwidth, transformers_view
+from common import (
+    adjacent_bandwidth,
+    best_seconds,
+    left_padded,
+    limit,
+    machine,
+    random_phiforge,
+    read_bandwidth,
+    transformers_view,
+)
 
 from phiforge import kernels
 from phiforge.config.model import preset
@@ -92,11 +102,16 @@ def part_single(args: argparse.Namespace, bandwidth: float) -> dict:
             model = quantize_model(random_phiforge(preset("phi-1.5"), torch.bfloat16), bits,
                                    group_size=args.group_size, keep_stored=False)
         engine = Engine(model, max_batch_size=1)
-        rates[label] = (decode_rate(engine, prompt, args.new_tokens), bytes_per_token(model))
+        before = adjacent_bandwidth()
+        rate = decode_rate(engine, prompt, args.new_tokens)
+        rates[label] = (rate, bytes_per_token(model), max(before, adjacent_bandwidth()))
         engine = model = None
-    for label, (rate, size) in rates.items():
-        out[label] = {"tokens_per_s": round(rate, 2), "bytes_per_token": size, "GBps": round(rate * size / 1e9, 2)}
-    set_limit(out, bandwidth, [rate * size for rate, size in rates.values()], "phiforge (above the probe)")
+    for label, (rate, size, adjacent) in rates.items():
+        moved = rate * size
+        out[label] = {"tokens_per_s": round(rate, 2), "bytes_per_token": size, "GBps": round(moved / 1e9, 2),
+                      "adjacent_probe_GBps": round(adjacent / 1e9, 2),
+                      "fraction_of_adjacent_limit": round(moved / limit(adjacent, [moved]), 3)}
+    set_limit(out, bandwidth, [rate * size for rate, size, _ in rates.values()], "phiforge (above the probe)")
     return out
 
 
