@@ -242,6 +242,11 @@ def bf16_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
 def int8_tile(k: int) -> int:
     """Rows per tile of the layout this level's int8 GEMV reads a weight of k columns in fastest (int8_to_tiles);
     0: plain [N, K] rows."""
+    return _int8_tile(_active, k)
+
+
+@functools.cache
+def _int8_tile(level: str, k: int) -> int:  # per level, as _rows_tiled: int8_gemv checks it on every call
     return _load().pf_int8_tile(k)
 
 
@@ -267,9 +272,10 @@ def _retile(w: torch.Tensor, tile: int, to_tiles: bool) -> torch.Tensor:
 
 
 def _check_tile(w: torch.Tensor, tile: int) -> None:
-    if tile not in (0, int8_tile(w.shape[1])):
-        raise ModelError(f"an int8 weight in tiles of {tile} rows; this level's GEMV reads tiles of "
-                         f"{int8_tile(w.shape[1])} (0: plain rows)")
+    wanted = int8_tile(w.shape[1])
+    if tile not in (0, wanted):
+        raise ModelError(f"an int8 weight in tiles of {tile} rows; this level's GEMV reads tiles of {wanted} "
+                         "(0: plain rows)")
 
 
 def int8_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,

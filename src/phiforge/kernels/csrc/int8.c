@@ -114,16 +114,17 @@ _Static_assert(PF_QBLOCK == PF_TILE_BLOCK, "a tile's column block is one block o
 #define PF_TILE_AT(r, k, K, R, tiled) \
   ((tiled) ? ((size_t)(k) / PF_TILE_BLOCK) * (R) * PF_TILE_BLOCK + (size_t)(r) * PF_TILE_BLOCK + (k) % PF_TILE_BLOCK \
            : (size_t)(r) * (K) + (k))
-static inline size_t int8_at(int n, int k, int N, int K, int tile) { /* (n, k)'s byte in a weight of that layout */
-  if (!tile || n >= N / tile * tile) return (size_t)n * K + k;
-  return (size_t)(n - n % tile) * K + PF_TILE_AT(n % tile, k, K, tile, 1);
-}
 
 void pf_int8_dequant(const int8_t *w, const uint16_t *scale, uint16_t *out, int N, int K, int tile, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int n = 0; n < N; n++) {
     float s = bf16_to_f32(scale[n]);
-    for (int k = 0; k < K; k++) out[(size_t)n * K + k] = f32_to_bf16((float)w[int8_at(n, k, N, K, tile)] * s);
+    int tiled = tile && n < N / tile * tile;
+    /* a row is contiguous runs of PF_TILE_BLOCK bytes (tiled), or one run of K */
+    const int8_t *row = w + (tiled ? (size_t)(n - n % tile) * K + PF_TILE_AT(n % tile, 0, K, tile, 1) : (size_t)n * K);
+    const size_t run = tiled ? PF_TILE_BLOCK : (size_t)K, step = tiled ? (size_t)tile * PF_TILE_BLOCK : 0;
+    for (size_t k0 = 0; k0 < (size_t)K; k0 += run, row += step)
+      for (size_t i = 0; i < run; i++) out[(size_t)n * K + k0 + i] = f32_to_bf16((float)row[i] * s);
   }
 }
 
